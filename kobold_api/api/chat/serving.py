@@ -1,0 +1,435 @@
+"""Server-side chat: the logic behind /api/v1/chat, characters and conversations.
+
+The server holds the character and (with ``conversation_id``) the history, builds the
+prompt with the one :class:`PromptBuilder`, stops at the right place and stores the
+turn. Without a conversation id it behaves like text-generation-webui's stateless chat
+API: the client sends ``history`` and gets the updated history back.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from ...chat.cards import CardError, character_to_v2_dict
+from ...chat.character import Character
+from ...chat.characters import CardTooLargeError, CharacterExistsError, CharacterStore, UnsafeNameError
+from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptBuildError, PromptRequest, clean_reply
+from ...chat.store import ConversationNotFound, ConversationStore, MessageNotFound, StoreError
+from ...chat.templates import ChatTemplate, get_named_template
+from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
+from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult
+from ...settings import Settings
+from ..context import model_chat_template
+from ..errors import ApiError, ValidationError, busy_error, not_found_error
+from ..fields import FieldReader
+from ..kobold.schemas import read_sampling
+from ..sse import sse_event
+
+#: text-generation-webui marks the greeting row's user half with this.
+BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
+DEFAULT_CHARACTER = "Assistant"
+DEFAULT_USER = "You"
+MODES = ("chat", "instruct", "chat-instruct")
+
+
+@dataclass
+class ChatInput:
+    """A validated /api/v1/chat body."""
+
+    user_input: str
+    history: list[list[str]]
+    mode: str
+    character: str
+    user_name: str
+    regenerate: bool
+    continue_last: bool
+    impersonate: bool
+    conversation_id: str | None
+    max_new_tokens: int
+    max_context_length: int
+    stop_strings: list[str]
+    template_name: str | None
+    chat_instruct_command: str | None
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TurnPlan:
+    """What one chat call will do: the prompt, and how to store/return the result."""
+
+    prompt: BuiltPrompt
+    character: Character
+    user_name: str
+    request: GenerationRequest
+    commit: Callable[[str], dict[str, Any]]
+
+
+class ChatService:
+    def __init__(self, engine: Engine, settings: Settings, characters: CharacterStore,
+                 conversations: ConversationStore) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.characters = characters
+        self.conversations = conversations
+        self.model_template: ChatTemplate = model_chat_template(engine)
+        self.builder = PromptBuilder(engine.tokenizer.count, self.model_template)
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: Settings) -> "ChatService":
+        return cls(engine, settings,
+                   CharacterStore(Path(settings.characters_dir), max_bytes=settings.max_upload_mb * 2**20),
+                   ConversationStore(settings.resolved_database_url))
+
+    # --- characters -------------------------------------------------------------------
+    def list_characters(self) -> dict[str, Any]:
+        return {"results": [_character_summary(c) for c in self.characters.list()]}
+
+    def get_character(self, name: str) -> dict[str, Any]:
+        return {"result": character_to_v2_dict(self._character(name))}
+
+    def upload_character(self, data: bytes, name: str | None, overwrite: bool) -> dict[str, Any]:
+        try:
+            character = self.characters.save(data, name or None, overwrite=overwrite)
+        except CardTooLargeError as exc:
+            raise ApiError(413, {"msg": str(exc), "type": "card_too_large"}) from exc
+        except CardError as exc:
+            raise ApiError(400, {"msg": f"Invalid character card: {exc}", "type": "bad_card"}) from exc
+        except UnsafeNameError as exc:
+            raise ApiError(400, {"msg": f"Invalid character name: {exc}", "type": "bad_name"}) from exc
+        except CharacterExistsError as exc:
+            raise ApiError(409, {"msg": f"{exc} Send overwrite=true to replace it.", "type": "exists"}) from exc
+        return {"result": _character_summary(character)}
+
+    def delete_character(self, name: str) -> dict[str, Any]:
+        self._character(name)
+        try:
+            self.characters.delete(name)
+        except UnsafeNameError as exc:
+            raise ApiError(400, {"msg": f"Invalid character name: {exc}", "type": "bad_name"}) from exc
+        return {"success": True}
+
+    def _character(self, name: str) -> Character:
+        try:
+            return self.characters.get(name)
+        except UnsafeNameError as exc:
+            raise ApiError(400, {"msg": f"Invalid character name: {exc}", "type": "bad_name"}) from exc
+        except KeyError:
+            raise not_found_error(f"No character named {name!r}.") from None
+
+    # --- conversations ----------------------------------------------------------------
+    def create_conversation(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        reader = FieldReader(body)
+        character = self._character(reader.string("character", default=DEFAULT_CHARACTER) or DEFAULT_CHARACTER)
+        user_name = reader.string("user_name", "your_name", "name1", default=DEFAULT_USER) or DEFAULT_USER
+        title = reader.string("title")
+        greeting_index = reader.integer("greeting_index", default=0, minimum=0)
+        reader.raise_if_errors()
+        greetings = [clean_reply(g, character.display_name, user_name) for g in character.greetings]
+        if greetings and greeting_index >= len(greetings):
+            raise ValidationError({"greeting_index": [f"The character has {len(greetings)} greetings."]})
+        greetings = greetings[greeting_index:] + greetings[:greeting_index]
+        conversation = self.conversations.create(character.name, user_name, greetings, title)
+        return {"result": conversation.to_dict()}
+
+    def list_conversations(self, character: str | None) -> dict[str, Any]:
+        return {"results": [c.to_dict(include_messages=False) for c in self.conversations.list(character)]}
+
+    def get_conversation(self, conversation_id: str) -> dict[str, Any]:
+        return {"result": self._call(self.conversations.get, conversation_id).to_dict()}
+
+    def rename_conversation(self, conversation_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        reader = FieldReader(body)
+        title = reader.string("title", required=True)
+        reader.raise_if_errors()
+        return {"result": self._call(self.conversations.rename, conversation_id, title).to_dict()}
+
+    def delete_conversation(self, conversation_id: str) -> dict[str, Any]:
+        self._call(self.conversations.delete, conversation_id)
+        return {"success": True}
+
+    def export_conversation(self, conversation_id: str) -> dict[str, Any]:
+        return self._call(self.conversations.export, conversation_id)
+
+    def edit_message(self, conversation_id: str, index: int, body: Mapping[str, Any]) -> dict[str, Any]:
+        reader = FieldReader(body)
+        text = reader.string("text")
+        swipe_id = reader.integer("swipe_id", default=-1, minimum=0) if reader.has("swipe_id") else None
+        reader.raise_if_errors()
+        if text is None and swipe_id is None:
+            raise ValidationError({"text": ["Send text to edit the message or swipe_id to select a swipe."]})
+        with self.conversations.lock(conversation_id):
+            if swipe_id is not None:
+                self._call(self.conversations.set_swipe, conversation_id, index, swipe_id)
+            if text is not None:
+                self._call(self.conversations.edit_message, conversation_id, index, text)
+        return self.get_conversation(conversation_id)
+
+    def delete_message(self, conversation_id: str, index: int) -> dict[str, Any]:
+        with self.conversations.lock(conversation_id):
+            self._call(self.conversations.delete_message, conversation_id, index)
+        return self.get_conversation(conversation_id)
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except ConversationNotFound as exc:
+            raise not_found_error(f"No conversation {args[0]!r}.") from exc
+        except (MessageNotFound, IndexError) as exc:
+            raise ApiError(404, {"msg": str(exc).strip("'\""), "type": "key_error"}) from exc
+        except StoreError as exc:
+            raise ApiError(400, {"msg": str(exc), "type": "bad_input"}) from exc
+
+    # --- /api/v1/chat -----------------------------------------------------------------
+    def parse(self, body: Mapping[str, Any]) -> ChatInput:
+        reader = FieldReader(body)
+        defaults = self.settings.generation
+        mode = reader.string("mode", default="chat") or "chat"
+        if mode not in MODES:
+            reader.errors["mode"] = [f"Must be one of {', '.join(MODES)}."]
+        history = _history_rows(body.get("history"), reader)
+        character = reader.string("character", default=DEFAULT_CHARACTER) or DEFAULT_CHARACTER
+        parsed = ChatInput(
+            user_input=reader.string("user_input", "message", default="") or "",
+            history=history,
+            mode=mode,
+            character=DEFAULT_CHARACTER if character == "None" else character,
+            user_name=reader.string("your_name", "name1", "user_name", default=DEFAULT_USER) or DEFAULT_USER,
+            regenerate=reader.boolean("regenerate", default=False),
+            continue_last=reader.boolean("_continue", "continue", default=False),
+            impersonate=reader.boolean("impersonate", default=False),
+            conversation_id=reader.string("conversation_id"),
+            max_new_tokens=reader.integer("max_new_tokens", "max_length", default=defaults.max_length, minimum=1),
+            max_context_length=reader.integer("truncation_length", "max_context_length",
+                                              default=defaults.max_context_length, minimum=16),
+            stop_strings=reader.string_list("stopping_strings", "stop_sequence")
+            + reader.comma_strings("custom_stopping_strings"),
+            template_name=reader.string("instruction_template"),
+            chat_instruct_command=reader.string("chat_instruct_command", "chat-instruct_command"),
+            generation={"sampling": read_sampling(reader, defaults),
+                        "ban_eos": reader.boolean("ban_eos_token", default=False)},
+        )
+        if sum([parsed.regenerate, parsed.continue_last, parsed.impersonate]) > 1:
+            reader.errors["regenerate"] = ["Use at most one of regenerate, _continue and impersonate."]
+        reader.raise_if_errors()
+        return parsed
+
+    def chat(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
+        lock = self.conversations.lock(parsed.conversation_id) if parsed.conversation_id else nullcontext()
+        with lock:
+            plan = self._plan(parsed)
+            job = self._submit(plan.request)
+            result = _wait(job, disconnected)
+            return self._finish(plan, result)
+
+    def chat_stream(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+        """SSE: ``{"token"}`` deltas, then a final event with the stored/updated history."""
+        lock = self.conversations.lock(parsed.conversation_id) if parsed.conversation_id else nullcontext()
+        lock.__enter__()
+        try:
+            plan = self._plan(parsed)
+            job = self._submit(plan.request)
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        return self._stream_events(plan, job, lock, disconnected)
+
+    def _stream_events(self, plan: TurnPlan, job: Job, lock: Any, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+        started = False
+        try:
+            for chunk in job.chunks(disconnected):
+                if chunk.result is not None:
+                    body = self._finish(plan, chunk.result)
+                    yield sse_event({"token": "", "finish_reason": chunk.result.finish_reason, **body}, "message")
+                elif chunk.text:
+                    text = chunk.text if started else chunk.text.lstrip()
+                    started = started or bool(text)
+                    if text:
+                        yield sse_event({"token": text, "finish_reason": None}, "message")
+        except (GenerationFailed, ApiError) as exc:
+            yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
+        finally:
+            if not job.finished:
+                job.cancel()
+            lock.__exit__(None, None, None)
+
+    def _submit(self, request: GenerationRequest) -> Job:
+        try:
+            return self.engine.submit(request)
+        except QueueFullError:
+            raise busy_error() from None
+
+    def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
+        if result.stop_reason == STOP_ABORT:
+            raise ApiError(409, {"msg": "Generation was aborted; nothing was stored.", "type": "aborted"})
+        body = plan.commit(result.text)
+        body.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                    dropped_turns=plan.prompt.dropped_turns, dropped_examples=plan.prompt.dropped_examples,
+                    finish_reason=result.finish_reason)
+        return {"results": [body]}
+
+    def _plan(self, parsed: ChatInput) -> TurnPlan:
+        if parsed.conversation_id:
+            return self._plan_stored(parsed)
+        return self._plan_stateless(parsed)
+
+    def _template(self, parsed: ChatInput) -> ChatTemplate | None:
+        if not parsed.template_name or parsed.template_name == "None":
+            return None
+        try:
+            return get_named_template(parsed.template_name)
+        except KeyError as exc:
+            raise ValidationError({"instruction_template": [str(exc).strip("'\"")]}) from exc
+
+    def _build(self, parsed: ChatInput, character: Character, user_name: str, history: list[ChatMessage],
+               user_input: str | None, continue_last: bool) -> tuple[BuiltPrompt, GenerationRequest]:
+        context = min(parsed.max_context_length, self.settings.context_size, self.engine.context_length)
+        budget = context - parsed.max_new_tokens
+        if budget < 16:
+            raise ValidationError({"max_new_tokens": [f"Leaves only {budget} tokens of a {context}-token "
+                                                      "context for the prompt."]})
+        try:
+            prompt = self.builder.build(PromptRequest(
+                character, user_name, history, user_input, max_prompt_tokens=budget, mode=parsed.mode,
+                continue_last=continue_last, impersonate=parsed.impersonate,
+                chat_instruct_command=parsed.chat_instruct_command, template=self._template(parsed),
+                extra_stop_strings=parsed.stop_strings,
+            ))
+        except PromptBuildError as exc:
+            raise ApiError(400, {"msg": str(exc), "type": "prompt_error"}) from exc
+        request = GenerationRequest(
+            prompt=prompt.text, max_new_tokens=parsed.max_new_tokens, max_context_length=context,
+            sampling=parsed.generation["sampling"], stop_strings=prompt.stop_strings, trim_stop=True,
+            ban_eos=parsed.generation["ban_eos"],
+        )
+        return prompt, request
+
+    def _plan_stateless(self, parsed: ChatInput) -> TurnPlan:
+        character = self._character(parsed.character)
+        char_name, user_name = character.display_name, parsed.user_name
+        rows = [list(row) for row in parsed.history]
+        user_input: str | None = parsed.user_input or None
+        if parsed.regenerate or parsed.continue_last:
+            if not rows or _is_greeting_row(rows[-1]) and len(rows) == 1 and parsed.regenerate:
+                raise ApiError(400, {"msg": "Nothing to regenerate: the history has no reply yet.",
+                                     "type": "bad_input"})
+        if parsed.regenerate:
+            user_input = rows.pop()[0] or None
+        history = _rows_to_messages(rows)
+        prompt, request = self._build(parsed, character, user_name, history,
+                                      None if parsed.continue_last or parsed.impersonate else user_input,
+                                      parsed.continue_last)
+
+        def commit(text: str) -> dict[str, Any]:
+            if parsed.impersonate:
+                reply = clean_reply(text, char_name, user_name, speaker=user_name)
+                return {"text": reply, "history": _history_dict(rows)}
+            if parsed.continue_last:
+                rows[-1][1] = rows[-1][1] + text
+                return {"text": text, "history": _history_dict(rows)}
+            reply = clean_reply(text, char_name, user_name)
+            rows.append([user_input or "", reply])
+            return {"text": reply, "history": _history_dict(rows)}
+
+        return TurnPlan(prompt, character, user_name, request, commit)
+
+    def _plan_stored(self, parsed: ChatInput) -> TurnPlan:
+        conversation_id = parsed.conversation_id or ""
+        conversation = self._call(self.conversations.get, conversation_id)
+        character = self._character(conversation.character)
+        char_name, user_name = character.display_name, conversation.user_name
+        messages = list(conversation.messages)
+        user_input: str | None = parsed.user_input or None
+        if parsed.regenerate or parsed.continue_last:
+            if not messages or messages[-1].role != "character" or (parsed.regenerate and len(messages) == 1):
+                raise ApiError(400, {"msg": "The last message is not a reply that can be regenerated or continued.",
+                                     "type": "bad_input"})
+        prompt_messages = messages[:-1] if parsed.regenerate else messages
+        history = [ChatMessage("user" if m.role == "user" else "character", m.text)
+                   for m in prompt_messages if m.role in ("user", "character")]
+        if parsed.regenerate:
+            user_input = None
+        elif not (parsed.continue_last or parsed.impersonate) and not user_input:
+            raise ValidationError({"user_input": ["Missing data for required field."]})
+        prompt, request = self._build(parsed, character, user_name, history,
+                                      None if parsed.continue_last or parsed.impersonate else user_input,
+                                      parsed.continue_last)
+
+        def commit(text: str) -> dict[str, Any]:
+            if parsed.impersonate:
+                reply = clean_reply(text, char_name, user_name, speaker=user_name)
+                stored = self._call(self.conversations.get, conversation_id)
+            elif parsed.regenerate:
+                reply = clean_reply(text, char_name, user_name)
+                self._call(self.conversations.add_swipe, conversation_id, messages[-1].index, reply)
+            elif parsed.continue_last:
+                reply = text
+                self._call(self.conversations.append_to_message, conversation_id, messages[-1].index, text)
+            else:
+                reply = clean_reply(text, char_name, user_name)
+                self._call(self.conversations.add_turn, conversation_id, user_input, reply, char_name)
+            stored = self._call(self.conversations.get, conversation_id)
+            return {"text": reply, "conversation_id": conversation_id, "history": _stored_history(stored),
+                    "conversation": stored.to_dict()}
+
+        return TurnPlan(prompt, character, user_name, request, commit)
+
+
+def _wait(job: Job, disconnected: Callable[[], bool]) -> GenerationResult:
+    try:
+        return job.wait(disconnected)
+    except GenerationFailed as exc:
+        raise ApiError(500, {"msg": f"Generation failed: {exc}", "type": "generation_error"}) from exc
+
+
+def _character_summary(character: Character) -> dict[str, Any]:
+    return {"name": character.name, "description": character.description[:300],
+            "greetings": len(character.greetings), "tags": character.tags, "format": character.source_format,
+            "has_lorebook": bool(character.character_book and character.character_book.entries)}
+
+
+def _history_rows(value: Any, reader: FieldReader) -> list[list[str]]:
+    """``history.internal`` (or ``visible``) as [user, reply] rows."""
+    if value is None:
+        return []
+    rows = value.get("internal") or value.get("visible") or [] if isinstance(value, dict) else value
+    if not isinstance(rows, list) or not all(
+            isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row) for row in rows):
+        reader.errors["history"] = ['Must be {"internal": [[user, reply], ...], "visible": [...]}.']
+        return []
+    return [list(row) for row in rows]
+
+
+def _is_greeting_row(row: list[str]) -> bool:
+    return row[0] in ("", BEGIN_VISIBLE_CHAT)
+
+
+def _rows_to_messages(rows: list[list[str]]) -> list[ChatMessage]:
+    messages = []
+    for user_text, reply in rows:
+        if user_text and user_text != BEGIN_VISIBLE_CHAT:
+            messages.append(ChatMessage("user", user_text))
+        if reply:
+            messages.append(ChatMessage("character", reply))
+    return messages
+
+
+def _history_dict(rows: list[list[str]]) -> dict[str, list[list[str]]]:
+    return {"internal": [list(r) for r in rows], "visible": [["" if r[0] == BEGIN_VISIBLE_CHAT else r[0], r[1]]
+                                                             for r in rows]}
+
+
+def _stored_history(conversation: Any) -> dict[str, list[list[str]]]:
+    """A stored conversation in text-generation-webui's row shape (greeting row first)."""
+    rows: list[list[str]] = []
+    for message in conversation.messages:
+        if message.role == "user":
+            rows.append([message.text, ""])
+        elif message.role == "character":
+            if rows and rows[-1][1] == "" and rows[-1][0] not in ("", BEGIN_VISIBLE_CHAT):
+                rows[-1][1] = message.text
+            else:
+                rows.append([BEGIN_VISIBLE_CHAT if not rows else "", message.text])
+    return _history_dict(rows)

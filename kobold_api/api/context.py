@@ -1,0 +1,51 @@
+"""The per-app bundle of services that routes reach through ``current_app``.
+
+Built once by the app factory; there is no module-level state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flask import current_app, request
+
+from ..chat.templates import ChatTemplate, JinjaChatTemplate, get_named_template
+from ..engine.engine import Engine
+from ..settings import Settings
+from .fields import json_body
+
+if TYPE_CHECKING:
+    from .chat.serving import ChatService
+    from .kobold.serving import KoboldService
+    from .openai.serving import OpenAIService
+
+EXTENSION_KEY = "kobold_api"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    kobold: "KoboldService"
+    openai: "OpenAIService"
+    chat: "ChatService"
+
+
+def services() -> Services:
+    return current_app.extensions[EXTENSION_KEY]
+
+
+def model_chat_template(engine: Engine) -> ChatTemplate:
+    """The model's own chat template, or ChatML when the model folder has none."""
+    tokenizer = engine.tokenizer
+    if tokenizer.chat_template:
+        # The tokenizer adds BOS itself when encoding; the template must not add a second one.
+        return JinjaChatTemplate(tokenizer.chat_template, bos_token="", eos_token=tokenizer.eos_token,
+                                 name=engine.model_name)
+    return get_named_template("ChatML")
+
+
+def request_json() -> dict[str, Any]:
+    """The body as a JSON object, whatever Content-Type the client sent (or none)."""
+    return json_body(request.get_data(cache=True), request.content_type)

@@ -1,0 +1,97 @@
+"""Error responses in the shapes clients parse.
+
+Kobold routes answer ``{"detail": {...}}`` (KoboldAI United / KoboldCpp); OpenAI
+routes answer ``{"error": {"message", "type", "param", "code"}}``. Which shape a
+failure gets depends on the path, so one handler serves the whole app.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A failure with an HTTP status and a Kobold ``detail`` body."""
+
+    def __init__(self, status: int, detail: dict[str, Any], openai_type: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(detail.get("msg", str(detail)))
+        self.status = status
+        self.detail = detail
+        self.openai_type = openai_type
+        self.param = param
+
+    @property
+    def message(self) -> str:
+        if "msg" in self.detail:
+            return str(self.detail["msg"])
+        return "; ".join(f"{field}: {' '.join(map(str, msgs))}" for field, msgs in self.detail.items())
+
+
+class ValidationError(ApiError):
+    """422 with marshmallow's ``{"detail": {"field": ["message"]}}`` shape."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__(422, errors, openai_type="invalid_request_error", param=next(iter(errors), None))
+        self.errors = errors
+
+
+def busy_error() -> ApiError:
+    return ApiError(503, {"msg": "Server is busy; please try again later.", "type": "service_unavailable"},
+                    openai_type="server_error")
+
+
+def unauthorized_error() -> ApiError:
+    return ApiError(401, {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
+                          "type": "unauthorized"}, openai_type="invalid_request_error")
+
+
+def not_found_error(what: str) -> ApiError:
+    return ApiError(404, {"msg": what, "type": "key_error"}, openai_type="invalid_request_error")
+
+
+def bad_input_error(message: str) -> ApiError:
+    return ApiError(400, {"msg": message, "type": "bad_input"}, openai_type="invalid_request_error")
+
+
+def is_openai_path() -> bool:
+    return request.path.startswith("/v1/")
+
+
+def error_response(error: ApiError) -> Response:
+    status = error.status
+    if is_openai_path():
+        body = {"error": {"message": error.message, "type": error.openai_type or "invalid_request_error",
+                          "param": error.param, "code": error.detail.get("type")}}
+        status = 400 if status == 422 else status  # OpenAI reports bad parameters as 400
+    else:
+        body = {"detail": error.detail}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Every error, including Flask's own 404/405/415 and unexpected exceptions, as JSON."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        kind = "key_error" if status == 404 else f"generic.error_{status}"
+        return error_response(ApiError(status, {"msg": error.description or error.name, "type": kind}))
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, {"msg": f"Internal error: {error}", "type": "generic.error_500"},
+                                       openai_type="server_error"))

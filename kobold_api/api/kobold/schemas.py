@@ -1,0 +1,135 @@
+"""KoboldAI GenerationInput: every field, its aliases, defaults and validation.
+
+Ranges follow KoboldAI United's schema (so 422 bodies look like United's), the extra
+keys follow KoboldCpp, and text-generation-webui's names are accepted as aliases.
+Unknown keys are ignored, as United does since API 1.2.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ...engine.generation import GenerationRequest
+from ...engine.sampling import SamplingParams
+from ...settings import GenerationDefaults
+from ..fields import FieldReader
+
+MAX_STOP_STRINGS = 256
+
+
+@dataclass
+class KoboldGenerationInput:
+    """A validated /api/v1/generate body."""
+
+    prompt: str
+    memory: str
+    max_length: int
+    max_context_length: int
+    sampling: SamplingParams
+    stop_strings: list[str]
+    trim_stop: bool
+    ban_eos: bool
+    n: int
+    genkey: str
+    quiet: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_request(self, seed_offset: int = 0) -> GenerationRequest:
+        """The engine request; ``seed_offset`` gives each of ``n`` results its own seed."""
+        sampling = self.sampling
+        if seed_offset and sampling.seed is not None and sampling.seed >= 0:
+            from dataclasses import replace
+
+            sampling = replace(sampling, seed=sampling.seed + seed_offset)
+        return GenerationRequest(
+            prompt=self.memory + self.prompt,
+            max_new_tokens=self.max_length,
+            max_context_length=self.max_context_length,
+            sampling=sampling,
+            stop_strings=self.stop_strings,
+            trim_stop=self.trim_stop,
+            ban_eos=self.ban_eos,
+        )
+
+
+def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> SamplingParams:
+    """The sampler fields shared by the Kobold, chat and OpenAI routes."""
+    rep_pen_values = [
+        reader.number(name, default=1.0, minimum=0.0)
+        for name in ("rep_pen", "repetition_penalty", "repeat_penalty") if reader.has(name)
+    ]
+    seed = reader.integer("sampler_seed", "seed", default=-1, minimum=-1, maximum=2**64 - 1)
+    return SamplingParams(
+        temperature=reader.number("temperature", default=defaults.temperature, minimum=0.0),
+        top_k=reader.integer("top_k", default=defaults.top_k, minimum=0),
+        top_a=reader.number("top_a", default=defaults.top_a, minimum=0.0),
+        top_p=reader.number("top_p", default=defaults.top_p, minimum=0.0, maximum=1.0),
+        tfs=reader.number("tfs", default=defaults.tfs, minimum=0.0, maximum=1.0),
+        typical=reader.number("typical", "typical_p", default=defaults.typical, minimum=0.0, maximum=1.0),
+        min_p=reader.number("min_p", default=defaults.min_p, minimum=0.0, maximum=1.0),
+        rep_pen=max(rep_pen_values) if rep_pen_values else defaults.rep_pen,
+        rep_pen_range=reader.integer("rep_pen_range", "repetition_penalty_range",
+                                     default=defaults.rep_pen_range, minimum=0),
+        rep_pen_slope=reader.number("rep_pen_slope", default=defaults.rep_pen_slope, minimum=0.0),
+        presence_penalty=reader.number("presence_penalty", default=0.0, minimum=-2.0, maximum=2.0),
+        frequency_penalty=reader.number("frequency_penalty", default=0.0, minimum=-2.0, maximum=2.0),
+        sampler_order=_sampler_order(reader, defaults),
+        seed=seed % 2**63 if seed >= 0 else None,
+        logit_bias=reader.token_bias("logit_bias"),
+        banned_token_ids=_custom_token_bans(reader),
+    )
+
+
+def parse_generation_input(
+    body: Mapping[str, Any], defaults: GenerationDefaults, require_prompt: bool = True
+) -> KoboldGenerationInput:
+    """Validate a Kobold generate body; raises ValidationError (422) listing every bad field."""
+    reader = FieldReader(body)
+    prompt = reader.string("prompt", required=require_prompt, default="") or ""
+    stop_strings = reader.string_list("stop_sequence") + reader.comma_strings("custom_stopping_strings") \
+        + reader.string_list("stopping_strings", "stop")
+    if len(stop_strings) > MAX_STOP_STRINGS:
+        reader.errors.setdefault("stop_sequence", []).append(
+            f"Longer than maximum length {MAX_STOP_STRINGS}.")
+    parsed = KoboldGenerationInput(
+        prompt=prompt,
+        memory=reader.string("memory", default="") or "",
+        max_length=reader.integer("max_length", "max_new_tokens", "max_tokens", default=defaults.max_length,
+                                  minimum=1),
+        max_context_length=reader.integer("max_context_length", "truncation_length",
+                                          default=defaults.max_context_length, minimum=1),
+        sampling=read_sampling(reader, defaults),
+        stop_strings=list(dict.fromkeys(stop_strings)),
+        trim_stop=reader.boolean("trim_stop", default=defaults.trim_stop),
+        ban_eos=reader.boolean("use_default_badwordsids", default=False)
+        or reader.boolean("ban_eos_token", default=False) or reader.boolean("bypass_eos", default=False),
+        n=reader.integer("n", default=1, minimum=1, maximum=5),
+        genkey=reader.string("genkey", default="") or "",
+        quiet=reader.boolean("quiet", default=False),
+    )
+    # Validated for the shape of a 422, otherwise without effect here (memory/world info are client-side).
+    for flag in ("use_story", "use_memory", "use_authors_note", "use_world_info", "use_userscripts",
+                 "singleline", "frmttriminc", "frmtrmblln", "frmtrmspch", "frmtadsnsp",
+                 "disable_input_formatting", "sampler_full_determinism"):
+        reader.boolean(flag, default=False)
+    reader.raise_if_errors()
+    return parsed
+
+
+def _sampler_order(reader: FieldReader, defaults: GenerationDefaults) -> list[int]:
+    order = reader.integer_list("sampler_order")
+    if order is None:
+        return list(defaults.sampler_order)
+    if len(order) < 7 and 6 not in order:
+        order = [6, *order]
+    if sorted(order) != list(range(7)):
+        reader.errors.setdefault("sampler_order", []).append(
+            "Must be a permutation of the sampler ids 0-6 (6 is added in front when missing).")
+        return list(defaults.sampler_order)
+    return order
+
+
+def _custom_token_bans(reader: FieldReader) -> list[int]:
+    """KoboldCpp's ``custom_token_bans``: a comma string (or list) of token ids."""
+    return reader.integer_list("custom_token_bans") or []

@@ -1,0 +1,135 @@
+"""The logic behind the Kobold routes; routes only parse the request and call in here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
+from ...engine.generation import GenerationRequest
+from ...settings import Settings
+from ..errors import ApiError, busy_error
+from ..fields import FieldReader
+from ..sse import sse_event
+from .schemas import KoboldGenerationInput
+
+#: The KoboldAI United API level we implement (>= 1.2.2 enables stop_sequence in SillyTavern).
+KOBOLD_API_VERSION = "1.2.5"
+#: What /api/extra/version reports; "KoboldCpp" with a version >= 1.48 turns on
+#: SillyTavern's streaming, abort, tokencount, min_p and stop sequences.
+KOBOLDCPP_COMPAT_VERSION = "1.80"
+
+
+class KoboldService:
+    """Kobold/KoboldCpp semantics on top of the engine."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.started_at = time.time()
+
+    # --- probes -----------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return f"koboldcpp/{self.engine.model_name}"
+
+    @property
+    def context_size(self) -> int:
+        return min(self.settings.context_size, self.engine.context_length)
+
+    def version_info(self) -> dict[str, Any]:
+        return {"result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION,
+                "protected": bool(self.settings.api_key), "txt2img": False, "vision": False,
+                "transcribe": False, "multiplayer": False, "websearch": False, "tts": False,
+                "embeddings": False, "llm": True, "server": "kobold_api"}
+
+    def default_max_length(self) -> int:
+        return self.settings.generation.max_length
+
+    def default_max_context_length(self) -> int:
+        return min(self.settings.generation.max_context_length, self.context_size)
+
+    def perf(self) -> dict[str, Any]:
+        perf = self.engine.perf
+        now = time.time()
+        speed = perf.last_token_count / perf.last_eval if perf.last_eval else 0.0
+        return {
+            "last_process": round(perf.last_process, 4), "last_eval": round(perf.last_eval, 4),
+            "last_token_count": perf.last_token_count, "last_input_count": perf.last_input_count,
+            "last_seed": perf.last_seed, "total_gens": perf.total_gens, "stop_reason": perf.stop_reason,
+            "last_process_speed": round(perf.last_input_count / perf.last_process, 2) if perf.last_process else 0,
+            "last_eval_speed": round(speed, 2), "queue": self.engine.queued, "idle": 0 if self.engine.busy else 1,
+            "hordeexitcounter": 0, "uptime": round(now - self.started_at, 1),
+            "idletime": 0.0 if self.engine.busy else round(now - perf.last_finished_at, 1), "quiet": False,
+        }
+
+    # --- generation -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, genkey: str = "") -> Job:
+        try:
+            return self.engine.submit(request, genkey)
+        except QueueFullError:
+            raise busy_error() from None
+
+    def generate(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
+        """``{"results": [{"text", "finish_reason"}, ...]}``, one result per ``n``."""
+        results = []
+        for index in range(parsed.n):
+            job = self.submit(parsed.to_request(index), parsed.genkey if index == 0 else "")
+            result = _wait(job, disconnected)
+            results.append({"text": result.text, "finish_reason": result.finish_reason,
+                            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
+        return {"results": results}
+
+    def stream(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+        """KoboldCpp SSE: ``event: message`` / ``data: {"token", "finish_reason"}`` per piece of text.
+
+        The job is submitted before the response starts, so a full queue is still a 503.
+        """
+        job = self.submit(parsed.to_request(), parsed.genkey)
+        return _kobold_events(job, disconnected)
+
+    def check(self, genkey: str | None) -> dict[str, Any]:
+        job = self.engine.find(genkey)
+        return {"results": [{"text": job.partial_text if job else ""}]}
+
+    def abort(self, genkey: str | None) -> dict[str, str]:
+        aborted = self.engine.abort(genkey)
+        return {"success": "true" if aborted else "false", "done": "true"}
+
+    # --- tokenizer --------------------------------------------------------------------
+    def tokencount(self, body: dict[str, Any]) -> dict[str, Any]:
+        reader = FieldReader(body)
+        text = reader.string("prompt", "content", "text", default="") or ""
+        reader.raise_if_errors()
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return {"value": len(ids), "ids": ids}
+
+    def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        reader = FieldReader(body)
+        ids = reader.integer_list("ids", "tokens") or []
+        reader.raise_if_errors()
+        if any(i < 0 or i >= self.engine.tokenizer.vocab_size for i in ids):
+            raise ApiError(400, {"msg": "token id out of range", "type": "bad_input"})
+        return {"result": self.engine.tokenizer.decode(ids, skip_special_tokens=False), "success": True}
+
+
+def _wait(job: Job, disconnected: Callable[[], bool]):
+    try:
+        return job.wait(disconnected)
+    except GenerationFailed as exc:
+        raise ApiError(500, {"msg": f"Generation failed: {exc}", "type": "generation_error"},
+                       openai_type="server_error") from exc
+
+
+def _kobold_events(job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+    try:
+        for chunk in job.chunks(disconnected):
+            if chunk.result is not None:
+                yield sse_event({"token": "", "finish_reason": chunk.result.finish_reason}, "message")
+            elif chunk.text:
+                yield sse_event({"token": chunk.text, "finish_reason": None}, "message")
+    except GenerationFailed as exc:
+        yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
+    finally:
+        if not job.finished:
+            job.cancel()

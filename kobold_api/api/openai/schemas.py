@@ -1,0 +1,127 @@
+"""OpenAI request bodies for /v1/completions and /v1/chat/completions.
+
+Kobold sampler keys are accepted too (SillyTavern's "KoboldCpp" text-completion mode
+sends them), with OpenAI's own defaults where OpenAI defines one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from ...engine.sampling import SamplingParams
+from ...settings import GenerationDefaults
+from ..errors import ValidationError
+from ..fields import FieldReader
+from ..kobold.schemas import read_sampling
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class OpenAIInput:
+    """The parts both OpenAI routes share, validated."""
+
+    model: str | None
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: list[str]
+    n: int
+    stream: bool
+    include_usage: bool
+    trim_stop: bool = True
+    ban_eos: bool = False
+
+
+@dataclass
+class CompletionInput(OpenAIInput):
+    prompts: list[str] = field(default_factory=list)
+    echo: bool = False
+    logprobs: int | None = None
+
+
+@dataclass
+class ChatCompletionInput(OpenAIInput):
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+
+def _openai_defaults(defaults: GenerationDefaults) -> GenerationDefaults:
+    """OpenAI's documented defaults: temperature 1, top_p 1, no other truncation or penalty."""
+    return replace(defaults, temperature=1.0, top_p=1.0, top_k=0, top_a=0.0, min_p=0.0, tfs=1.0,
+                   typical=1.0, rep_pen=1.0)
+
+
+def _common(reader: FieldReader, defaults: GenerationDefaults) -> dict[str, Any]:
+    stream_options = reader.raw("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        reader.errors.setdefault("stream_options", []).append("Must be an object.")
+        stream_options = {}
+    max_tokens = reader.integer("max_tokens", "max_completion_tokens", "max_length", "max_new_tokens",
+                                "n_predict", default=0, minimum=1)
+    return {
+        "model": reader.string("model"),
+        "max_tokens": max_tokens or None,
+        "sampling": read_sampling(reader, _openai_defaults(defaults)),
+        "stop": reader.string_list("stop") + reader.string_list("stop_sequence", "stopping_strings"),
+        "n": reader.integer("n", default=1, minimum=1, maximum=8),
+        "stream": reader.boolean("stream", default=False),
+        "include_usage": bool((stream_options or {}).get("include_usage", False)),
+        "ban_eos": reader.boolean("ban_eos_token", "ignore_eos", default=False),
+    }
+
+
+def parse_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> CompletionInput:
+    reader = FieldReader(body)
+    prompt = body.get("prompt")
+    prompts: list[str] = []
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        reader.errors["prompt"] = ["Must be a string or a non-empty list of strings."]
+    logprobs = reader.integer("logprobs", default=-1, minimum=0, maximum=5) if reader.has("logprobs") else -1
+    common = _common(reader, defaults)
+    echo = reader.boolean("echo", default=False)
+    reader.raise_if_errors()
+    return CompletionInput(**common, prompts=prompts, echo=echo, logprobs=logprobs if logprobs >= 0 else None)
+
+
+def parse_chat_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> ChatCompletionInput:
+    reader = FieldReader(body)
+    messages = _messages(body.get("messages"), reader)
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind != "text":
+            reader.errors["response_format"] = ["Only {\"type\": \"text\"} is supported by this server."]
+    common = _common(reader, defaults)
+    reader.raise_if_errors()
+    return ChatCompletionInput(**common, messages=messages)
+
+
+def _messages(value: Any, reader: FieldReader) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        reader.errors["messages"] = ["Must be a non-empty list of messages."]
+        return []
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in (*ROLES, "developer", "tool"):
+            reader.errors.setdefault("messages", []).append(
+                f"messages[{index}] needs a role of system, user or assistant.")
+            continue
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content
+                              if isinstance(part, dict) and part.get("type") == "text")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            reader.errors.setdefault("messages", []).append(f"messages[{index}].content must be a string.")
+            continue
+        role = "system" if message["role"] == "developer" else message["role"]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+__all__ = ["ChatCompletionInput", "CompletionInput", "ValidationError", "parse_chat_completion", "parse_completion"]

@@ -1,0 +1,189 @@
+"""OpenAI-compatible completions on the same engine, queue and abort as the Kobold routes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
+from ...engine.generation import GenerationRequest, GenerationResult
+from ...settings import Settings
+from ..context import model_chat_template
+from ..errors import ApiError, busy_error
+from ..sse import sse_event
+from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput
+
+
+class OpenAIService:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.template = model_chat_template(engine)
+        self.created = int(time.time())
+
+    # --- models -----------------------------------------------------------------------
+    @property
+    def model_ids(self) -> list[str]:
+        name = self.engine.model_name
+        return [f"koboldcpp/{name}", name]
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": self.model_ids[0], "object": "model", "created": self.created, "owned_by": "kobold_api",
+             "permission": [], "root": self.model_ids[0]}]}
+
+    def _check_model(self, model: str | None) -> str:
+        if model and model not in self.model_ids:
+            raise ApiError(404, {"msg": f"The model '{model}' does not exist. Available: {self.model_ids[0]}",
+                                 "type": "model_not_found"}, openai_type="invalid_request_error", param="model")
+        return self.model_ids[0]
+
+    # --- completions ------------------------------------------------------------------
+    def completion(self, parsed: CompletionInput, disconnected: Callable[[], bool]) -> dict[str, Any] | Iterator[bytes]:
+        model = self._check_model(parsed.model)
+        prompts_ids = [self._prompt_ids(prompt, parsed) for prompt in parsed.prompts]
+        plans = [(p_index, ids, c) for p_index, ids in enumerate(prompts_ids) for c in range(parsed.n)]
+        if parsed.stream:
+            return self._stream(parsed, plans, model, "text_completion", disconnected,
+                                lambda index, text: {"text": text, "index": index, "logprobs": None,
+                                                     "finish_reason": None},
+                                echo=[parsed.prompts[p] for p, _, _ in plans] if parsed.echo else None)
+        choices, usage = [], _Usage()
+        for index, (p_index, ids, copy) in enumerate(plans):
+            result = self._run(ids, parsed, copy, disconnected)
+            usage.add(result, count_prompt=copy == 0)
+            text = (parsed.prompts[p_index] + result.text) if parsed.echo else result.text
+            choices.append({"text": text, "index": index, "logprobs": None, "finish_reason": result.finish_reason})
+        return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": choices, "usage": usage.as_dict()}
+
+    def chat_completion(self, parsed: ChatCompletionInput,
+                        disconnected: Callable[[], bool]) -> dict[str, Any] | Iterator[bytes]:
+        model = self._check_model(parsed.model)
+        prompt = self.template.render(parsed.messages, add_generation_prompt=True)
+        ids = self._prompt_ids(prompt, parsed)
+        parsed.stop = [*parsed.stop, *self.template.stop_strings]
+        plans = [(0, ids, copy) for copy in range(parsed.n)]
+        if parsed.stream:
+            return self._stream(parsed, plans, model, "chat.completion.chunk", disconnected,
+                                lambda index, text: {"index": index, "delta": {"content": text},
+                                                     "logprobs": None, "finish_reason": None},
+                                first=lambda index: {"index": index, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None})
+        choices, usage = [], _Usage()
+        for index, (_, prompt_ids, copy) in enumerate(plans):
+            result = self._run(prompt_ids, parsed, copy, disconnected)
+            usage.add(result, count_prompt=copy == 0)
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": None, "finish_reason": result.finish_reason})
+        return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": choices, "usage": usage.as_dict()}
+
+    # --- shared -----------------------------------------------------------------------
+    def _max_tokens(self, parsed: OpenAIInput) -> int:
+        return parsed.max_tokens or self.settings.generation.max_length
+
+    def _prompt_ids(self, prompt: str, parsed: OpenAIInput) -> list[int]:
+        """Tokenize; unlike Kobold's silent left-truncation, OpenAI clients expect an error."""
+        ids = self.engine.generator.prompt_ids(GenerationRequest(prompt=prompt, max_new_tokens=0,
+                                                                 max_context_length=10**9))[0]
+        context = min(self.settings.context_size, self.engine.context_length)
+        if len(ids) + self._max_tokens(parsed) > context:
+            raise ApiError(400, {"msg": f"This model's maximum context length is {context} tokens, but you "
+                                        f"requested {len(ids) + self._max_tokens(parsed)} tokens "
+                                        f"({len(ids)} in the prompt, {self._max_tokens(parsed)} for the "
+                                        "completion). Please reduce the prompt or max_tokens.",
+                                 "type": "context_length_exceeded"}, param="prompt")
+        return ids
+
+    def _request(self, ids: list[int], parsed: OpenAIInput, copy: int) -> GenerationRequest:
+        sampling = parsed.sampling
+        if copy and sampling.seed is not None:
+            from dataclasses import replace
+
+            sampling = replace(sampling, seed=sampling.seed + copy)
+        return GenerationRequest(prompt_ids=ids, max_new_tokens=self._max_tokens(parsed),
+                                 max_context_length=min(self.settings.context_size, self.engine.context_length),
+                                 sampling=sampling, stop_strings=parsed.stop, trim_stop=True, ban_eos=parsed.ban_eos)
+
+    def _submit(self, request: GenerationRequest) -> Job:
+        try:
+            return self.engine.submit(request)
+        except QueueFullError:
+            raise busy_error() from None
+
+    def _run(self, ids: list[int], parsed: OpenAIInput, copy: int, disconnected: Callable[[], bool]) -> GenerationResult:
+        job = self._submit(self._request(ids, parsed, copy))
+        try:
+            return job.wait(disconnected)
+        except GenerationFailed as exc:
+            raise ApiError(500, {"msg": f"Generation failed: {exc}", "type": "generation_error"},
+                           openai_type="server_error") from exc
+
+    def _stream(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], model: str, kind: str,
+                disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
+                first: Callable[[int], dict] | None = None, echo: list[str] | None = None) -> Iterator[bytes]:
+        """Submit the first job now (so a full queue is a 503), then stream all choices in order."""
+        first_job = self._submit(self._request(plans[0][1], parsed, plans[0][2]))
+        return self._events(parsed, plans, first_job, model, kind, disconnected, piece, first, echo)
+
+    def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], first_job: Job, model: str,
+                kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
+                first: Callable[[int], dict] | None, echo: list[str] | None) -> Iterator[bytes]:
+        stream_id, created, usage = _new_id("chatcmpl" if "chat" in kind else "cmpl"), int(time.time()), _Usage()
+
+        def envelope(choice: dict) -> bytes:
+            body = {"id": stream_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+            if parsed.include_usage:
+                body["usage"] = None
+            return sse_event(body)
+
+        job: Job | None = first_job
+        try:
+            for index, (_, ids, copy) in enumerate(plans):
+                job = job or self._submit(self._request(ids, parsed, copy))
+                if first is not None:
+                    yield envelope(first(index))
+                if echo is not None:
+                    yield envelope(piece(index, echo[index]))
+                for chunk in job.chunks(disconnected):
+                    if chunk.result is not None:
+                        usage.add(chunk.result, count_prompt=copy == 0)
+                        final = piece(index, "")
+                        if "delta" in final:
+                            final["delta"] = {}
+                        final["finish_reason"] = chunk.result.finish_reason
+                        yield envelope(final)
+                    elif chunk.text:
+                        yield envelope(piece(index, chunk.text))
+                job = None
+            if parsed.include_usage:
+                yield sse_event({"id": stream_id, "object": kind, "created": created, "model": model,
+                                 "choices": [], "usage": usage.as_dict()})
+            yield sse_event("[DONE]")
+        except GenerationFailed as exc:
+            yield sse_event({"error": {"message": f"Generation failed: {exc}", "type": "server_error",
+                                       "param": None, "code": None}})
+        finally:
+            if job is not None and not job.finished:
+                job.cancel()
+
+
+class _Usage:
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def add(self, result: GenerationResult, count_prompt: bool) -> None:
+        if count_prompt:
+            self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,60 @@
+"""CORS for browser clients (Kobold Lite, SillyTavern in the browser) and the optional API key."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Flask, Response, request
+
+from ..settings import Settings
+from .errors import error_response, unauthorized_error
+
+#: What a client must reach without a key to detect the server (SillyTavern's status
+#: probe sends no auth header), kept open only when ``open_probes`` is set.
+PROBE_PATHS = {
+    "/api/v1/model", "/api/latest/model", "/api/v1/info/version", "/api/latest/info/version",
+    "/api/extra/version", "/api/openapi.json", "/api/docs",
+}
+PROTECTED_PREFIXES = ("/api", "/v1")
+
+
+def _key_matches(settings: Settings) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    supplied = token.strip() if scheme.lower() == "bearer" else request.headers.get("X-Api-Key", "")
+    return hmac.compare_digest(supplied.encode(), settings.api_key.encode())
+
+
+def _allowed_origin(settings: Settings) -> str | None:
+    allowed = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if not allowed:
+        return None
+    if "*" in allowed:
+        return "*"
+    origin = request.headers.get("Origin")
+    return origin if origin in allowed else None
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def _preflight_and_auth() -> Response | None:
+        if request.method == "OPTIONS":
+            return Response(status=200)
+        path = request.path.rstrip("/") or "/"
+        if not settings.api_key or not path.startswith(PROTECTED_PREFIXES):
+            return None
+        if settings.open_probes and path in PROBE_PATHS:
+            return None
+        return None if _key_matches(settings) else error_response(unauthorized_error())
+
+    @app.after_request
+    def _cors_headers(response: Response) -> Response:
+        origin = _allowed_origin(settings)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "*"
+            if origin != "*":
+                response.headers["Vary"] = "Origin"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response

@@ -1,0 +1,46 @@
+"""Server-sent events: one formatter and one response factory for every streaming route."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable, Iterator
+
+from flask import Response, request
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def sse_event(data: Any, event: str | None = None) -> bytes:
+    """One event; ``data`` is JSON-encoded unless it is already a string (OpenAI's ``[DONE]``)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode("utf-8")
+
+
+def sse_response(events: Iterable[bytes]) -> Response:
+    """A streamed response that waitress sends event by event."""
+    return Response(_iterate(events), status=200, mimetype="text/event-stream", headers=SSE_HEADERS,
+                    direct_passthrough=True)
+
+
+def _iterate(events: Iterable[bytes]) -> Iterator[bytes]:
+    iterator = iter(events)
+    try:
+        yield from iterator
+    finally:  # waitress calls close() when the client goes away: pass it on so generation stops
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def disconnect_probe() -> Callable[[], bool]:
+    """A callable, usable after the request context ends, that says whether the client left.
+
+    waitress provides it when ``channel_request_lookahead`` is on; other servers do not,
+    and then disconnects are only noticed when a write fails.
+    """
+    check = request.environ.get("waitress.client_disconnected")
+    return (lambda: bool(check())) if check else (lambda: False)

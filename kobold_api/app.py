@@ -1,0 +1,67 @@
+"""The Flask app factory, and ``init_app`` to mount the API into an existing Flask app."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from flask import Flask
+
+from .api import errors, security
+from .api.chat.routes import chat
+from .api.chat.serving import ChatService
+from .api.context import EXTENSION_KEY, Services
+from .api.docs import docs
+from .api.kobold.routes import extra, kobold
+from .api.kobold.serving import KoboldService
+from .api.openai.routes import openai
+from .api.openai.serving import OpenAIService
+from .engine.engine import Engine
+from .settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings, progress: Callable[[str], None] | None = None) -> Engine:
+    """Prepare and open the model named by the settings."""
+    return Engine.load(
+        settings.model, settings.provider, settings.cache_path, cpu_threads=settings.cpu_threads,
+        queue_size=settings.queue_size, prefix_cache_mb=settings.prefix_cache_mb, progress=progress,
+    )
+
+
+def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Services:
+    """Register every route, error handler and service on ``app``.
+
+    Use this to mount kobold_api into a Flask app of your own; ``create_app`` is this
+    plus a fresh Flask object.
+    """
+    engine = engine or load_engine(settings)
+    bundle = Services(
+        settings=settings,
+        engine=engine,
+        kobold=KoboldService(engine, settings),
+        openai=OpenAIService(engine, settings),
+        chat=ChatService.from_settings(engine, settings),
+    )
+    app.extensions[EXTENSION_KEY] = bundle
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_upload_mb, 1) * 2**20 + 2**16
+    errors.init_app(app)
+    security.init_app(app, settings)
+    app.register_blueprint(kobold, url_prefix="/api/v1")
+    app.register_blueprint(kobold, url_prefix="/api/latest", name="kobold_latest")
+    app.register_blueprint(extra, url_prefix="/api/extra")
+    app.register_blueprint(chat, url_prefix="/api/v1")
+    app.register_blueprint(openai, url_prefix="/v1")
+    app.register_blueprint(docs, url_prefix="/api")
+    return bundle
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
+    """A ready app: settings from the usual sources unless given, the model loaded unless given."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    init_app(app, settings, engine)
+    return app

@@ -1,0 +1,277 @@
+"""The ``characters/`` folder as the single source of truth for character cards.
+
+No database and no in-memory registry that could drift from disk: users drop card files into
+the folder by hand, so every call looks at the folder again (a parse cache keyed by file
+mtime/size only saves work). Names reach the filesystem, so they are validated before any
+path is built; writes go through a temp file + ``os.replace`` so a crash never leaves a
+half-written card behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from kobold_api.chat.cards import PNG_SIGNATURE, CardError, character_to_v2_dict, parse_card
+from kobold_api.chat.character import Character
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CARD_BYTES = 8 * 1024 * 1024
+CARD_SUFFIXES = (".json", ".png", ".yaml", ".yml")
+MAX_NAME_LENGTH = 128
+_FORBIDDEN_NAME_CHARS = frozenset('/\\:\0<>"|?*')
+_TEMP_PREFIX = ".tmp-"
+
+
+class UnsafeNameError(ValueError):
+    """A character name that could escape the folder or clash with hidden/temp files."""
+
+
+class CardTooLargeError(CardError):
+    """A card over the store's size limit (protects memory and disk from huge uploads)."""
+
+
+class CharacterExistsError(ValueError):
+    """Saving would replace an existing character and ``overwrite`` was not requested.
+
+    Deliberately not a :class:`CardError`: the card is fine, only its name clashes (HTTP 409,
+    not 400).
+    """
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is safe to use as a file stem, else raise :class:`UnsafeNameError`.
+
+    Rejects path separators, ``..``, NUL and control characters, leading dots (hidden files,
+    our temp files) and absolute paths, so ``folder / name`` can never leave the folder.
+    """
+    if not isinstance(name, str):
+        raise UnsafeNameError("character name must be text")
+    if not name or not name.strip():
+        raise UnsafeNameError("character name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UnsafeNameError(f"character name is longer than {MAX_NAME_LENGTH} characters")
+    if name != name.strip():
+        raise UnsafeNameError("character name must not start or end with spaces")
+    if name.startswith("."):
+        raise UnsafeNameError("character name must not start with a dot")
+    if os.path.isabs(name) or any(ch in _FORBIDDEN_NAME_CHARS for ch in name):
+        raise UnsafeNameError(
+            "character name must not contain path separators or any of : < > \" | ? *"
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in name):
+        raise UnsafeNameError("character name must not contain control characters")
+    return name
+
+
+def safe_file_stem(card_name: str) -> str:
+    """Derive a usable file stem from a card's own name (e.g. ``AC/DC`` → ``AC_DC``).
+
+    Card names are the author's text, not an attack, so they are cleaned instead of refused;
+    names given explicitly by a client are validated strictly instead.
+    """
+    cleaned = "".join(
+        "_" if ch in _FORBIDDEN_NAME_CHARS or unicodedata.category(ch) in ("Cc", "Cf") else ch
+        for ch in card_name
+    )
+    cleaned = cleaned.strip().lstrip(".").strip()[:MAX_NAME_LENGTH].strip()
+    return cleaned or "character"
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    """A parsed card and the file stat it was parsed from."""
+
+    mtime_ns: int
+    size: int
+    character: Character
+
+
+class CharacterStore:
+    """Lists, reads, saves and deletes cards in one folder; safe to share between threads."""
+
+    def __init__(self, folder: Path, max_bytes: int = DEFAULT_MAX_CARD_BYTES) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self._cache: dict[Path, _CacheEntry] = {}
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def _card_files(self) -> list[Path]:
+        """Card files in the folder, sorted; hidden and temp files are never cards."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(
+            (
+                path
+                for path in self.folder.resolve().iterdir()
+                if path.suffix.lower() in CARD_SUFFIXES
+                and not path.name.startswith(".")
+                and path.is_file()
+            ),
+            key=lambda p: p.name.lower(),
+        )
+
+    def _path_for(self, stem: str, suffix: str) -> Path:
+        """Build a path directly inside the folder, re-checking containment as a second guard.
+
+        The file itself is not resolved: a symlinked card is replaced as a link, never followed.
+        """
+        validate_name(stem)
+        root = self.folder.resolve()
+        path = root / f"{stem}{suffix}"
+        if path.parent != root or os.path.normpath(path) != str(path):
+            raise UnsafeNameError("character name resolves outside the characters folder")
+        return path
+
+    def _files_with_stem(self, stem: str) -> list[Path]:
+        """Existing card files whose stem matches case-insensitively (any suffix)."""
+        wanted = stem.casefold()
+        return [p for p in self._card_files() if p.stem.casefold() == wanted]
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _load(self, path: Path) -> Character:
+        """Parse one file, reusing the cached result while the file is unchanged."""
+        stat = path.stat()
+        cached = self._cache.get(path)
+        if cached and cached.mtime_ns == stat.st_mtime_ns and cached.size == stat.st_size:
+            return cached.character
+        if stat.st_size > self.max_bytes:
+            raise CardTooLargeError(
+                f"{path.name} is {stat.st_size} bytes, over the {self.max_bytes}-byte limit"
+            )
+        character = parse_card(path.read_bytes(), filename_hint=path.name)
+        self._cache[path] = _CacheEntry(stat.st_mtime_ns, stat.st_size, character)
+        return character
+
+    def _loaded(self) -> list[tuple[Path, Character]]:
+        """Every readable card with its file; broken files are logged and skipped."""
+        result: list[tuple[Path, Character]] = []
+        files = self._card_files()
+        for path in files:
+            try:
+                result.append((path, self._load(path)))
+            except (CardError, OSError) as exc:
+                logger.warning("skipping character file %s: %s", path.name, exc)
+        live = set(files)
+        for stale in [p for p in self._cache if p not in live]:
+            del self._cache[stale]
+        return result
+
+    def list(self) -> list[Character]:
+        """All loadable characters, sorted by name; one broken file never hides the others."""
+        with self._lock:
+            characters = [copy.deepcopy(c) for _, c in self._loaded()]
+        return sorted(characters, key=lambda c: c.name.casefold())
+
+    def path_of(self, name: str) -> Path:
+        """The file holding character ``name`` (file stem first, then card name)."""
+        validate_name(name)
+        wanted = name.casefold()
+        with self._lock:
+            by_stem = self._files_with_stem(name)
+            for path in by_stem:
+                try:
+                    self._load(path)
+                    return path
+                except (CardError, OSError) as exc:
+                    logger.warning("character file %s is unreadable: %s", path.name, exc)
+            for path, character in self._loaded():
+                if character.name.casefold() == wanted:
+                    return path
+        raise KeyError(name)
+
+    def get(self, name: str) -> Character:
+        """Character by file stem or card name, case-insensitively; ``KeyError`` if absent."""
+        with self._lock:
+            return copy.deepcopy(self._load(self.path_of(name)))
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _atomic_write(self, path: Path, payload: bytes) -> None:
+        """Write via a temp file in the same folder so readers never see a partial card."""
+        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=_TEMP_PREFIX, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def save(
+        self,
+        data: bytes,
+        name: str | None = None,
+        overwrite: bool = False,
+        filename_hint: str | None = None,
+    ) -> Character:
+        """Validate and store a card; PNG bytes are kept verbatim, everything else becomes V2 JSON.
+
+        ``name`` (validated strictly) chooses the file stem; without it the card's own name is
+        cleaned into one. Raises :class:`CardTooLargeError`, :class:`CardError`,
+        :class:`UnsafeNameError` or :class:`CharacterExistsError`.
+        """
+        if len(data) > self.max_bytes:
+            raise CardTooLargeError(
+                f"card is {len(data)} bytes, over the {self.max_bytes}-byte limit"
+            )
+        if name is not None:
+            validate_name(name)
+        character = parse_card(bytes(data), filename_hint=filename_hint)
+        stem = name if name is not None else safe_file_stem(character.name)
+        is_png = bytes(data[:8]) == PNG_SIGNATURE
+        suffix = ".png" if is_png else ".json"
+        if is_png:
+            payload = bytes(data)
+        else:
+            card = character_to_v2_dict(character)
+            payload = (json.dumps(card, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+            if len(payload) > self.max_bytes:
+                raise CardTooLargeError("card is over the size limit once stored as JSON")
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            target = self._path_for(stem, suffix)
+            existing = self._files_with_stem(stem)
+            if existing and not overwrite:
+                raise CharacterExistsError(
+                    f"a character named '{existing[0].stem}' already exists; "
+                    "pass overwrite to replace it"
+                )
+            for old in existing:  # keep the existing spelling ("Alice.json", not "alice.json")
+                if old.suffix.lower() == suffix:
+                    target = old
+            self._atomic_write(target, payload)
+            for old in existing:  # e.g. replacing alice.png with alice.json
+                if old != target:
+                    old.unlink(missing_ok=True)
+            self._cache.clear()
+        return character
+
+    def delete(self, name: str) -> None:
+        """Remove a character's file(s); ``KeyError`` if there is no such character.
+
+        A file stem match is deleted even when the card inside is broken, so users can always
+        clean up a bad upload.
+        """
+        validate_name(name)
+        with self._lock:
+            paths = self._files_with_stem(name) or [self.path_of(name)]
+            for path in paths:
+                path.unlink(missing_ok=True)
+                self._cache.pop(path, None)

@@ -1,0 +1,796 @@
+"""Persistent chat conversations, so a client only has to send its new message.
+
+The server (not the client) owns the chat history: a conversation with a
+character is a row in ``conversations`` plus an ordered list of ``messages``.
+Every message keeps all of its alternative texts (``swipes``) and which one is
+shown (``swipe_id``), matching what SillyTavern-style clients expect for
+swipes, regenerate and continue (see ``shared/reference/chat_and_cards.md`` §4).
+
+Design points
+-------------
+* **Any SQLAlchemy URL** works (SQLAlchemy Core, no ORM session state). SQLite is
+  the default deployment, so it gets extra care: WAL journal (readers never
+  block the writer), foreign keys, a busy timeout, and explicit ``BEGIN`` /
+  ``BEGIN IMMEDIATE`` so that DDL and reads really run inside transactions
+  (Python's ``sqlite3`` legacy mode would otherwise autocommit them).
+* **Every public operation is one transaction.** A failure half-way (e.g. after
+  the user message of a turn was inserted) rolls everything back.
+* **Versioned migrations.** ``schema_version`` holds one integer; the steps in
+  :data:`MIGRATIONS` are applied in order at start-up, one transaction each.
+  Adding a schema change later means appending one function to that tuple.
+  A database written by a newer server is refused, never modified.
+* **Turn serialization.** Storage calls are atomic, but a chat turn is
+  "read history -> generate (slow) -> store reply". :meth:`ConversationStore.lock`
+  hands out a per-conversation lock that the chat service holds for that whole
+  span, so two turns on one conversation never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "ConversationStore",
+    "Conversation",
+    "Message",
+    "StoreError",
+    "ConversationNotFound",
+    "MessageNotFound",
+    "SwipeNotFound",
+    "SchemaVersionError",
+    "Migration",
+    "MIGRATIONS",
+    "ROLES",
+]
+
+ROLES: frozenset[str] = frozenset({"user", "character", "system"})
+"""Who wrote a message; ``system`` is for narration / notes injected into the chat."""
+
+DB_FILENAME = "conversations.db"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for another writer before failing with 'database is locked'."""
+
+_ID_BYTES = 8  # token_urlsafe(8) -> 11 characters, 64 random bits
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """Base class so callers (HTTP routes) can map every store failure in one place."""
+
+
+class _LookupStoreError(StoreError, LookupError):
+    """A missing thing; ``str()`` is the plain message (``KeyError`` would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class ConversationNotFound(_LookupStoreError, KeyError):
+    """No conversation with that id (routes should answer 404)."""
+
+
+class MessageNotFound(_LookupStoreError, KeyError, IndexError):
+    """Message index out of range; also an ``IndexError`` because indexes are list positions."""
+
+
+class SwipeNotFound(_LookupStoreError, IndexError):
+    """``swipe_id`` outside the message's list of swipes."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer server; we refuse to touch it."""
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Message:
+    """One chat message; ``index`` is its 0-based position in the conversation."""
+
+    index: int
+    role: str
+    speaker: str
+    swipes: list[str]
+    swipe_id: int
+    created_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The text a reader sees: the currently selected swipe."""
+        return self.swipes[self.swipe_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; includes every swipe so clients can page through them."""
+        return {
+            "index": self.index,
+            "role": self.role,
+            "speaker": self.speaker,
+            "text": self.text,
+            "swipes": list(self.swipes),
+            "swipe_id": self.swipe_id,
+            "created_at": self.created_at,
+            "extra": dict(self.extra),
+        }
+
+
+@dataclass
+class Conversation:
+    """A chat with one character.
+
+    ``messages`` is only filled by :meth:`ConversationStore.get` and
+    :meth:`ConversationStore.create`; listings leave it empty and report
+    ``message_count`` instead so they stay cheap.
+    """
+
+    id: str
+    character: str
+    user_name: str
+    title: str
+    created_at: float
+    updated_at: float
+    message_count: int = 0
+    messages: list[Message] = field(default_factory=list)
+
+    def to_dict(self, *, include_messages: bool = True) -> dict[str, Any]:
+        """JSON-ready form (timestamps are Unix seconds)."""
+        data: dict[str, Any] = {
+            "id": self.id,
+            "character": self.character,
+            "user_name": self.user_name,
+            "title": self.title,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "message_count": self.message_count,
+        }
+        if include_messages:
+            data["messages"] = [m.to_dict() for m in self.messages]
+        return data
+
+
+# --------------------------------------------------------------------------- schema
+
+# The tables as the *current* code reads and writes them. Migration steps must
+# not use these objects: a step describes the schema as it was at its version,
+# so it stays correct after these definitions change.
+_METADATA = sa.MetaData()
+
+_schema_version = sa.Table(
+    "schema_version",
+    _METADATA,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+_conversations = sa.Table(
+    "conversations",
+    _METADATA,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("character", sa.String(255), nullable=False),
+    sa.Column("user_name", sa.String(255), nullable=False),
+    sa.Column("title", sa.String(500), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+_messages = sa.Table(
+    "messages",
+    _METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "conversation_id",
+        sa.String(32),
+        sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("speaker", sa.String(255), nullable=False),
+    sa.Column("swipes", sa.JSON, nullable=False),
+    sa.Column("swipe_id", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("extra", sa.JSON, nullable=False),
+    sa.UniqueConstraint("conversation_id", "position", name="uq_messages_position"),
+)
+
+
+Migration = Callable[[Connection], None]
+"""One schema step: receives a connection inside an open transaction."""
+
+
+def _migration_1_create_tables(conn: Connection) -> None:
+    """Version 1: conversations and their messages (frozen copy of the v1 schema)."""
+    v1 = sa.MetaData()
+    sa.Table(
+        "conversations",
+        v1,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("character", sa.String(255), nullable=False),
+        sa.Column("user_name", sa.String(255), nullable=False),
+        sa.Column("title", sa.String(500), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Index("ix_conversations_character", "character"),
+        sa.Index("ix_conversations_updated_at", "updated_at"),
+    )
+    sa.Table(
+        "messages",
+        v1,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column(
+            "conversation_id",
+            sa.String(32),
+            sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        sa.Column("position", sa.Integer, nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("speaker", sa.String(255), nullable=False),
+        sa.Column("swipes", sa.JSON, nullable=False),
+        sa.Column("swipe_id", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("extra", sa.JSON, nullable=False),
+        sa.UniqueConstraint("conversation_id", "position", name="uq_messages_position"),
+    )
+    v1.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_migration_1_create_tables,)
+"""Step ``i`` upgrades the schema from version ``i`` to ``i + 1``. Append only; never edit a shipped step."""
+
+
+def _read_schema_version(conn: Connection) -> int:
+    """Current version; creates the bookkeeping table (version 0) on a fresh database."""
+    _schema_version.create(conn, checkfirst=True)
+    version = conn.execute(sa.select(_schema_version.c.version)).scalar()
+    if version is None:
+        conn.execute(_schema_version.insert().values(version=0))
+        return 0
+    return int(version)
+
+
+# --------------------------------------------------------------------------- store
+
+
+class ConversationStore:
+    """All conversation persistence for one server; built once by the app factory.
+
+    Thread-safe: SQLAlchemy's pool gives each thread its own connection and every
+    method is a single transaction. See :meth:`lock` for serializing whole turns.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (creating if needed) the database at ``url`` and bring its schema up to date.
+
+        ``migrations`` and ``clock`` exist so tests can add a schema step or
+        freeze time; production code passes neither.
+        """
+        self._clock = clock
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._engine = self._create_engine(url)
+        # Same pool and events; its connections start write transactions with
+        # BEGIN IMMEDIATE on SQLite (see _install_sqlite_hooks).
+        self._write_engine = self._engine.execution_options(kobold_write=True)
+        try:
+            self._migrate(migrations)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def for_data_dir(cls, path: str | Path, **kwargs: Any) -> ConversationStore:
+        """The server's default: ``<data dir>/conversations.db`` (SQLite)."""
+        db_path = Path(path).expanduser().resolve() / DB_FILENAME
+        return cls(f"sqlite:///{db_path}", **kwargs)
+
+    def close(self) -> None:
+        """Release all pooled connections (lets SQLite checkpoint and drop its WAL file)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> ConversationStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying engine, for diagnostics and tests (e.g. checking PRAGMAs)."""
+        return self._engine
+
+    # ------------------------------------------------------------ engine setup
+
+    @staticmethod
+    def _create_engine(url: str) -> Engine:
+        """Build the engine; SQLite gets its parent folder created and its hooks installed."""
+        parsed = make_url(url)
+        # Non-ASCII (most chats) is stored as-is instead of \\u escapes.
+        kwargs: dict[str, Any] = {
+            "json_serializer": lambda obj: json.dumps(obj, ensure_ascii=False),
+        }
+        is_sqlite = parsed.get_backend_name() == "sqlite"
+        if is_sqlite:
+            database = parsed.database or ""
+            in_memory = database in ("", ":memory:") or parsed.query.get("mode") == "memory"
+            kwargs["connect_args"] = {"check_same_thread": False}
+            if in_memory:
+                # One shared connection, or every pooled connection would see its own
+                # empty database. Transactions from concurrent threads would collide on
+                # it, so in-memory stores are for tests and single-threaded tools only.
+                kwargs["poolclass"] = StaticPool
+            elif not database.startswith("file:"):
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, **kwargs)
+        if is_sqlite:
+            ConversationStore._install_sqlite_hooks(engine)
+        return engine
+
+    @staticmethod
+    def _install_sqlite_hooks(engine: Engine) -> None:
+        """WAL, foreign keys, busy timeout, and real transactions for the sqlite3 driver."""
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            if hasattr(dbapi_connection, "isolation_level"):
+                # Stop sqlite3 from managing BEGIN itself: it skips BEGIN for
+                # DDL and SELECT, which would make migrations non-atomic.
+                dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+                cursor.execute("PRAGMA foreign_keys = ON")
+                # Persistent in the file; a no-op ('memory') for in-memory databases.
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # Writers take the write lock up front: a deferred transaction that
+            # later upgrades can fail with SQLITE_BUSY without waiting for the
+            # busy timeout when another writer got there first.
+            immediate = conn.get_execution_options().get("kobold_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    # ------------------------------------------------------------ migrations
+
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
+        """Apply pending steps, each in its own transaction; refuse newer databases."""
+        target = len(migrations)
+        with self._write_engine.begin() as conn:
+            current = _read_schema_version(conn)
+            if current > target:
+                raise SchemaVersionError(
+                    f"conversation database schema is version {current}, but this "
+                    f"server only knows up to version {target}; upgrade kobold_api "
+                    "or point it at another data directory (the database was left untouched)"
+                )
+        for step_index in range(current, target):
+            with self._write_engine.begin() as conn:
+                # Re-read inside the transaction: another process may have
+                # applied this step since we looked.
+                if _read_schema_version(conn) != step_index:
+                    continue
+                migrations[step_index](conn)
+                conn.execute(_schema_version.update().values(version=step_index + 1))
+
+    def schema_version(self) -> int:
+        """The version recorded in the database (== number of applied steps)."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(_schema_version.c.version)).scalar_one())
+
+    # ------------------------------------------------------------ serialization
+
+    def lock(self, conversation_id: str) -> threading.Lock:
+        """The lock that serializes whole chat turns on one conversation.
+
+        Usage (chat service)::
+
+            with store.lock(cid):
+                history = store.get(cid)
+                reply = generate(history, user_text)   # slow
+                store.add_turn(cid, user_text, reply, speaker)
+
+        Each storage call is already atomic; the lock prevents a second turn from
+        reading the history while the first is still generating, which would
+        otherwise store two replies to the same context in an arbitrary order.
+        Not re-entrant, and only serializes threads of this process; the store's
+        own methods never take it. Different conversations do not block each other.
+        """
+        with self._locks_guard:
+            existing = self._locks.get(conversation_id)
+            if existing is None:
+                existing = self._locks[conversation_id] = threading.Lock()
+            return existing
+
+    def _forget_lock(self, conversation_id: str) -> None:
+        """Drop a deleted conversation's lock so the dict does not grow forever."""
+        with self._locks_guard:
+            existing = self._locks.get(conversation_id)
+            if existing is not None and not existing.locked():
+                del self._locks[conversation_id]
+
+    # ------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction: commits on success, rolls everything back on any exception."""
+        with self._write_engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """One read transaction, so a conversation and its messages come from one snapshot."""
+        with self._engine.begin() as conn:
+            yield conn
+
+    # ------------------------------------------------------------ conversation operations
+
+    def create(
+        self,
+        character: str,
+        user_name: str,
+        greetings: Sequence[str],
+        title: str | None = None,
+    ) -> Conversation:
+        """Start a conversation; the greetings become the swipes of message 0.
+
+        Empty greetings are skipped (a card without ``first_mes`` has none);
+        with no greeting left the conversation starts empty.
+        """
+        now = self._clock()
+        swipes = [g for g in greetings if g]
+        with self._writing() as conn:
+            conversation_id = self._new_conversation_id(conn)
+            conn.execute(
+                _conversations.insert().values(
+                    id=conversation_id,
+                    character=character,
+                    user_name=user_name,
+                    title=title if title is not None else f"Chat with {character}",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            if swipes:
+                self._insert_message(
+                    conn, conversation_id, 0, "character", character, swipes, 0, now, {}
+                )
+            return self._load(conn, conversation_id, with_messages=True)
+
+    def get(self, conversation_id: str) -> Conversation:
+        """The conversation with all of its messages."""
+        with self._reading() as conn:
+            return self._load(conn, conversation_id, with_messages=True)
+
+    def rename(self, conversation_id: str, title: str) -> Conversation:
+        """Change the title; returns the conversation without its messages."""
+        with self._writing() as conn:
+            self._require_conversation(conn, conversation_id)
+            conn.execute(
+                _conversations.update()
+                .where(_conversations.c.id == conversation_id)
+                .values(title=title, updated_at=self._clock())
+            )
+            return self._load(conn, conversation_id, with_messages=False)
+
+    def delete(self, conversation_id: str) -> None:
+        """Remove the conversation and its messages."""
+        with self._writing() as conn:
+            self._require_conversation(conn, conversation_id)
+            # Explicit rather than relying on ON DELETE CASCADE, which needs
+            # foreign keys switched on (not every backend/driver does by default).
+            conn.execute(_messages.delete().where(_messages.c.conversation_id == conversation_id))
+            conn.execute(_conversations.delete().where(_conversations.c.id == conversation_id))
+        self._forget_lock(conversation_id)
+
+    def export(self, conversation_id: str) -> dict[str, Any]:
+        """A self-contained JSON document of the conversation, every swipe included."""
+        conversation = self.get(conversation_id)
+        return {
+            "format": "kobold_api.conversation",
+            "format_version": 1,
+            **conversation.to_dict(include_messages=True),
+        }
+
+    # ------------------------------------------------------------ message operations
+
+    def add_turn(
+        self,
+        conversation_id: str,
+        user_text: str | None,
+        reply: str,
+        speaker: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[Message]:
+        """Append the user's message (unless ``None``) and the reply, atomically.
+
+        ``speaker`` defaults to the conversation's character; ``extra`` is stored
+        on the reply (e.g. generation settings). Returns the new messages.
+        """
+        now = self._clock()
+        with self._writing() as conn:
+            conversation = self._require_conversation(conn, conversation_id)
+            position = self._count_messages(conn, conversation_id)
+            added: list[Message] = []
+            if user_text is not None:
+                added.append(
+                    self._insert_message(
+                        conn, conversation_id, position, "user",
+                        conversation.user_name, [user_text], 0, now, {},
+                    )
+                )
+                position += 1
+            added.append(
+                self._insert_message(
+                    conn, conversation_id, position, "character",
+                    speaker or conversation.character, [reply], 0, now, dict(extra or {}),
+                )
+            )
+            self._touch(conn, conversation_id, now)
+            return added
+
+    def add_message(
+        self,
+        conversation_id: str,
+        role: str,
+        text: str,
+        speaker: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Message:
+        """Append a single message (e.g. a ``system`` note or a user message sent without generating).
+
+        ``speaker`` defaults to the user name for ``user`` messages and the
+        character otherwise.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        now = self._clock()
+        with self._writing() as conn:
+            conversation = self._require_conversation(conn, conversation_id)
+            default_speaker = conversation.user_name if role == "user" else conversation.character
+            message = self._insert_message(
+                conn, conversation_id, self._count_messages(conn, conversation_id), role,
+                speaker or default_speaker, [text], 0, now, dict(extra or {}),
+            )
+            self._touch(conn, conversation_id, now)
+            return message
+
+    def edit_message(self, conversation_id: str, index: int, text: str) -> Message:
+        """Replace the text of the shown swipe (other swipes are kept)."""
+        return self._update_message(
+            conversation_id, index, lambda m: _replace_shown(m, text)
+        )
+
+    def append_to_message(self, conversation_id: str, index: int, text: str) -> Message:
+        """Continue: add generated text to the end of the shown swipe."""
+        return self._update_message(
+            conversation_id, index, lambda m: _replace_shown(m, m.text + text)
+        )
+
+    def add_swipe(self, conversation_id: str, index: int, text: str) -> Message:
+        """Regenerate / swipe right: keep the old texts, append ``text`` and show it."""
+
+        def append(message: Message) -> tuple[list[str], int]:
+            swipes = [*message.swipes, text]
+            return swipes, len(swipes) - 1
+
+        return self._update_message(conversation_id, index, append)
+
+    def set_swipe(self, conversation_id: str, index: int, swipe_id: int) -> Message:
+        """Show another existing alternative of a message."""
+
+        def select(message: Message) -> tuple[list[str], int]:
+            if not 0 <= swipe_id < len(message.swipes):
+                raise SwipeNotFound(
+                    f"message {message.index} of conversation {conversation_id!r} has "
+                    f"{len(message.swipes)} swipe(s); swipe_id {swipe_id} is out of range"
+                )
+            return message.swipes, swipe_id
+
+        return self._update_message(conversation_id, index, select)
+
+    def delete_message(self, conversation_id: str, index: int) -> None:
+        """Remove one message; later messages move up so indexes stay 0..n-1."""
+        with self._writing() as conn:
+            self._require_conversation(conn, conversation_id)
+            position = self._resolve_index(conn, conversation_id, index)
+            in_conversation = _messages.c.conversation_id == conversation_id
+            conn.execute(_messages.delete().where(in_conversation, _messages.c.position == position))
+            # Two steps so no intermediate row collides with the unique
+            # (conversation_id, position) constraint whatever order rows update in.
+            conn.execute(
+                _messages.update()
+                .where(in_conversation, _messages.c.position > position)
+                .values(position=-_messages.c.position)
+            )
+            conn.execute(
+                _messages.update()
+                .where(in_conversation, _messages.c.position < 0)
+                .values(position=-_messages.c.position - 1)
+            )
+            self._touch(conn, conversation_id, self._clock())
+
+    # ------------------------------------------------------------ listing
+
+    def list(self, character: str | None = None) -> list[Conversation]:
+        """Conversations (without messages), most recently active first; optionally one character's."""
+        counts = (
+            sa.select(_messages.c.conversation_id, sa.func.count().label("n"))
+            .group_by(_messages.c.conversation_id)
+            .subquery()
+        )
+        query = (
+            sa.select(_conversations, sa.func.coalesce(counts.c.n, 0).label("message_count"))
+            .select_from(_conversations.outerjoin(counts, counts.c.conversation_id == _conversations.c.id))
+            .order_by(
+                _conversations.c.updated_at.desc(),
+                _conversations.c.created_at.desc(),
+                _conversations.c.id,
+            )
+        )
+        if character is not None:
+            query = query.where(_conversations.c.character == character)
+        with self._reading() as conn:
+            return [_conversation_from_row(row) for row in conn.execute(query).mappings()]
+
+    # ------------------------------------------------------------ helpers
+
+    def _new_conversation_id(self, conn: Connection) -> str:
+        """A short, URL-safe, unguessable id not used yet."""
+        while True:
+            candidate = secrets.token_urlsafe(_ID_BYTES)
+            taken = conn.execute(
+                sa.select(_conversations.c.id).where(_conversations.c.id == candidate)
+            ).first()
+            if taken is None:
+                return candidate
+
+    def _require_conversation(self, conn: Connection, conversation_id: str) -> Conversation:
+        row = conn.execute(
+            sa.select(_conversations).where(_conversations.c.id == conversation_id)
+        ).mappings().first()
+        if row is None:
+            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+        return _conversation_from_row(row)
+
+    def _count_messages(self, conn: Connection, conversation_id: str) -> int:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(_messages)
+                .where(_messages.c.conversation_id == conversation_id)
+            ).scalar_one()
+        )
+
+    def _resolve_index(self, conn: Connection, conversation_id: str, index: int) -> int:
+        """Validate ``index`` (negative counts from the end, like a list) and return the position."""
+        count = self._count_messages(conn, conversation_id)
+        position = index + count if index < 0 else index
+        if not 0 <= position < count:
+            raise MessageNotFound(
+                f"conversation {conversation_id!r} has {count} message(s); "
+                f"index {index} is out of range"
+            )
+        return position
+
+    def _load(self, conn: Connection, conversation_id: str, *, with_messages: bool) -> Conversation:
+        conversation = self._require_conversation(conn, conversation_id)
+        rows = conn.execute(
+            sa.select(_messages)
+            .where(_messages.c.conversation_id == conversation_id)
+            .order_by(_messages.c.position)
+        ).mappings()
+        messages = [_message_from_row(row) for row in rows]
+        conversation.message_count = len(messages)
+        if with_messages:
+            conversation.messages = messages
+        return conversation
+
+    def _insert_message(
+        self,
+        conn: Connection,
+        conversation_id: str,
+        position: int,
+        role: str,
+        speaker: str,
+        swipes: list[str],
+        swipe_id: int,
+        created_at: float,
+        extra: dict[str, Any],
+    ) -> Message:
+        conn.execute(
+            _messages.insert().values(
+                conversation_id=conversation_id,
+                position=position,
+                role=role,
+                speaker=speaker,
+                swipes=swipes,
+                swipe_id=swipe_id,
+                created_at=created_at,
+                extra=extra,
+            )
+        )
+        return Message(position, role, speaker, list(swipes), swipe_id, created_at, dict(extra))
+
+    def _update_message(
+        self,
+        conversation_id: str,
+        index: int,
+        change: Callable[[Message], tuple[list[str], int]],
+    ) -> Message:
+        """Read-modify-write of one message's swipes in a single transaction."""
+        with self._writing() as conn:
+            self._require_conversation(conn, conversation_id)
+            position = self._resolve_index(conn, conversation_id, index)
+            where = (_messages.c.conversation_id == conversation_id, _messages.c.position == position)
+            row = conn.execute(sa.select(_messages).where(*where)).mappings().one()
+            message = _message_from_row(row)
+            swipes, swipe_id = change(message)
+            conn.execute(_messages.update().where(*where).values(swipes=swipes, swipe_id=swipe_id))
+            self._touch(conn, conversation_id, self._clock())
+            message.swipes, message.swipe_id = list(swipes), swipe_id
+            return message
+
+    def _touch(self, conn: Connection, conversation_id: str, now: float) -> None:
+        """Bump ``updated_at`` so listings show recently active chats first."""
+        conn.execute(
+            _conversations.update()
+            .where(_conversations.c.id == conversation_id)
+            .values(updated_at=now)
+        )
+
+
+def _replace_shown(message: Message, text: str) -> tuple[list[str], int]:
+    swipes = list(message.swipes)
+    swipes[message.swipe_id] = text
+    return swipes, message.swipe_id
+
+
+def _conversation_from_row(row: Mapping[str, Any]) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        character=row["character"],
+        user_name=row["user_name"],
+        title=row["title"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        message_count=int(row.get("message_count", 0) or 0),
+    )
+
+
+def _message_from_row(row: Mapping[str, Any]) -> Message:
+    return Message(
+        index=row["position"],
+        role=row["role"],
+        speaker=row["speaker"],
+        swipes=list(row["swipes"]),
+        swipe_id=row["swipe_id"],
+        created_at=row["created_at"],
+        extra=dict(row["extra"] or {}),
+    )

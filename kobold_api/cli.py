@@ -1,0 +1,59 @@
+"""Command line: ``kobold-api serve`` and ``kobold-api prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .settings import SettingsError, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kobold-api", description="KoboldAI-compatible LLM server on ONNX Runtime")
+    parser.add_argument("--settings", help="settings JSON file (default: ./settings.json if present)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="prepare the model if needed and start the server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="'default', a HF model folder, a .gguf file, an ONNX folder or a hub id")
+    serve.add_argument("--data-dir", dest="data_dir")
+    serve.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    serve.add_argument("--api-key", dest="api_key")
+    serve.add_argument("--settings", dest="sub_settings", help=argparse.SUPPRESS)
+    prepare = commands.add_parser("prepare", help="download and build a model into the cache, then exit")
+    prepare.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
+    prepare.add_argument("--data-dir", dest="data_dir")
+    prepare.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {key: getattr(args, key, None) for key in ("host", "port", "model", "data_dir", "provider", "api_key")}
+    try:
+        settings = load_settings(getattr(args, "sub_settings", None) or args.settings, overrides=overrides)
+    except SettingsError as exc:
+        print(f"kobold-api: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "prepare":
+        from .engine.onnx_model import resolved_device
+        from .engine.prepare import PrepareError, prepare_model
+
+        model = args.model or settings.model
+        try:
+            path = prepare_model(model, resolved_device(settings.provider), settings.cache_path, progress=print)
+        except PrepareError as exc:
+            print(f"kobold-api: {exc}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
+    from .server import serve
+
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The engine the web layer holds: a model, its tokenizer, a bounded queue and one worker.
+
+Generation requests wait in a bounded queue and one worker thread runs them, so the
+model never runs from two threads at once. Each submitted request becomes a
+:class:`Job` whose chunks the HTTP thread reads as they are produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, TextGenerator
+from .onnx_model import OnnxCausalLM, resolved_device
+from .prefix_cache import PrefixCache
+from .prepare import prepare_model
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+_DONE = object()
+_POLL_SECONDS = 0.2
+#: Finished jobs stay findable by genkey for /generate/check for a while.
+_RECENT_JOBS = 64
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than the queue holds."""
+
+
+class GenerationFailed(RuntimeError):
+    """The worker raised while running a job; the message is the cause."""
+
+
+@dataclass
+class Job:
+    """One queued or running generation, visible to any thread by its ``genkey``."""
+
+    request: GenerationRequest
+    genkey: str
+    cancel_token: CancelToken = field(default_factory=CancelToken)
+    submitted_at: float = field(default_factory=time.monotonic)
+    _chunks: "queue.SimpleQueue[object]" = field(default_factory=queue.SimpleQueue)
+    _parts: list[str] = field(default_factory=list)
+    _done: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def partial_text(self) -> str:
+        return "".join(self._parts)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_token.cancel()
+
+    def chunks(self, disconnected: Callable[[], bool] | None = None) -> Iterator[GenerationChunk]:
+        """Chunks as the worker produces them; raises GenerationFailed if it failed.
+
+        ``disconnected`` is polled while waiting; once it says the client is gone the
+        job is cancelled, so an abandoned request stops within one step.
+        """
+        while True:
+            try:
+                item = self._chunks.get(timeout=_POLL_SECONDS if disconnected else None)
+            except queue.Empty:
+                if disconnected is not None and disconnected():
+                    self.cancel()
+                continue
+            if item is _DONE:
+                if self.error is not None:
+                    raise GenerationFailed(str(self.error)) from self.error
+                return
+            yield item  # type: ignore[misc]
+
+    def wait(self, disconnected: Callable[[], bool] | None = None) -> GenerationResult:
+        """Block until done and return the result (the chunks are consumed)."""
+        for _ in self.chunks(disconnected):
+            pass
+        assert self.result is not None
+        return self.result
+
+    # worker side
+    def _emit(self, chunk: GenerationChunk) -> None:
+        if chunk.text:
+            self._parts.append(chunk.text)
+        if chunk.result is not None:
+            self.result = chunk.result
+        self._chunks.put(chunk)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self._done.set()
+        self._chunks.put(_DONE)
+
+
+@dataclass
+class PerfStats:
+    """Figures of the last finished generation, for /api/extra/perf."""
+
+    last_process: float = 0.0
+    last_eval: float = 0.0
+    last_token_count: int = 0
+    last_input_count: int = 0
+    last_seed: int = -1
+    total_gens: int = 0
+    stop_reason: int = -1
+    started_at: float = field(default_factory=time.time)
+    last_finished_at: float = field(default_factory=time.time)
+
+
+_KOBOLD_STOP_REASON = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
+
+
+class Engine:
+    """Owns the generator and the single worker thread; thread-safe to call from routes."""
+
+    def __init__(self, generator: TextGenerator, model_name: str, queue_size: int = 16) -> None:
+        self.generator = generator
+        self.model_name = model_name
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._jobs_lock = threading.Lock()
+        self._current: Job | None = None
+        self.perf = PerfStats()
+        self._stopping = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="kobold-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        provider: str,
+        cache_dir: Path,
+        cpu_threads: int = 0,
+        queue_size: int = 16,
+        prefix_cache_mb: int = 256,
+        progress: Callable[[str], None] | None = None,
+    ) -> "Engine":
+        """Prepare (or find in the cache) the model, then open it."""
+        model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress)
+        onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
+        tokenizer = Tokenizer(model_dir)
+        prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+        name = _display_name(model, model_dir)
+        return cls(TextGenerator(onnx_model, tokenizer, prefix_cache), name, queue_size)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.generator.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.generator.model.info.context_length
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None or not self._queue.empty()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: GenerationRequest, genkey: str = "") -> Job:
+        """Queue a request; raises QueueFullError when the queue is full."""
+        job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}")
+        with self._jobs_lock:
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFullError("Server is busy; please try again later.") from None
+            self._jobs[job.genkey] = job
+            while len(self._jobs) > _RECENT_JOBS + self._queue.maxsize:
+                oldest = next(iter(self._jobs.values()))
+                if not oldest.finished:
+                    break
+                self._jobs.popitem(last=False)
+        return job
+
+    def find(self, genkey: str | None) -> Job | None:
+        """The job with ``genkey``, or without one the running job."""
+        if not genkey:
+            return self._current
+        with self._jobs_lock:
+            return self._jobs.get(genkey)
+
+    def abort(self, genkey: str | None = None) -> bool:
+        """Cancel by genkey (queued or running) or, without one, the running job."""
+        job = self.find(genkey)
+        if job is None or job.finished:
+            return False
+        job.cancel()
+        return True
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        for job in list(self._jobs.values()):
+            job.cancel()
+        try:
+            self._queue.put_nowait(None)  # type: ignore[arg-type]
+        except queue.Full:
+            pass
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            job = self._queue.get()
+            if job is None:
+                break
+            self._current = job
+            try:
+                for chunk in self.generator.stream(job.request, job.cancel_token):
+                    job._emit(chunk)
+                self._record(job.result)
+                job._finish()
+            except BaseException as exc:  # reported to the waiting HTTP thread
+                log.exception("generation failed")
+                job._finish(exc)
+            finally:
+                self._current = None
+
+    def _record(self, result: GenerationResult | None) -> None:
+        if result is None:
+            return
+        perf = self.perf
+        perf.last_process = result.prefill_seconds
+        perf.last_eval = result.decode_seconds
+        perf.last_token_count = result.completion_tokens
+        perf.last_input_count = result.prompt_tokens
+        perf.last_seed = result.seed if result.seed is not None else -1
+        perf.total_gens += 1
+        perf.stop_reason = _KOBOLD_STOP_REASON.get(result.stop_reason, -1)
+        perf.last_finished_at = time.time()
+
+
+def _display_name(spec: str, model_dir: Path) -> str:
+    from .prepare import DEFAULT_MODEL_NAME
+
+    if spec in ("", "default"):
+        return DEFAULT_MODEL_NAME
+    return Path(spec).name or model_dir.name

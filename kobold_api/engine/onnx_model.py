@@ -1,0 +1,181 @@
+"""One ONNX Runtime session for a decoder-only model with a KV cache.
+
+Works with both graph layouts we produce: the genai builder's (input_ids,
+attention_mask, past_key_values.*; positions come from the mask) and optimum's
+(same plus position_ids). The KV cache stays as ``OrtValue`` objects between steps,
+so on CUDA it never leaves the device and on the CPU it is never converted to numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class ModelInfo:
+    """What the loop needs to know about a model, read from its config files."""
+
+    name: str
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    context_length: int
+    vocab_size: int
+
+
+@dataclass
+class KVCache:
+    """The past keys/values of one sequence (batch of 1) and the token ids they cover.
+
+    Kept as an object so later work can hold on to it between requests (prefix reuse).
+    """
+
+    tensors: list[ort.OrtValue] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+def cuda_device_available() -> bool:
+    """Whether a CUDA GPU is really there.
+
+    onnxruntime-gpu lists CUDAExecutionProvider as available even on machines without
+    a GPU, so ask the driver: libcuda must load and report at least one device.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def choose_providers(requested: str) -> list[str]:
+    """ORT provider list for ``auto``/``cuda``/``cpu``: CUDA only where ORT offers it and a GPU exists."""
+    if requested in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers() \
+            and cuda_device_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def resolved_device(requested: str) -> str:
+    """``cuda`` or ``cpu``: what ``requested`` will actually run on here (decides the graph to build)."""
+    return "cuda" if choose_providers(requested)[0] == "CUDAExecutionProvider" else "cpu"
+
+
+class OnnxCausalLM:
+    """Runs prefill and decode steps; knows nothing about sampling or text."""
+
+    def __init__(self, model_dir: Path, provider: str = "auto", cpu_threads: int = 0) -> None:
+        self.model_dir = Path(model_dir)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = cpu_threads or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        providers = choose_providers(provider)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_dir / "model.onnx"), sess_options=options, providers=providers
+            )
+        except Exception as exc:  # a broken CUDA install raises here; the CPU still works
+            if providers[0] == "CPUExecutionProvider":
+                raise
+            log.warning("CUDA session failed (%s); falling back to the CPU provider", exc)
+            self.session = ort.InferenceSession(
+                str(self.model_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        if provider == "cuda" and self.provider != "cuda":
+            log.warning(
+                "CUDA was requested but is not available (providers offered: %s); running on the CPU",
+                ", ".join(ort.get_available_providers()),
+            )
+        log.info("ONNX Runtime session on %s (%s)", self.provider, ", ".join(self.session.get_providers()))
+        self.info = _read_model_info(self.model_dir)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self._uses_position_ids = "position_ids" in inputs
+        self._past_names = sorted(
+            (n for n in inputs if n.startswith("past_key_values.")), key=_layer_sort_key
+        )
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        first_past = inputs[self._past_names[0]]
+        self._kv_heads = int(first_past.shape[1])
+        self._head_dim = int(first_past.shape[3])
+        self._kv_dtype = _ORT_TO_NUMPY[first_past.type]
+        self._output_names = ["logits", *self._present_names]
+        self._device = "cuda" if self.provider == "cuda" else "cpu"
+
+    def new_cache(self) -> KVCache:
+        empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
+        return KVCache([ort.OrtValue.ortvalue_from_numpy(empty, self._device) for _ in self._past_names])
+
+    def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
+        """Feed ``new_token_ids`` after ``cache``; update the cache in place; return last logits [vocab]."""
+        past_length = cache.length
+        total = past_length + len(new_token_ids)
+        feeds: dict[str, ort.OrtValue] = {
+            "input_ids": _ortvalue(np.asarray([new_token_ids], dtype=np.int64)),
+            "attention_mask": _ortvalue(np.ones((1, total), dtype=np.int64)),
+        }
+        if self._uses_position_ids:
+            positions = np.arange(past_length, total, dtype=np.int64)[None, :]
+            feeds["position_ids"] = _ortvalue(positions)
+        feeds.update(zip(self._past_names, cache.tensors))
+        outputs = self.session.run_with_ort_values(self._output_names, feeds)
+        cache.tensors = list(outputs[1:])
+        cache.token_ids.extend(new_token_ids)
+        logits = outputs[0].numpy()
+        return logits[0, -1].astype(np.float32, copy=False)
+
+
+def _ortvalue(array: np.ndarray) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _layer_sort_key(name: str) -> tuple[int, int]:
+    parts = name.split(".")
+    return int(parts[1]), 0 if parts[2] == "key" else 1
+
+
+def _read_model_info(model_dir: Path) -> ModelInfo:
+    """EOS ids and context length from genai_config.json, config.json and generation_config.json."""
+    eos: list[int] = []
+    bos: int | None = None
+    context_length = 2048
+    vocab_size = 0
+
+    def add_eos(value: object) -> None:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int) and item not in eos:
+                eos.append(item)
+
+    genai_path = model_dir / "genai_config.json"
+    if genai_path.is_file():
+        model = json.loads(genai_path.read_text())["model"]
+        add_eos(model.get("eos_token_id"))
+        bos = model.get("bos_token_id")
+        context_length = int(model.get("context_length", context_length))
+        vocab_size = int(model.get("vocab_size", 0))
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            add_eos(config.get("eos_token_id"))
+            bos = bos if bos is not None else config.get("bos_token_id")
+            context_length = int(config.get("max_position_embeddings", context_length))
+            vocab_size = vocab_size or int(config.get("vocab_size", 0))
+    return ModelInfo(model_dir.name, eos, bos, context_length, vocab_size)

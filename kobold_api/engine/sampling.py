@@ -1,0 +1,686 @@
+"""Token samplers with KoboldAI semantics, in numpy.
+
+The generation loop calls a :class:`TokenSampler` once per generated token.
+Each sampler is a small class that validates its settings once, in
+``__init__``, and then transforms a 1-D float32 logits vector on every call
+(masking means setting an entry to ``-inf``). The chain is ordered by the
+KoboldAI wire field ``sampler_order``, whose ids are listed in
+:class:`SamplerId`.
+
+Performance notes: a call must cost well under a millisecond for a
+49,152-entry vocabulary, so the samplers avoid full-vocabulary sorts whenever
+the answer provably does not depend on the tail (see :class:`TopPSampler` and
+:class:`TypicalSampler`), and only look at the entries that are still
+unmasked once an earlier sampler has truncated the distribution.
+
+Ties: every truncating sampler cuts by *value*, so tokens whose score equals
+the score at the cut are all kept. This makes the result independent of how a
+sort orders equal entries (the reference implementations cut by position,
+which is arbitrary among ties).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from numbers import Integral, Real
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_SAMPLER_ORDER",
+    "LogitBiasSampler",
+    "LogitsProcessor",
+    "MinPSampler",
+    "PresenceFrequencyPenaltySampler",
+    "RepetitionPenaltySampler",
+    "SamplerId",
+    "SamplingParams",
+    "TailFreeSampler",
+    "TemperatureSampler",
+    "TokenBanSampler",
+    "TokenSampler",
+    "TopASampler",
+    "TopKSampler",
+    "TopPSampler",
+    "TypicalSampler",
+    "build_processors",
+    "normalize_sampler_order",
+]
+
+NEG_INF = np.float32(-np.inf)
+
+# Relative slack when comparing a cumulative probability with a target mass,
+# so that e.g. 0.5 + 0.3 computed through a float32 softmax still "reaches" 0.8.
+_MASS_RTOL = 1e-6
+
+# Largest magnitude a logit_bias entry may have (OpenAI clamps the same way).
+MAX_LOGIT_BIAS = 100.0
+
+
+class SamplerId(IntEnum):
+    """KoboldAI's sampler ids, as used by the ``sampler_order`` wire field."""
+
+    TOP_K = 0
+    TOP_A = 1
+    TOP_P = 2
+    TFS = 3
+    TYPICAL = 4
+    TEMPERATURE = 5
+    REP_PEN = 6
+
+
+DEFAULT_SAMPLER_ORDER: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)
+
+
+class LogitsProcessor(Protocol):
+    """One step of the sampling chain.
+
+    It may modify ``logits`` in place; callers must use the returned array.
+    """
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings, named after the KoboldAI wire fields."""
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_a: float = 0.0
+    top_p: float = 0.92
+    tfs: float = 1.0
+    typical: float = 1.0
+    min_p: float = 0.0
+    rep_pen: float = 1.0
+    rep_pen_range: int = 320
+    rep_pen_slope: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    sampler_order: list[int] = field(default_factory=lambda: list(DEFAULT_SAMPLER_ORDER))
+    seed: int | None = None  # None or negative = random
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_token_ids: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------
+# Validation helpers: every error names the wire field so clients can fix it.
+# --------------------------------------------------------------------------
+
+
+def _require_real(name: str, value: object) -> float:
+    """Accept ints and floats (not bools, not NaN/inf) so JSON numbers work."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number (got {value!r})")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number (got {value!r})")
+    return number
+
+
+def _require_between(name: str, value: object, low: float, high: float) -> float:
+    number = _require_real(name, value)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g} (got {value!r})")
+    return number
+
+
+def _require_at_least(name: str, value: object, minimum: float) -> float:
+    number = _require_real(name, value)
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum:g} (got {value!r})")
+    return number
+
+
+def _require_int(name: str, value: object, minimum: int) -> int:
+    """Accept integral numbers, including floats like 40.0 that JSON clients send."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer (got {value!r})")
+    if isinstance(value, Integral):
+        number = int(value)
+    elif isinstance(value, Real) and float(value).is_integer():
+        number = int(value)
+    else:
+        raise ValueError(f"{name} must be an integer (got {value!r})")
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum} (got {value!r})")
+    return number
+
+
+def _token_id_array(name: str, token_ids: Iterable[object]) -> np.ndarray:
+    ids = [_require_int(name, token_id, 0) for token_id in token_ids]
+    return np.asarray(ids, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------
+# Shared numeric helpers.
+# --------------------------------------------------------------------------
+
+
+def _unmasked(logits: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Return (indices, values) of the entries that are not masked.
+
+    ``indices`` is None when nothing is masked: then ``values`` is ``logits``
+    itself, so samplers early in the chain do not pay for a gather. (A min()
+    is several times cheaper than building the index list.)
+    """
+    if logits.size and logits.min() > NEG_INF:
+        return None, logits
+    indices = np.flatnonzero(logits > NEG_INF)
+    return indices, logits[indices]
+
+
+def _keep(logits: np.ndarray, indices: np.ndarray | None, keep: np.ndarray) -> np.ndarray:
+    """Return logits with only the flagged entries (a mask over the unmasked values) left."""
+    return _keep_positions(logits, indices, np.flatnonzero(keep))
+
+
+def _keep_positions(
+    logits: np.ndarray, indices: np.ndarray | None, positions: np.ndarray
+) -> np.ndarray:
+    """Return logits with only ``positions`` (into the unmasked values) left.
+
+    Writing the few survivors into a fresh ``-inf`` array is cheaper than a
+    boolean assignment over the whole vocabulary when most tokens go.
+    """
+    kept = positions if indices is None else indices[positions]
+    survivors = np.full_like(logits, NEG_INF)
+    survivors[kept] = logits[kept]
+    return survivors
+
+
+# Block size for running sums over long arrays: numpy's cumsum is sequential
+# and slow on a whole vocabulary, block sums are vectorised.
+_CUMSUM_BLOCK = 1024
+
+
+def _locate_mass(weights: np.ndarray, target: float, side: str = "left") -> int:
+    """Index where the running sum of ``weights`` first reaches ``target``.
+
+    ``side="left"`` finds the first running sum ``>= target``, ``"right"`` the
+    first ``> target``; the result is clamped to the last index. Long arrays
+    are summed per block first, so only one block needs a running sum.
+    """
+    size = weights.size
+    if size <= 4 * _CUMSUM_BLOCK:
+        running = np.cumsum(weights, dtype=np.float64)
+        return min(int(np.searchsorted(running, target, side=side)), size - 1)
+    block_count = -(-size // _CUMSUM_BLOCK)
+    padded = np.zeros(block_count * _CUMSUM_BLOCK, dtype=weights.dtype)
+    padded[:size] = weights
+    blocks = padded.reshape(block_count, _CUMSUM_BLOCK)
+    block_running = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
+    block = min(int(np.searchsorted(block_running, target, side=side)), block_count - 1)
+    before = float(block_running[block - 1]) if block else 0.0
+    inner = np.cumsum(blocks[block], dtype=np.float64)
+    offset = min(int(np.searchsorted(inner, target - before, side=side)), _CUMSUM_BLOCK - 1)
+    return min(block * _CUMSUM_BLOCK + offset, size - 1)
+
+
+def _window(context: np.ndarray, penalty_range: int) -> np.ndarray:
+    """The last ``penalty_range`` context tokens (all of them when it is 0)."""
+    if penalty_range > 0 and context.size > penalty_range:
+        return context[-penalty_range:]
+    return context
+
+
+
+
+# --------------------------------------------------------------------------
+# Samplers.
+# --------------------------------------------------------------------------
+
+
+class LogitBiasSampler:
+    """Add a per-token bias (OpenAI ``logit_bias``), clamped to +/-100.
+
+    Ids beyond the vocabulary are ignored: only the caller knows the
+    vocabulary size, so range checks against it belong to the API layer.
+    """
+
+    def __init__(self, logit_bias: Mapping[object, object]) -> None:
+        if not isinstance(logit_bias, Mapping):
+            raise ValueError("logit_bias must map token ids to biases")
+        self.token_ids = _token_id_array("logit_bias", logit_bias.keys())
+        biases = [_require_real("logit_bias", bias) for bias in logit_bias.values()]
+        self.biases = np.clip(
+            np.asarray(biases, dtype=np.float32), -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS
+        )
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        in_vocab = self.token_ids < logits.size
+        # Ids are unique (dict keys), so a fancy-indexed += is safe.
+        logits[self.token_ids[in_vocab]] += self.biases[in_vocab]
+        return logits
+
+
+class TokenBanSampler:
+    """Mask banned tokens (EOS ban, bad words) so they can never be drawn."""
+
+    def __init__(self, banned_token_ids: Iterable[object]) -> None:
+        self.token_ids = np.unique(_token_id_array("banned_token_ids", banned_token_ids))
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        logits[self.token_ids[self.token_ids < logits.size]] = NEG_INF
+        return logits
+
+
+class RepetitionPenaltySampler:
+    """KoboldAI's advanced repetition penalty (``rep_pen``, ``_range``, ``_slope``).
+
+    Only the last ``R = penalty_range`` context tokens count (``R = 0``: the
+    whole context). A token's logit ``l`` becomes ``l / f`` when ``l > 0`` and
+    ``l * f`` when ``l <= 0``, where ``f`` is the factor of its most recent
+    occurrence in that window (KoboldAI gathers from the original logits and
+    scatters back, so the latest occurrence's write wins; occurrences never
+    compound).
+
+    With a slope ``s > 0`` and ``R > 1`` the factor ramps over the range so
+    recent tokens are penalised more. For the token ``d`` steps from the end
+    of the context (``d = 0`` is the newest)::
+
+        x = 1 - 2 d / (R - 1)                  # +1 newest ... -1 oldest in range
+        y = s x / (1 + |x| (s - 1))            # sigmoid-like bend; s = 1 is linear
+        f = 1 + (y + 1) / 2 * (rep_pen - 1)    # rep_pen at x=+1, 1 at x=-1
+
+    ``s = 0`` or ``R = 0`` give the flat factor ``f = rep_pen``; ``R = 1``
+    does too (KoboldAI divides by zero there; the lone token is the newest, so
+    it gets the full penalty).
+    """
+
+    def __init__(self, penalty: float, penalty_range: int = 0, slope: float = 0.0) -> None:
+        self.penalty = _require_at_least("rep_pen", penalty, 1.0)
+        self.penalty_range = _require_int("rep_pen_range", penalty_range, 0)
+        self.slope = _require_at_least("rep_pen_slope", slope, 0.0)
+        self.ramped = self.slope != 0.0 and self.penalty_range > 1
+
+    def factors(self, distance_from_end: np.ndarray) -> np.ndarray:
+        """Penalty factor for tokens ``distance_from_end`` steps before the newest."""
+        if not self.ramped:
+            return np.full(distance_from_end.shape, self.penalty, dtype=np.float32)
+        x = 1.0 - 2.0 * distance_from_end / (self.penalty_range - 1)
+        y = self.slope * x / (1.0 + np.abs(x) * (self.slope - 1.0))
+        return (1.0 + (y + 1.0) / 2.0 * (self.penalty - 1.0)).astype(np.float32)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        window = _window(context, self.penalty_range)
+        if window.size == 0:
+            return logits
+        # Reversed, so return_index gives each token's most recent occurrence.
+        token_ids, distance = np.unique(window[::-1], return_index=True)
+        in_vocab = (token_ids >= 0) & (token_ids < logits.size)
+        token_ids, distance = token_ids[in_vocab], distance[in_vocab]
+        factor = self.factors(distance)
+        scores = logits[token_ids]
+        logits[token_ids] = np.where(scores <= 0, scores * factor, scores / factor)
+        return logits
+
+
+class PresenceFrequencyPenaltySampler:
+    """OpenAI presence/frequency penalties over the repetition-penalty window.
+
+    ``l -= presence_penalty * [count > 0] + frequency_penalty * count``, where
+    ``count`` is how often the token occurs in the last ``rep_pen_range``
+    context tokens (0 = whole context), as KoboldCpp/llama.cpp count them.
+    """
+
+    def __init__(
+        self, presence_penalty: float, frequency_penalty: float, penalty_range: int = 0
+    ) -> None:
+        self.presence = _require_between("presence_penalty", presence_penalty, -2.0, 2.0)
+        self.frequency = _require_between("frequency_penalty", frequency_penalty, -2.0, 2.0)
+        self.penalty_range = _require_int("rep_pen_range", penalty_range, 0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        window = _window(context, self.penalty_range)
+        if window.size == 0:
+            return logits
+        token_ids, counts = np.unique(window, return_counts=True)
+        in_vocab = (token_ids >= 0) & (token_ids < logits.size)
+        token_ids, counts = token_ids[in_vocab], counts[in_vocab]
+        logits[token_ids] -= (self.presence + self.frequency * counts).astype(np.float32)
+        return logits
+
+
+class TopKSampler:
+    """Keep the ``top_k`` highest-scoring tokens (plus any tied with the k-th)."""
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k = _require_int("top_k", top_k, 1)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size <= self.top_k:
+            return logits
+        # np.partition is O(n); only the k-th largest value is needed.
+        kth_largest = np.partition(values, values.size - self.top_k)[values.size - self.top_k]
+        return _keep(logits, indices, values >= kth_largest)
+
+
+class TopASampler:
+    """Drop tokens with ``p < top_a * max(p)^2`` (KoboldAI's top-a).
+
+    In logit space with ``w = exp(l - max l)`` and ``Z = sum(w)``, the test
+    ``w/Z < top_a / Z^2`` becomes ``w < top_a / Z``, so no division per token.
+    """
+
+    def __init__(self, top_a: float) -> None:
+        self.top_a = _require_between("top_a", top_a, 0.0, 1.0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size == 0:
+            return logits
+        weights = np.exp(values - values.max())
+        total = float(weights.sum(dtype=np.float64))
+        return _keep(logits, indices, weights >= self.top_a / total)
+
+
+class TopPSampler:
+    """Nucleus sampling: keep the smallest top set whose mass reaches ``top_p``.
+
+    This is KoboldCpp/llama.cpp's rule (cumulative mass ``>= top_p``; e.g.
+    0.8 on probabilities [0.5, 0.3, 0.15, 0.05] keeps two tokens). ``top_p =
+    0`` keeps only the most likely token.
+
+    Speed: the kept set is a prefix of the descending order, so if the tokens
+    with probability ``>= eps`` already carry ``top_p`` of the mass, sorting
+    only them gives exactly the same cut as a full sort. ``eps`` is lowered
+    step by step and the full sort is the last resort.
+    """
+
+    _CANDIDATE_FLOORS = (1e-3, 1e-5)
+
+    def __init__(self, top_p: float) -> None:
+        self.top_p = _require_between("top_p", top_p, 0.0, 1.0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size == 0:
+            return logits
+        weights = np.exp(values - values.max())
+        total = float(weights.sum(dtype=np.float64))
+        target = self.top_p * total
+        candidates = weights
+        for floor in self._CANDIDATE_FLOORS:
+            above_floor = weights[weights >= floor * total]
+            if float(above_floor.sum(dtype=np.float64)) >= target * (1.0 - _MASS_RTOL):
+                candidates = above_floor
+                break
+        descending = np.sort(candidates)[::-1]
+        cut = descending[_locate_mass(descending, target * (1.0 - _MASS_RTOL))]
+        return _keep(logits, indices, weights >= cut)
+
+
+class MinPSampler:
+    """Drop tokens with ``p < min_p * max(p)``, i.e. ``l < max l + ln(min_p)``.
+
+    KoboldCpp applies it right after top-p; the ratio to the top token is
+    unchanged by top-p's renormalisation, so the logit test is exact.
+    """
+
+    def __init__(self, min_p: float) -> None:
+        self.min_p = _require_between("min_p", min_p, 0.0, 1.0)
+        self.log_min_p = math.log(self.min_p) if self.min_p > 0 else -math.inf
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size == 0:
+            return logits
+        return _keep(logits, indices, values >= values.max() + np.float32(self.log_min_p))
+
+
+class TailFreeSampler:
+    """Tail-free sampling with KoboldAI's rule.
+
+    Sort probabilities descending, take ``d2 = |second difference|``,
+    normalise it to a CDF, and keep sorted position 0 plus every position
+    ``j >= 1`` whose ``CDF[j - 1] <= tfs``; the very last position is always
+    dropped. Masked tokens count as probability 0 in the full-vocabulary
+    reference, so two zeros are appended after the unmasked ones to get the
+    same ``d2`` without touching the masked entries.
+    """
+
+    def __init__(self, tfs: float) -> None:
+        self.tfs = _require_between("tfs", tfs, 0.0, 1.0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size == 0:
+            return logits
+        descending = np.sort(values)[::-1]
+        # Unnormalised probabilities: the CDF below is scale-free.
+        weights = np.exp(descending - descending[0])
+        padding = min(2, logits.size - values.size)
+        if padding:
+            weights = np.concatenate((weights, np.zeros(padding, dtype=weights.dtype)))
+        if weights.size < 3:
+            keep = 1
+        else:
+            curvature = np.abs(np.diff(weights, n=2))
+            total = float(curvature.sum(dtype=np.float64))
+            if total > 0:
+                # Positions j with CDF[j] <= tfs form a prefix; its length is
+                # the index of the first CDF value above tfs.
+                within = _locate_mass(curvature, self.tfs * total, side="right")
+                if within == curvature.size - 1 and self.tfs >= 1.0:
+                    within = curvature.size
+            else:
+                # Perfectly linear probabilities: KoboldAI's CDF is NaN there,
+                # so only the always-dropped last position goes.
+                within = curvature.size
+            keep = 1 + within
+        if keep >= values.size:
+            return logits
+        return _keep(logits, indices, values >= descending[keep - 1])
+
+
+class TypicalSampler:
+    """Locally typical sampling (Meister et al. 2022), with KoboldAI's cut.
+
+    Rank tokens by ``|ln p + H|`` (distance of their surprisal from the
+    entropy ``H``), then keep the closest ones until their mass reaches
+    ``typical``; the token that crosses the threshold is kept.
+
+    Speed: the kept set is a prefix of that ranking, so if the tokens within
+    distance ``D`` already carry the mass (and the cut lies safely inside
+    ``D``), ranking only them is exact; ``D`` grows step by step and a full
+    ranking is the last resort. The selection uses float32 distances, the
+    ranking float64 ones, so near-equal distances order as in float64.
+    """
+
+    _CANDIDATE_RADII = (1.0, 2.0, 4.0, 8.0, 16.0)
+    # Far above float32 error on a distance, far below any radius.
+    _RADIUS_MARGIN = 1e-3
+
+    def __init__(self, typical: float) -> None:
+        self.typical = _require_between("typical", typical, 0.0, 1.0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size == 0:
+            return logits
+        top = values.max()
+        shifted = values - top
+        weights = np.exp(shifted)
+        total = float(weights.sum(dtype=np.float64))
+        # ln p = shifted - ln Z and -H = sum(p ln p) = sum(w * shifted) / Z - ln Z,
+        # so ln p + H = shifted - center: the ln Z terms cancel.
+        center = float((weights * shifted).sum(dtype=np.float64)) / total
+        center_logit = float(top) + center  # exact float64 ranking works on raw logits
+        target = self.typical * total * (1.0 - _MASS_RTOL)
+        coarse_distance = np.abs(shifted - np.float32(center))
+        for radius in self._CANDIDATE_RADII:
+            near = np.flatnonzero(coarse_distance <= radius)
+            if float(weights[near].sum(dtype=np.float64)) < target:
+                continue
+            distance, cut = self._cut(values[near], weights[near], center_logit, target)
+            if cut < radius - self._RADIUS_MARGIN:
+                return _keep_positions(logits, indices, near[distance <= cut])
+        distance, cut = self._cut(values, weights, center_logit, target)
+        return _keep(logits, indices, distance <= cut)
+
+    @staticmethod
+    def _cut(
+        values: np.ndarray, weights: np.ndarray, center_logit: float, target: float
+    ) -> tuple[np.ndarray, float]:
+        """Distances of the given tokens and the distance of the one crossing ``target``."""
+        distance = np.abs(values.astype(np.float64) - center_logit)
+        order = np.argsort(distance)
+        crossing = _locate_mass(weights[order], target)
+        return distance, float(distance[order[crossing]])
+
+
+class TemperatureSampler:
+    """Divide logits by ``temperature``; 0 keeps only the most likely token(s).
+
+    Treating 0 as greedy lets OpenAI clients send ``temperature: 0`` and keeps
+    the chain correct on its own; :class:`TokenSampler` short-cuts it anyway.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = _require_at_least("temperature", temperature, 0.0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        if self.temperature == 0.0:
+            logits[logits < logits.max()] = NEG_INF
+            return logits
+        np.divide(logits, np.float32(self.temperature), out=logits)
+        return logits
+
+
+# --------------------------------------------------------------------------
+# Building the chain.
+# --------------------------------------------------------------------------
+
+
+def normalize_sampler_order(sampler_order: Sequence[object]) -> list[int]:
+    """Validate ``sampler_order`` and prepend rep_pen (6) like KoboldAI does.
+
+    Ids must be distinct and in 0..6. A shorter list that lacks 6 gets 6 in
+    front (old clients sent six ids without it). Ids that stay missing are
+    simply not applied, as in KoboldCpp.
+    """
+    if isinstance(sampler_order, (str, bytes)) or not isinstance(sampler_order, Sequence):
+        raise ValueError("sampler_order must be a list of sampler ids")
+    order = [_require_int("sampler_order", sampler_id, 0) for sampler_id in sampler_order]
+    if not order:
+        raise ValueError("sampler_order must not be empty")
+    if len(order) < len(SamplerId) and SamplerId.REP_PEN not in order:
+        order.insert(0, int(SamplerId.REP_PEN))
+    if any(sampler_id >= len(SamplerId) for sampler_id in order):
+        raise ValueError(f"sampler_order ids must be between 0 and 6 (got {order})")
+    if len(set(order)) != len(order):
+        raise ValueError(f"sampler_order must not repeat an id (got {order})")
+    return order
+
+
+def build_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """Turn ``params`` into the ordered chain, skipping neutral samplers.
+
+    Bias and bans come first; then ``sampler_order`` decides the rest. min_p
+    rides with top_p (id 2) and presence/frequency with rep_pen (id 6).
+    """
+    order = normalize_sampler_order(params.sampler_order)
+    # These two are shared by two samplers; check them even if neither is built.
+    _require_int("rep_pen_range", params.rep_pen_range, 0)
+    _require_at_least("rep_pen_slope", params.rep_pen_slope, 0.0)
+
+    chain: list[LogitsProcessor] = []
+    if params.logit_bias:
+        chain.append(LogitBiasSampler(params.logit_bias))
+    if params.banned_token_ids:
+        chain.append(TokenBanSampler(params.banned_token_ids))
+
+    by_id: dict[int, list[LogitsProcessor]] = {sampler_id: [] for sampler_id in SamplerId}
+    if params.top_k != 0:
+        by_id[SamplerId.TOP_K].append(TopKSampler(params.top_k))
+    if params.top_a != 0:
+        by_id[SamplerId.TOP_A].append(TopASampler(params.top_a))
+    if params.top_p != 1:
+        by_id[SamplerId.TOP_P].append(TopPSampler(params.top_p))
+    if params.min_p != 0:
+        by_id[SamplerId.TOP_P].append(MinPSampler(params.min_p))
+    if params.tfs != 1:
+        by_id[SamplerId.TFS].append(TailFreeSampler(params.tfs))
+    if params.typical != 1:
+        by_id[SamplerId.TYPICAL].append(TypicalSampler(params.typical))
+    if params.temperature != 1:
+        by_id[SamplerId.TEMPERATURE].append(TemperatureSampler(params.temperature))
+    if params.rep_pen != 1:
+        by_id[SamplerId.REP_PEN].append(
+            RepetitionPenaltySampler(params.rep_pen, params.rep_pen_range, params.rep_pen_slope)
+        )
+    if params.presence_penalty != 0 or params.frequency_penalty != 0:
+        by_id[SamplerId.REP_PEN].append(
+            PresenceFrequencyPenaltySampler(
+                params.presence_penalty, params.frequency_penalty, params.rep_pen_range
+            )
+        )
+    for sampler_id in order:
+        chain.extend(by_id[sampler_id])
+    return chain
+
+
+# Processors that still matter when decoding greedily: they can change which
+# token is the argmax, whereas truncation never removes the argmax.
+_ARGMAX_CHANGING = (
+    LogitBiasSampler,
+    TokenBanSampler,
+    RepetitionPenaltySampler,
+    PresenceFrequencyPenaltySampler,
+)
+
+
+class TokenSampler:
+    """Built once per request: validates params once, then picks one token per step."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self._processors = tuple(build_processors(params))
+        self._greedy = _require_at_least("temperature", params.temperature, 0.0) == 0.0
+        self._greedy_processors = tuple(
+            processor for processor in self._processors if isinstance(processor, _ARGMAX_CHANGING)
+        )
+        seed = params.seed
+        if seed is not None:
+            seed = _require_int("seed", seed, -(2**63))
+        self._rng = np.random.default_rng(seed if seed is not None and seed >= 0 else None)
+
+    @property
+    def greedy(self) -> bool:
+        """True for temperature 0: the argmax is taken, no random draw."""
+        return self._greedy
+
+    @property
+    def processors(self) -> tuple[LogitsProcessor, ...]:
+        """The chain applied before the draw (for introspection and tests)."""
+        return self._processors
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> int:
+        # Own copy: the caller's logits stay untouched and the dtype is fixed.
+        scores = np.array(logits, dtype=np.float32).reshape(-1)
+        token_ids = np.asarray(context, dtype=np.int64).reshape(-1)
+        if self._greedy:
+            for processor in self._greedy_processors:
+                scores = processor(scores, token_ids)
+            choice = int(np.argmax(scores))
+            if not scores[choice] > NEG_INF:
+                raise ValueError("no token left to sample: every token is banned")
+            return choice
+        for processor in self._processors:
+            scores = processor(scores, token_ids)
+        return self._draw(scores)
+
+    def _draw(self, scores: np.ndarray) -> int:
+        """Inverse-CDF draw: one uniform per step keeps seeded runs reproducible."""
+        indices, values = _unmasked(scores)
+        if values.size == 0:
+            raise ValueError("no token left to sample: every token is banned")
+        weights = np.exp(values - values.max())
+        total = float(weights.sum(dtype=np.float64))
+        position = _locate_mass(weights, self._rng.random() * total, side="right")
+        return int(position if indices is None else indices[position])

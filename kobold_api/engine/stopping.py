@@ -1,0 +1,69 @@
+"""The one stop-string matcher: decoded text in, text that is safe to emit out.
+
+Stop strings are matched on decoded text, not tokens, so a stop string split over
+several tokens still stops. While streaming, any tail that could still grow into a
+stop string is withheld, so a client never sees text that later turns out to be part
+of one (a known leak in other servers). Everything else is released at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StopMatch:
+    """Result of one :meth:`StopMatcher.feed`: text to emit, and the stop string hit (if any)."""
+
+    text: str
+    stop_string: str | None = None
+
+
+class StopMatcher:
+    """Feed it text deltas in order; it releases text and reports the first stop string."""
+
+    def __init__(self, stop_strings: list[str], trim_stop: bool = True) -> None:
+        self.stop_strings = [s for s in dict.fromkeys(stop_strings) if s]
+        self.trim_stop = trim_stop
+        self._held = ""
+        self.stopped: str | None = None
+
+    def feed(self, delta: str) -> StopMatch:
+        if self.stopped is not None or not delta:
+            return StopMatch("", self.stopped if delta else None)
+        buffer = self._held + delta
+        if not self.stop_strings:
+            self._held = ""
+            return StopMatch(buffer)
+        hit_at, hit = self._earliest_match(buffer)
+        if hit is not None:
+            self.stopped = hit
+            self._held = ""
+            end = hit_at if self.trim_stop else hit_at + len(hit)
+            return StopMatch(buffer[:end], hit)
+        keep = self._longest_partial_suffix(buffer)
+        self._held = buffer[len(buffer) - keep:] if keep else ""
+        return StopMatch(buffer[: len(buffer) - keep])
+
+    def flush(self) -> str:
+        """At the end of generation the withheld tail is ordinary text after all."""
+        text, self._held = self._held, ""
+        return text
+
+    def _earliest_match(self, buffer: str) -> tuple[int, str | None]:
+        best_at, best = len(buffer), None
+        for stop in self.stop_strings:
+            at = buffer.find(stop)
+            if at != -1 and (at < best_at or (at == best_at and best is not None and len(stop) > len(best))):
+                best_at, best = at, stop
+        return best_at, best
+
+    def _longest_partial_suffix(self, buffer: str) -> int:
+        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop_strings:
+            for length in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest

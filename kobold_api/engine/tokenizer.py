@@ -1,0 +1,99 @@
+"""Tokenizer access through the `tokenizers` library, and UTF-8-safe streaming decode.
+
+We load ``tokenizer.json`` directly instead of transformers' AutoTokenizer: it is the
+same fast tokenizer without seconds of import time, and the chat template is read
+from the model folder by :func:`read_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as FastTokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """Encode/decode for one model folder."""
+
+    def __init__(self, model_dir: Path) -> None:
+        model_dir = Path(model_dir)
+        self._tokenizer = FastTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config_path = model_dir / "tokenizer_config.json"
+        self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.chat_template: str | None = read_chat_template(model_dir, self.config)
+        self.bos_token: str = _token_text(self.config.get("bos_token"))
+        self.eos_token: str = _token_text(self.config.get("eos_token"))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_ids: set[int] = {
+            token_id for token_id, token in self._tokenizer.get_added_tokens_decoder().items() if token.special
+        }
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text, add_special_tokens=False))
+
+
+class IncrementalDecoder:
+    """Turns a growing token list into text deltas without ever splitting a UTF-8 character.
+
+    Decoding token by token breaks multi-byte characters and drops the spaces some
+    tokenizers only render in context, so each delta is the difference between the
+    decoding of a short window ending at the newest token and the same window without
+    it. A delta that ends in U+FFFD (an incomplete byte sequence) is held back until
+    the following tokens complete it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly completed text (possibly empty)."""
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], self._skip_special)
+        full_text = decode(self._ids[self._prefix_offset:], self._skip_special)
+        if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT_CHAR):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return full_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held at the end (an incomplete character becomes U+FFFD)."""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], self._skip_special)
+        full_text = decode(self._ids[self._prefix_offset:], self._skip_special)
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full_text[len(prefix_text):]
+
+
+def read_chat_template(model_dir: Path, config: dict) -> str | None:
+    """The model's own chat template: ``chat_template.jinja`` or tokenizer_config's field."""
+    jinja_path = Path(model_dir) / "chat_template.jinja"
+    if jinja_path.is_file():
+        return jinja_path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _token_text(value: object) -> str:
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return value if isinstance(value, str) else ""

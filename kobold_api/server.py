@@ -1,0 +1,37 @@
+"""Serve the app with waitress."""
+
+from __future__ import annotations
+
+import logging
+
+from waitress import serve as waitress_serve
+
+from .app import create_app, load_engine
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def waitress_options(settings: Settings) -> dict:
+    """Shared by the CLI and the tests, so both run the server the same way.
+
+    ``channel_request_lookahead`` makes waitress notice a client that hangs up while
+    its request is still running, which is how an abandoned generation gets cancelled.
+    """
+    return {
+        "threads": settings.threads,
+        "channel_request_lookahead": 1,
+        "connection_limit": max(100, settings.threads * 4),
+        "ident": "kobold_api",
+    }
+
+
+def serve(settings: Settings) -> None:
+    engine = load_engine(settings, progress=lambda message: log.info("%s", message))
+    app = create_app(settings, engine)
+    log.info("kobold_api serving %s on http://%s:%d (Kobold API at /api, OpenAI API at /v1)",
+             engine.model_name, settings.host, settings.port)
+    try:
+        waitress_serve(app, host=settings.host, port=settings.port, **waitress_options(settings))
+    finally:
+        engine.shutdown()

@@ -1,0 +1,178 @@
+"""The one settings object.
+
+Values resolve in this order, later wins: built-in defaults < ``settings.json`` <
+environment (``KOBOLD_API_<FIELD>``) < command-line flags.  Everything else reads a
+:class:`Settings` instance that the CLI or the test fixtures build; nothing reads the
+environment on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "KOBOLD_API_"
+DEFAULT_SETTINGS_FILE = "settings.json"
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+class SettingsError(ValueError):
+    """A settings file, variable or flag holds a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Values used when a request omits a field (KoboldCpp's defaults, except ``trim_stop``)."""
+
+    max_length: int = 200
+    max_context_length: int = 2048
+    temperature: float = 0.7
+    top_k: int = 100
+    top_a: float = 0.0
+    top_p: float = 0.92
+    tfs: float = 1.0
+    typical: float = 1.0
+    min_p: float = 0.0
+    rep_pen: float = 1.0
+    rep_pen_range: int = 320
+    rep_pen_slope: float = 1.0
+    sampler_order: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)
+    trim_stop: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told; see README.md for what each field does."""
+
+    host: str = "0.0.0.0"
+    port: int = 5000
+    threads: int = 8
+    model: str = "default"
+    provider: str = "auto"
+    data_dir: str = "data"
+    cache_dir: str = ""
+    characters_dir: str = "characters"
+    database_url: str = ""
+    context_size: int = 8192
+    cpu_threads: int = 0
+    queue_size: int = 16
+    max_batch_size: int = 8
+    prefix_cache_mb: int = 256
+    cors_origins: str = "*"
+    api_key: str = ""
+    open_probes: bool = True
+    max_upload_mb: int = 8
+    log_level: str = "INFO"
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def cache_path(self) -> Path:
+        """Where prepared models live; under the data dir unless set."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else self.data_path / "models"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_path / 'conversations.db').resolve()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["generation"]["sampler_order"] = list(self.generation.sampler_order)
+        return data
+
+
+def _coerce(name: str, value: Any, target_type: Any) -> Any:
+    """Turn JSON/env/CLI values into the field's type, with a clear error."""
+    type_name = target_type if isinstance(target_type, str) else getattr(target_type, "__name__", str(target_type))
+    try:
+        if "bool" in type_name:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if "tuple" in type_name:
+            items = json.loads(value) if isinstance(value, str) else value
+            return tuple(int(item) for item in items)
+        if "int" in type_name:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if "float" in type_name:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"setting {name!r} must be of type {type_name}, got {value!r}") from exc
+
+
+def _apply(base: Any, values: Mapping[str, Any], origin: str) -> Any:
+    """Return a copy of dataclass ``base`` with ``values`` applied; unknown keys are errors."""
+    known = {f.name: f for f in fields(base)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.startswith("_"):
+            continue  # comments in settings.json
+        if key not in known:
+            raise SettingsError(f"unknown setting {key!r} in {origin}")
+        if key == "generation":
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"'generation' in {origin} must be an object")
+            changes[key] = _apply(base.generation, value, origin)
+        else:
+            changes[key] = _coerce(key, value, known[key].type)
+    return replace(base, **changes)
+
+
+def _validate(settings: Settings) -> Settings:
+    if settings.provider not in PROVIDERS:
+        raise SettingsError(f"provider must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
+    if not 0 < settings.port < 65536:
+        raise SettingsError(f"port must be 1-65535, got {settings.port}")
+    for name in ("threads", "queue_size", "max_batch_size", "context_size"):
+        if getattr(settings, name) < 1:
+            raise SettingsError(f"{name} must be at least 1")
+    return settings
+
+
+def load_settings(
+    settings_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: defaults < file < environment < ``overrides`` (CLI flags).
+
+    Without ``settings_file`` the ``settings.json`` of the working directory is used if
+    it exists (or the file named by ``KOBOLD_API_SETTINGS``).
+    """
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    path = settings_file or environ.get(f"{ENV_PREFIX}SETTINGS")
+    if path is None and Path(DEFAULT_SETTINGS_FILE).is_file():
+        path = DEFAULT_SETTINGS_FILE
+    if path is not None:
+        try:
+            file_values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise SettingsError(f"settings file {path} does not exist") from exc
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"settings file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(file_values, dict):
+            raise SettingsError(f"settings file {path} must hold a JSON object")
+        settings = _apply(settings, file_values, str(path))
+    env_values = {
+        f.name: environ[ENV_PREFIX + f.name.upper()]
+        for f in fields(Settings)
+        if f.name != "generation" and ENV_PREFIX + f.name.upper() in environ
+    }
+    settings = _apply(settings, env_values, "environment")
+    settings = _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    return _validate(settings)
