@@ -358,6 +358,11 @@ class TestBiasAndBans:
         result = LogitBiasSampler({1: 5.0, 2: 500.0, 3: -1000})(logits, NO_CONTEXT)
         np.testing.assert_allclose(result, [0.0, 5.0, 100.0, -100.0, 0.0])
 
+    def test_bias_accepts_json_string_keys(self) -> None:
+        # JSON object keys are strings: {"2": -5} must bias token 2.
+        result = LogitBiasSampler({"2": -5.0})(np.zeros(3, dtype=np.float32), NO_CONTEXT)  # type: ignore[dict-item]
+        np.testing.assert_allclose(result, [0.0, 0.0, -5.0])
+
     def test_bans_mask(self) -> None:
         logits = np.zeros(4, dtype=np.float32)
         assert kept(TokenBanSampler([0, 2, 99])(logits, NO_CONTEXT)) == {1, 3}
@@ -533,6 +538,11 @@ class TestTokenSampler:
             logits, np.arange(50)
         )
         np.testing.assert_array_equal(logits, original)
+
+    def test_accepts_lists_and_other_dtypes(self) -> None:
+        sampler = TokenSampler(SamplingParams(seed=0, temperature=0.5, top_k=1))
+        assert sampler([0.0, 2.0, 1.0], [1, 2]) == 1
+        assert sampler(np.array([[0.0, 1.0, 3.0]], dtype=np.float16), np.array([[0]])) == 2
 
     def test_every_token_banned_is_an_error(self) -> None:
         sampler = TokenSampler(SamplingParams(banned_token_ids=[0, 1, 2]))

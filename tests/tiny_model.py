@@ -17,8 +17,8 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(out_dir: Path) -> int:
-    """Write tokenizer.json/tokenizer_config.json; return the vocabulary size."""
+def build_tokenizer(out_dir: Path) -> dict[str, int]:
+    """Write tokenizer.json/tokenizer_config.json; return the vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
@@ -35,7 +35,7 @@ def build_tokenizer(out_dir: Path) -> int:
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    return len(vocab)
+    return vocab
 
 
 def build_tiny_hf_model(out_dir: Path, seed: int = 0) -> Path:
@@ -44,7 +44,8 @@ def build_tiny_hf_model(out_dir: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = build_tokenizer(out_dir)
+    vocab = build_tokenizer(out_dir)
+    vocab_size = len(vocab)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -52,7 +53,12 @@ def build_tiny_hf_model(out_dir: Path, seed: int = 0) -> Path:
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger logits make sampled text less uniform and greedy less flat
-        model.lm_head.weight.mul_(8.0)
+    # Favour printable ASCII, space and newline (byte-level symbols 'Ġ' and 'Ċ'): outputs then
+    # look like text, so tests can pick stop strings from them; other bytes stay possible.
+    printable = [vocab[chr(c)] for c in range(33, 127)] + [vocab["Ġ"], vocab["Ċ"]]
+    scale = torch.full((vocab_size, 1), 0.5)
+    scale[printable] = 8.0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
     model.save_pretrained(out_dir)
     return out_dir

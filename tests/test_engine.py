@@ -1,0 +1,227 @@
+"""The generation loop on a tiny random model: stopping, truncation, seeds, streaming, cancel."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kobold_api.engine.engine import Engine, QueueFullError
+from kobold_api.engine.generation import (
+    STOP_ABORT, STOP_EOS, STOP_LENGTH, STOP_STRING, CancelToken, GenerationRequest, TextGenerator,
+)
+from kobold_api.engine.onnx_model import OnnxCausalLM
+from kobold_api.engine.prefix_cache import PrefixCache
+from kobold_api.engine.sampling import SamplingParams
+from kobold_api.engine.tokenizer import IncrementalDecoder, Tokenizer
+
+GREEDY = SamplingParams(temperature=0)
+RANDOM = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=1234)
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir: Path) -> TextGenerator:
+    return TextGenerator(OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir))
+
+
+def request(**kwargs) -> GenerationRequest:
+    kwargs.setdefault("prompt", PROMPT)
+    kwargs.setdefault("max_new_tokens", 40)
+    kwargs.setdefault("sampling", GREEDY)
+    return GenerationRequest(**kwargs)
+
+
+def ascii_stop_candidate(text: str, length: int = 3) -> tuple[int, str]:
+    """A printable-ASCII substring (not at the very start) to use as a stop string."""
+    for start in range(1, len(text) - length):
+        piece = text[start:start + length]
+        if all(32 <= ord(c) < 127 for c in piece) and text.find(piece) == start:
+            return start, piece
+    pytest.skip(f"greedy output has no {length}-char ASCII run to use as a stop string: {text!r}")
+
+
+def test_max_length_stops_with_length(generator: TextGenerator) -> None:
+    result = generator.generate(request(max_new_tokens=17, ban_eos=True))
+    assert result.stop_reason == STOP_LENGTH
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 17
+
+
+def test_eos_stops_generation(generator: TextGenerator) -> None:
+    eos = generator.model.info.eos_token_ids[0]
+    forced = replace(GREEDY, logit_bias={eos: 100.0})
+    result = generator.generate(request(sampling=forced))
+    assert result.stop_reason == STOP_EOS
+    assert result.finish_reason == "stop"
+    assert result.completion_tokens == 0 and result.text == ""
+
+
+def test_ban_eos_ignores_eos(generator: TextGenerator) -> None:
+    eos = generator.model.info.eos_token_ids[0]
+    forced = replace(GREEDY, logit_bias={eos: 100.0})
+    result = generator.generate(request(sampling=forced, ban_eos=True, max_new_tokens=5))
+    assert result.stop_reason == STOP_LENGTH and result.completion_tokens == 5
+
+
+@pytest.mark.parametrize("trim_stop", [True, False])
+def test_stop_string_spanning_three_tokens(generator: TextGenerator, trim_stop: bool) -> None:
+    free = generator.generate(request(max_new_tokens=60, ban_eos=True)).text
+    start, stop = ascii_stop_candidate(free, 3)  # byte-level tokens: 3 characters = 3 tokens
+    result = generator.generate(request(max_new_tokens=60, ban_eos=True, stop_strings=[stop], trim_stop=trim_stop))
+    assert result.stop_reason == STOP_STRING
+    assert result.finish_reason == "stop"
+    assert result.text == (free[:start] if trim_stop else free[:start] + stop)
+
+
+def test_first_of_several_stop_strings_wins(generator: TextGenerator) -> None:
+    free = generator.generate(request(max_new_tokens=60, ban_eos=True)).text
+    start, stop = ascii_stop_candidate(free, 2)
+    later = free[start + 4:start + 7] if len(free) > start + 7 else "zzzz-not-there"
+    result = generator.generate(request(max_new_tokens=60, ban_eos=True, stop_strings=[later, stop]))
+    assert result.text == free[:start]
+
+
+def test_streamed_text_never_includes_stop_string(generator: TextGenerator) -> None:
+    free = generator.generate(request(max_new_tokens=60, ban_eos=True)).text
+    start, stop = ascii_stop_candidate(free, 4)
+    pieces = [c.text for c in generator.stream(request(max_new_tokens=60, ban_eos=True, stop_strings=[stop]))]
+    assert "".join(pieces) == free[:start]
+    emitted = ""
+    for piece in pieces:  # at no point did the client see a prefix of the stop string past the cut
+        emitted += piece
+        assert len(emitted) <= start
+
+
+def test_stream_equals_non_stream(generator: TextGenerator) -> None:
+    streamed = list(generator.stream(request(sampling=RANDOM, max_new_tokens=30)))
+    final = streamed[-1].result
+    assert final is not None
+    assert "".join(c.text for c in streamed) == final.text
+    assert final.text == generator.generate(request(sampling=RANDOM, max_new_tokens=30)).text
+
+
+def test_seed_reproducibility(generator: TextGenerator) -> None:
+    first = generator.generate(request(sampling=RANDOM, max_new_tokens=30, ban_eos=True))
+    again = generator.generate(request(sampling=RANDOM, max_new_tokens=30, ban_eos=True))
+    other = generator.generate(request(sampling=replace(RANDOM, seed=99), max_new_tokens=30, ban_eos=True))
+    assert first.text == again.text
+    assert first.text != other.text
+    assert first.seed == 1234
+
+
+def test_random_seed_is_reported_and_replays(generator: TextGenerator) -> None:
+    unseeded = replace(RANDOM, seed=None)
+    result = generator.generate(request(sampling=unseeded, max_new_tokens=20, ban_eos=True))
+    assert result.seed is not None and result.seed >= 0
+    replay = generator.generate(request(sampling=replace(RANDOM, seed=result.seed), max_new_tokens=20, ban_eos=True))
+    assert replay.text == result.text
+
+
+def test_prompt_left_truncated_to_fit(generator: TextGenerator) -> None:
+    long_prompt = "abcdefghij" * 30  # 300 byte tokens
+    result = generator.generate(request(prompt=long_prompt, max_context_length=100, max_new_tokens=20, ban_eos=True))
+    assert result.prompt_tokens == 80
+    assert result.truncated_tokens == 220
+    ids, cut = generator.prompt_ids(request(prompt=long_prompt, max_context_length=100, max_new_tokens=20))
+    assert generator.tokenizer.decode(ids) == long_prompt[-80:]  # the end of the prompt is kept
+    assert cut == 220
+
+
+def test_cancel_stops_within_one_step(generator: TextGenerator) -> None:
+    cancel = CancelToken()
+    produced = 0
+    result = None
+    for chunk in generator.stream(request(max_new_tokens=200, ban_eos=True), cancel):
+        if chunk.result is not None:
+            result = chunk.result
+        else:
+            produced += 1
+            if produced == 3:
+                cancel.cancel()
+    assert result is not None
+    assert result.stop_reason == STOP_ABORT
+    assert result.completion_tokens <= 4
+
+
+def test_prefix_cache_gives_identical_output(tiny_model_dir: Path) -> None:
+    """Reusing the KV cache of an earlier prompt must not change a single token."""
+    model, tokenizer = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir)
+    plain = TextGenerator(model, tokenizer)
+    cache = PrefixCache(64 * 2**20)
+    cached = TextGenerator(model, tokenizer, cache)
+    history = "User: hello there, how are you today?\nBot: I am fine, thank you.\n"
+    follow_up = history + "User: and what about tomorrow?\nBot:"
+    for prompt in (history, follow_up):
+        for sampling in (GREEDY, RANDOM):
+            expected = plain.generate(request(prompt=prompt, sampling=sampling, max_new_tokens=25, ban_eos=True))
+            got = cached.generate(request(prompt=prompt, sampling=sampling, max_new_tokens=25, ban_eos=True))
+            assert got.text == expected.text
+    assert cache.hits >= 2
+    repeat = cached.generate(request(prompt=follow_up, sampling=GREEDY, max_new_tokens=25, ban_eos=True))
+    assert repeat.reused_tokens >= len(tokenizer.encode(history)) - 1
+
+
+def test_incremental_decoder_never_splits_utf8(tiny_model_dir: Path) -> None:
+    tokenizer = Tokenizer(tiny_model_dir)
+    text = "héllo wörld → 日本語 🎉 done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode("utf-8"))  # byte-level: multi-byte characters span tokens
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = [decoder.add(token) for token in ids]
+    deltas.append(decoder.flush())
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "" in deltas  # some tokens completed no character and were held back
+
+
+def test_cpu_fallback_when_cuda_requested(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from kobold_api.engine.onnx_model import cuda_device_available
+
+    if cuda_device_available():
+        pytest.skip("this machine has a CUDA GPU, so there is no fallback to observe")
+    with caplog.at_level(logging.WARNING, logger="kobold_api.engine.onnx_model"):
+        model = OnnxCausalLM(tiny_model_dir, "cuda", cpu_threads=2)
+    assert model.provider == "cpu"
+    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    assert any("CUDA was requested but is not available" in r.getMessage() for r in caplog.records)
+    assert TextGenerator(model, Tokenizer(tiny_model_dir)).generate(request(max_new_tokens=3, ban_eos=True)).completion_tokens == 3
+
+
+def test_engine_queue_runs_jobs_one_at_a_time_and_bounds_the_queue(tiny_model_dir: Path) -> None:
+    from conftest import make_engine
+
+    engine: Engine = make_engine(tiny_model_dir, queue_size=1, prefix_cache_mb=0)
+    try:
+        running = engine.submit(request(max_new_tokens=2000, max_context_length=4000, ban_eos=True))
+        for _ in running.chunks():  # wait until it runs, so the queue is empty again
+            break
+        queued = engine.submit(request(max_new_tokens=5, ban_eos=True))
+        with pytest.raises(QueueFullError):
+            engine.submit(request(max_new_tokens=5))
+        assert engine.abort(running.genkey)
+        assert running.wait().stop_reason == STOP_ABORT
+        assert queued.wait().completion_tokens == 5
+        assert engine.perf.total_gens == 2
+    finally:
+        engine.shutdown()
+
+
+def test_abort_of_queued_job_ends_it_when_it_starts(tiny_model_dir: Path) -> None:
+    from conftest import make_engine
+
+    engine: Engine = make_engine(tiny_model_dir, queue_size=4, prefix_cache_mb=0)
+    try:
+        first = engine.submit(request(max_new_tokens=300, ban_eos=True))
+        second = engine.submit(request(max_new_tokens=300, ban_eos=True))
+        assert engine.abort(second.genkey)
+        first_done = threading.Event()
+        threading.Thread(target=lambda: (first.wait(), first_done.set()), daemon=True).start()
+        result = second.wait()
+        assert result.stop_reason == STOP_ABORT and result.completion_tokens == 0
+        assert first_done.wait(60)
+    finally:
+        engine.shutdown()
