@@ -322,7 +322,9 @@ class TestRepetitionPenalty:
         result = RepetitionPenaltySampler(1.5, 5, 1.0)(logits, context)
         assert result[0] == pytest.approx(2.0)
 
-    @pytest.mark.parametrize("penalty_range,slope", [(0, 0.0), (64, 0.0), (64, 0.7), (64, 3.0), (5000, 1.0)])
+    @pytest.mark.parametrize(
+        "penalty_range,slope", [(0, 0.0), (64, 0.0), (64, 0.7), (64, 3.0), (5000, 1.0)]
+    )
     def test_matches_koboldai_forward_formulation(self, penalty_range: int, slope: float) -> None:
         rng = np.random.default_rng(7)
         logits = (rng.standard_normal(300) * 3).astype(np.float32)
@@ -360,7 +362,8 @@ class TestBiasAndBans:
 
     def test_bias_accepts_json_string_keys(self) -> None:
         # JSON object keys are strings: {"2": -5} must bias token 2.
-        result = LogitBiasSampler({"2": -5.0})(np.zeros(3, dtype=np.float32), NO_CONTEXT)  # type: ignore[dict-item]
+        sampler = LogitBiasSampler({"2": -5.0})  # type: ignore[dict-item]
+        result = sampler(np.zeros(3, dtype=np.float32), NO_CONTEXT)
         np.testing.assert_allclose(result, [0.0, 0.0, -5.0])
 
     def test_bans_mask(self) -> None:
@@ -423,7 +426,8 @@ class TestBuildProcessors:
         assert normalize_sampler_order([5, 6, 0]) == [5, 6, 0]
 
     @pytest.mark.parametrize(
-        "order", [[], [0, 0, 1, 2, 3, 4, 5], [7, 0, 1, 2, 3, 4, 5], [-1], [0, 1.5], ["0"], "0123456"]
+        "order",
+        [[], [0, 0, 1, 2, 3, 4, 5], [7, 0, 1, 2, 3, 4, 5], [-1], [0, 1.5], ["0"], "0123456"],
     )
     def test_invalid_order_is_rejected(self, order: object) -> None:
         with pytest.raises(ValueError, match="sampler_order"):
@@ -431,8 +435,12 @@ class TestBuildProcessors:
 
     def test_order_changes_the_result(self) -> None:
         logits = logits_of([0.5, 0.3, 0.15, 0.05])
-        top_p_first = SamplingParams(temperature=3.0, top_p=0.8, sampler_order=[6, 0, 1, 3, 4, 2, 5])
-        temperature_first = SamplingParams(temperature=3.0, top_p=0.8, sampler_order=[6, 0, 1, 3, 4, 5, 2])
+        top_p_first = SamplingParams(
+            temperature=3.0, top_p=0.8, sampler_order=[6, 0, 1, 3, 4, 2, 5]
+        )
+        temperature_first = SamplingParams(
+            temperature=3.0, top_p=0.8, sampler_order=[6, 0, 1, 3, 4, 5, 2]
+        )
         # top-p on the raw probs keeps 2 (0.5 + 0.3 = 0.8).
         assert kept(apply_chain(top_p_first, logits)) == {0, 1}
         # T = 3 first flattens them to 0.336 0.283 0.225 0.156 (cumulative 0.336,
