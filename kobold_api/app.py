@@ -26,7 +26,8 @@ def load_engine(settings: Settings, progress: Callable[[str], None] | None = Non
     """Prepare and open the model named by the settings."""
     return Engine.load(
         settings.model, settings.provider, settings.cache_path, cpu_threads=settings.cpu_threads,
-        queue_size=settings.queue_size, prefix_cache_mb=settings.prefix_cache_mb, progress=progress,
+        queue_size=settings.queue_size, prefix_cache_mb=settings.prefix_cache_mb,
+        max_batch_size=settings.max_batch_size, progress=progress,
     )
 
 

@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
     prepare.add_argument("--data-dir", dest="data_dir")
     prepare.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    bench = commands.add_parser("bench", help="print decode tok/s and prefill time of the engine")
+    bench.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
+    bench.add_argument("--data-dir", dest="data_dir")
+    bench.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    bench.add_argument("--tokens", type=int, default=200, help="new tokens per decode run")
+    bench.add_argument("--repeats", type=int, default=3)
     return parser
 
 
@@ -48,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kobold-api: {exc}", file=sys.stderr)
             return 1
         print(path)
+        return 0
+    if args.command == "bench":
+        from .benchmark import main as bench_main
+
+        bench_main(args.model or settings.model, settings.provider, settings.cache_path, args.tokens, args.repeats,
+                   settings.cpu_threads)
         return 0
     from .server import serve
 

@@ -40,6 +40,8 @@ def default_model_dir() -> Path:
 
 
 def make_engine(model_dir: Path, **kwargs: Any) -> Engine:
+    """An engine on a prepared model; one request at a time unless ``max_batch_size`` says otherwise."""
+    kwargs.setdefault("max_batch_size", 1)
     return Engine.load(str(model_dir), "cpu", model_dir.parent, cpu_threads=2, **kwargs)
 
 

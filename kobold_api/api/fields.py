@@ -144,6 +144,14 @@ class FieldReader:
             return None
         return [int(_to_number(item, True)) for item in value]  # type: ignore[arg-type]
 
+    def token_ids(self, *names: str) -> list[int]:
+        """Non-negative token ids, as a list or KoboldCpp's ``"id,id"`` string."""
+        ids = self.integer_list(*names) or []
+        if any(token_id < 0 for token_id in ids):
+            self._fail(names[0], "Token ids must be 0 or greater.")
+            return []
+        return ids
+
     def token_bias(self, *names: str) -> dict[int, float]:
         """``{"<token id>": bias}`` (KoboldCpp/OpenAI), bias clamped to ±100."""
         name, value = self._lookup(names)
@@ -155,7 +163,7 @@ class FieldReader:
         bias: dict[int, float] = {}
         for key, amount in value.items():
             token_id, number = _to_number(key, True), _to_number(amount, False)
-            if token_id is None or number is None:
+            if token_id is None or number is None or token_id < 0:
                 self._fail(name, f"Invalid entry {key!r}: {amount!r}.")
                 continue
             bias[int(token_id)] = max(-100.0, min(100.0, float(number)))

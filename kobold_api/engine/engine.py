@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, TextGenerator
-from .onnx_model import OnnxCausalLM, resolved_device
+from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, Sequence, TextGenerator
+from .onnx_model import BatchKV, OnnxCausalLM, resolved_device
 from .prefix_cache import PrefixCache
 from .prepare import prepare_model
 from .tokenizer import Tokenizer
@@ -122,15 +122,22 @@ _KOBOLD_STOP_REASON = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
 
 
 class Engine:
-    """Owns the generator and the single worker thread; thread-safe to call from routes."""
+    """Owns the generator and the single worker thread; thread-safe to call from routes.
 
-    def __init__(self, generator: TextGenerator, model_name: str, queue_size: int = 16) -> None:
+    The worker runs continuous batching: every step advances all running sequences in
+    one session run, new requests join between steps (after their own prefill) and
+    finished ones leave. ``max_batch_size=1`` gives strictly one request at a time.
+    """
+
+    def __init__(self, generator: TextGenerator, model_name: str, queue_size: int = 16,
+                 max_batch_size: int = 8) -> None:
         self.generator = generator
         self.model_name = model_name
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.max_batch_size = max_batch_size if generator.model.supports_batching else 1
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._jobs_lock = threading.Lock()
-        self._current: Job | None = None
+        self._running: dict[str, Job] = {}
         self.perf = PerfStats()
         self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._run, name="kobold-engine", daemon=True)
@@ -145,6 +152,7 @@ class Engine:
         cpu_threads: int = 0,
         queue_size: int = 16,
         prefix_cache_mb: int = 256,
+        max_batch_size: int = 8,
         progress: Callable[[str], None] | None = None,
     ) -> "Engine":
         """Prepare (or find in the cache) the model, then open it."""
@@ -153,7 +161,7 @@ class Engine:
         tokenizer = Tokenizer(model_dir)
         prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
         name = _display_name(model, model_dir)
-        return cls(TextGenerator(onnx_model, tokenizer, prefix_cache), name, queue_size)
+        return cls(TextGenerator(onnx_model, tokenizer, prefix_cache), name, queue_size, max_batch_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -165,7 +173,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None or not self._queue.empty()
+        return bool(self._running) or not self._queue.empty()
 
     @property
     def queued(self) -> int:
@@ -188,45 +196,110 @@ class Engine:
         return job
 
     def find(self, genkey: str | None) -> Job | None:
-        """The job with ``genkey``, or without one the running job."""
+        """The job with ``genkey``, or without one the most recently started running job."""
         if not genkey:
-            return self._current
+            running = list(self._running.values())
+            return running[-1] if running else None
         with self._jobs_lock:
             return self._jobs.get(genkey)
 
     def abort(self, genkey: str | None = None) -> bool:
-        """Cancel by genkey (queued or running) or, without one, the running job."""
-        job = self.find(genkey)
-        if job is None or job.finished:
-            return False
-        job.cancel()
-        return True
+        """Cancel by genkey (queued or running) or, without one, every running job.
+
+        Without a genkey KoboldCpp aborts "the" running generation; with batching there
+        may be several, and a client that sends no genkey cannot say which is its own.
+        """
+        jobs = [self.find(genkey)] if genkey else list(self._running.values())
+        live = [job for job in jobs if job is not None and not job.finished]
+        for job in live:
+            job.cancel()
+        return bool(live)
 
     def shutdown(self) -> None:
         self._stopping.set()
         for job in list(self._jobs.values()):
             job.cancel()
         try:
-            self._queue.put_nowait(None)  # type: ignore[arg-type]
+            self._queue.put_nowait(None)
         except queue.Full:
             pass
 
+    # --- the worker -------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            job = self._queue.get()
-            if job is None:
-                break
-            self._current = job
+        model = self.generator.model
+        batch = BatchKV()
+        rows: list[tuple[Job, Sequence]] = []
+        pending: list[int] = []
+        while True:
+            while len(rows) < self.max_batch_size:  # admit between steps; block only when idle
+                try:
+                    job = self._queue.get(block=not rows)
+                except queue.Empty:
+                    break
+                if job is None or self._stopping.is_set():
+                    self._fail_all(rows, RuntimeError("server is shutting down"))
+                    return
+                started = self._start(job)
+                if started is not None:
+                    sequence, token = started
+                    model.join(batch, sequence.cache)
+                    rows.append((job, sequence))
+                    pending.append(token)
+            if not rows:
+                continue
             try:
-                for chunk in self.generator.stream(job.request, job.cancel_token):
+                logits = model.forward_batch(pending, batch)
+            except BaseException as exc:  # the session failed: every running job fails with it
+                log.exception("batched decode step failed")
+                self._fail_all(rows, exc)
+                rows, pending, batch = [], [], BatchKV()
+                continue
+            for row in reversed(range(len(rows))):
+                job, sequence = rows[row]
+                try:
+                    chunks, token = sequence.step(logits[row])
+                except BaseException as exc:
+                    chunks, token = [], None
+                    job.error = exc
+                for chunk in chunks:
                     job._emit(chunk)
-                self._record(job.result)
-                job._finish()
-            except BaseException as exc:  # reported to the waiting HTTP thread
-                log.exception("generation failed")
-                job._finish(exc)
-            finally:
-                self._current = None
+                if token is None:
+                    self.generator.release(model.leave(batch, row))
+                    rows.pop(row)
+                    pending.pop(row)
+                    self._end(job)
+                else:
+                    pending[row] = token
+
+    def _start(self, job: Job) -> tuple[Sequence, int] | None:
+        """Prefill a new job and take its first token; None if it already finished."""
+        self._running[job.genkey] = job
+        try:
+            sequence = Sequence(self.generator, job.request, job.cancel_token)
+            chunks, token = sequence.step(sequence.prefill())
+        except BaseException as exc:
+            log.exception("generation failed")
+            job.error = exc
+            self._end(job)
+            return None
+        for chunk in chunks:
+            job._emit(chunk)
+        if token is None:
+            self.generator.release(sequence.cache)
+            self._end(job)
+            return None
+        return sequence, token
+
+    def _end(self, job: Job) -> None:
+        self._running.pop(job.genkey, None)
+        if job.error is None:
+            self._record(job.result)
+        job._finish(job.error)
+
+    def _fail_all(self, rows: list[tuple[Job, Sequence]], error: BaseException) -> None:
+        for job, _ in rows:
+            job.error = error
+            self._end(job)
 
     def _record(self, result: GenerationResult | None) -> None:
         if result is None:

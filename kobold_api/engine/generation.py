@@ -109,72 +109,16 @@ class TextGenerator:
         return ids, cut
 
     def stream(self, request: GenerationRequest, cancel: CancelToken | None = None) -> Iterator[GenerationChunk]:
-        cancel = cancel or CancelToken()
-        sampling = resolve_sampling(request.sampling, self.model.info.eos_token_ids if request.ban_eos else [])
-        sampler = TokenSampler(sampling)
-        prompt_ids, cut = self.prompt_ids(request)
-        context_length = min(request.max_context_length, self.model.info.context_length)
-        max_new = max(0, min(request.max_new_tokens, context_length - len(prompt_ids)))
-        eos_ids = set(self.model.info.eos_token_ids)
-        matcher = StopMatcher(request.stop_strings, request.trim_stop)
-        decoder = IncrementalDecoder(self.tokenizer)
-        context = np.empty(len(prompt_ids) + max_new, dtype=np.int64)
-        context[: len(prompt_ids)] = prompt_ids
-        length = len(prompt_ids)
-
-        started = time.perf_counter()
-        cache, reused = self._cache_for(prompt_ids)
-        logits = self.model.forward(prompt_ids[cache.length:], cache)
-        prefill_done = time.perf_counter()
-
-        text_parts: list[str] = []
-        stop_reason = STOP_LENGTH
-        generated = 0
+        """Run one request alone (batch of one): prefill, then one forward per token."""
+        sequence = Sequence(self, request, cancel or CancelToken())
+        logits = sequence.prefill()
         while True:
-            if cancel.cancelled:
-                stop_reason = STOP_ABORT
+            chunks, token = sequence.step(logits)
+            yield from chunks
+            if token is None:
                 break
-            if generated >= max_new:
-                break
-            token = sampler(logits, context[:length])
-            if token in eos_ids:
-                stop_reason = STOP_EOS
-                break
-            context[length] = token
-            length += 1
-            generated += 1
-            match = matcher.feed(decoder.add(token))
-            if match.text:
-                text_parts.append(match.text)
-                yield GenerationChunk(match.text)
-            if match.stop_string is not None:
-                stop_reason = STOP_STRING
-                break
-            if generated < max_new and not cancel.cancelled:
-                logits = self.model.forward([token], cache)
-
-        if stop_reason != STOP_STRING:
-            tail = matcher.feed(decoder.flush())
-            if tail.stop_string is not None:
-                stop_reason = STOP_STRING
-            tail_text = tail.text + ("" if tail.stop_string is not None else matcher.flush())
-            if tail_text:
-                text_parts.append(tail_text)
-                yield GenerationChunk(tail_text)
-        if self.prefix_cache is not None:
-            self.prefix_cache.put(cache)
-        finished = time.perf_counter()
-        yield GenerationChunk("", GenerationResult(
-            text="".join(text_parts),
-            stop_reason=stop_reason,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=generated,
-            truncated_tokens=cut,
-            reused_tokens=reused,
-            prefill_seconds=prefill_done - started,
-            decode_seconds=finished - prefill_done,
-            seed=sampling.seed,
-        ))
+            logits = self.model.forward([token], sequence.cache)
+        self.release(sequence.cache)
 
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None) -> GenerationResult:
         result = None
@@ -183,11 +127,111 @@ class TextGenerator:
         assert result is not None
         return result
 
-    def _cache_for(self, prompt_ids: list[int]) -> tuple[KVCache, int]:
+    def cache_for(self, prompt_ids: list[int]) -> KVCache:
+        """A KV cache to continue from: the longest cached prefix of the prompt, or a new one."""
         if self.prefix_cache is None:
-            return self.model.new_cache(), 0
-        cache = self.prefix_cache.take(prompt_ids, self.model)
-        return cache, cache.length
+            return self.model.new_cache()
+        return self.prefix_cache.take(prompt_ids, self.model)
+
+    def release(self, cache: KVCache) -> None:
+        """A finished sequence's cache goes back to the pool for later prompts to reuse."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.put(cache)
+
+
+class Sequence:
+    """One request in flight: its sampler, stop matcher, decoder and context.
+
+    The single-stream loop and the batch scheduler both drive requests through this
+    class, so sampling, stopping and streaming behave the same however requests are
+    grouped: only the forward pass differs.
+    """
+
+    def __init__(self, generator: TextGenerator, request: GenerationRequest, cancel: CancelToken) -> None:
+        self.generator = generator
+        self.cancel = cancel
+        info = generator.model.info
+        self.sampling = resolve_sampling(request.sampling, info.eos_token_ids if request.ban_eos else [])
+        self.sampler = TokenSampler(self.sampling)
+        self.prompt_ids, self.truncated = generator.prompt_ids(request)
+        context_length = min(request.max_context_length, info.context_length)
+        self.max_new = max(0, min(request.max_new_tokens, context_length - len(self.prompt_ids)))
+        self.eos_ids = set(info.eos_token_ids)
+        self.matcher = StopMatcher(request.stop_strings, request.trim_stop)
+        self.decoder = IncrementalDecoder(generator.tokenizer)
+        self.context = np.empty(len(self.prompt_ids) + self.max_new, dtype=np.int64)
+        self.context[: len(self.prompt_ids)] = self.prompt_ids
+        self.length = len(self.prompt_ids)
+        self.generated = 0
+        self.text_parts: list[str] = []
+        self.cache: KVCache = KVCache()
+        self.reused = 0
+        self.started = self.prefill_done = time.perf_counter()
+        self.result: GenerationResult | None = None
+
+    def prefill(self) -> np.ndarray:
+        """Run the prompt (after any cached prefix); return the logits for the first new token."""
+        self.started = time.perf_counter()
+        if self.cancel.cancelled:  # aborted while queued: don't spend a prefill on it
+            self.prefill_done = self.started
+            return np.zeros(self.generator.model.info.vocab_size or 1, dtype=np.float32)
+        self.cache = self.generator.cache_for(self.prompt_ids)
+        self.reused = self.cache.length
+        logits = self.generator.model.forward(self.prompt_ids[self.cache.length:], self.cache)
+        self.prefill_done = time.perf_counter()
+        return logits
+
+    def step(self, logits: np.ndarray) -> tuple[list[GenerationChunk], int | None]:
+        """Pick the next token from ``logits``; return the chunks to emit and the token to feed.
+
+        The token is ``None`` once the sequence has finished (its last chunk has the result).
+        """
+        if self.cancel.cancelled:
+            return self._finish(STOP_ABORT), None
+        if self.generated >= self.max_new:
+            return self._finish(STOP_LENGTH), None
+        token = self.sampler(logits, self.context[: self.length])
+        if token in self.eos_ids:
+            return self._finish(STOP_EOS), None
+        self.context[self.length] = token
+        self.length += 1
+        self.generated += 1
+        match = self.matcher.feed(self.decoder.add(token))
+        chunks = self._emit(match.text)
+        if match.stop_string is not None:
+            return chunks + self._finish(STOP_STRING, flush=False), None
+        if self.generated >= self.max_new:
+            return chunks + self._finish(STOP_LENGTH), None
+        return chunks, token
+
+    def _emit(self, text: str) -> list[GenerationChunk]:
+        if not text:
+            return []
+        self.text_parts.append(text)
+        return [GenerationChunk(text)]
+
+    def _finish(self, stop_reason: str, flush: bool = True) -> list[GenerationChunk]:
+        chunks: list[GenerationChunk] = []
+        if flush:  # held-back text (an unfinished character, a possible stop-string start) is output after all
+            tail = self.matcher.feed(self.decoder.flush())
+            if tail.stop_string is not None:
+                stop_reason = STOP_STRING
+                chunks = self._emit(tail.text)
+            else:
+                chunks = self._emit(tail.text + self.matcher.flush())
+        finished = time.perf_counter()
+        self.result = GenerationResult(
+            text="".join(self.text_parts),
+            stop_reason=stop_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.generated,
+            truncated_tokens=self.truncated,
+            reused_tokens=self.reused,
+            prefill_seconds=self.prefill_done - self.started,
+            decode_seconds=finished - self.prefill_done,
+            seed=self.sampling.seed,
+        )
+        return chunks + [GenerationChunk("", self.result)]
 
 
 def resolve_sampling(params: SamplingParams, extra_banned: list[int]) -> SamplingParams:

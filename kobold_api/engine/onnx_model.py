@@ -49,6 +49,29 @@ class KVCache:
         return len(self.token_ids)
 
 
+@dataclass
+class BatchKV:
+    """The KV caches of several sequences stacked on the batch axis, right-padded.
+
+    With the builder's GroupQueryAttention graph each row only needs its own valid
+    length: the attention mask's row sum tells the operator where that row's new key
+    goes and how far to attend, so rows of different lengths share one session run.
+    Rows join and leave between steps (continuous batching); joining or leaving copies
+    the cache once, a step never does.
+    """
+
+    tensors: list[ort.OrtValue] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def width(self) -> int:
+        return int(self.tensors[0].shape()[2]) if self.tensors else 0
+
+
 def cuda_device_available() -> bool:
     """Whether a CUDA GPU is really there.
 
@@ -123,6 +146,55 @@ class OnnxCausalLM:
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
         return KVCache([ort.OrtValue.ortvalue_from_numpy(empty, self._device) for _ in self._past_names])
 
+    @property
+    def supports_batching(self) -> bool:
+        """Only the builder's GQA graphs compact each row's keys; optimum graphs would leave holes."""
+        return not self._uses_position_ids
+
+    def join(self, batch: BatchKV, cache: KVCache) -> None:
+        """Add a prefilled sequence as the last row of ``batch``."""
+        rows = [t.numpy() for t in batch.tensors] if batch.size else None
+        width = max(batch.width, cache.length)
+        joined = []
+        for index, tensor in enumerate(cache.tensors):
+            new_row = _pad_length(tensor.numpy(), width)
+            stacked = new_row if rows is None else np.concatenate([_pad_length(rows[index], width), new_row], axis=0)
+            joined.append(owned_ortvalue(stacked, self._device))
+        batch.tensors = joined
+        batch.token_ids.append(list(cache.token_ids))
+
+    def leave(self, batch: BatchKV, row: int) -> KVCache:
+        """Remove ``row`` from ``batch`` and return it as a single-sequence cache."""
+        length = len(batch.token_ids[row])
+        keep = [i for i in range(batch.size) if i != row]
+        remaining_width = max((len(batch.token_ids[i]) for i in keep), default=0)
+        extracted, kept = [], []
+        for tensor in batch.tensors:
+            array = tensor.numpy()
+            extracted.append(owned_ortvalue(array[row:row + 1, :, :length], self._device))
+            if keep:
+                kept.append(owned_ortvalue(array[keep, :, :remaining_width], self._device))
+        cache = KVCache(extracted, batch.token_ids.pop(row))
+        batch.tensors = kept
+        return cache
+
+    def forward_batch(self, new_tokens: list[int], batch: BatchKV) -> np.ndarray:
+        """One decode step for every row; returns logits [rows, vocab]."""
+        lengths = [len(ids) for ids in batch.token_ids]
+        mask = np.zeros((batch.size, batch.width + 1), dtype=np.int64)
+        for row, length in enumerate(lengths):
+            mask[row, : length + 1] = 1
+        feeds: dict[str, ort.OrtValue] = {
+            "input_ids": _ortvalue(np.asarray(new_tokens, dtype=np.int64)[:, None]),
+            "attention_mask": _ortvalue(mask),
+        }
+        feeds.update(zip(self._past_names, batch.tensors))
+        outputs = self.session.run_with_ort_values(self._output_names, feeds)
+        batch.tensors = list(outputs[1:])
+        for ids, token in zip(batch.token_ids, new_tokens):
+            ids.append(token)
+        return outputs[0].numpy()[:, -1].astype(np.float32, copy=False)
+
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
         """Feed ``new_token_ids`` after ``cache``; update the cache in place; return last logits [vocab]."""
         past_length = cache.length
@@ -140,6 +212,24 @@ class OnnxCausalLM:
         cache.token_ids.extend(new_token_ids)
         logits = outputs[0].numpy()
         return logits[0, -1].astype(np.float32, copy=False)
+
+
+def _pad_length(array: np.ndarray, width: int) -> np.ndarray:
+    """Right-pad a [batch, heads, length, dim] cache with zeros to ``width`` positions."""
+    missing = width - array.shape[2]
+    if missing <= 0:
+        return array
+    return np.pad(array, ((0, 0), (0, 0), (0, missing), (0, 0)))
+
+
+def owned_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:
+    """An OrtValue over a private copy of ``array``.
+
+    ``OrtValue.numpy()`` may return a view of memory the session owns; wrapping such a
+    view directly would leave the new OrtValue pointing at freed memory once the old
+    one is released (seen as garbage keys after a batch row left).
+    """
+    return ort.OrtValue.ortvalue_from_numpy(np.array(array, copy=True, order="C"), device)
 
 
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:

@@ -13,7 +13,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
+
+from .onnx_model import owned_ortvalue
 
 if TYPE_CHECKING:
     from .onnx_model import KVCache, OnnxCausalLM
@@ -88,8 +89,5 @@ def truncate(cache: KVCache, length: int, model: OnnxCausalLM) -> None:
     if length >= cache.length:
         return
     device = "cuda" if model.provider == "cuda" else "cpu"
-    cache.tensors = [
-        ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy()[:, :, :length, :]), device)
-        for t in cache.tensors
-    ]
+    cache.tensors = [owned_ortvalue(t.numpy()[:, :, :length, :], device) for t in cache.tensors]
     del cache.token_ids[length:]

@@ -295,11 +295,13 @@ class RepetitionPenaltySampler:
 
     ``s = 0`` or ``R = 0`` give the flat factor ``f = rep_pen``; ``R = 1``
     does too (KoboldAI divides by zero there; the lone token is the newest, so
-    it gets the full penalty).
+    it gets the full penalty). A ``rep_pen`` below 1 rewards repetition.
     """
 
     def __init__(self, penalty: float, penalty_range: int = 0, slope: float = 0.0) -> None:
-        self.penalty = _require_at_least("rep_pen", penalty, 1.0)
+        self.penalty = _require_real("rep_pen", penalty)
+        if not self.penalty > 0:
+            raise ValueError(f"rep_pen must be greater than 0 (got {penalty!r})")
         self.penalty_range = _require_int("rep_pen_range", penalty_range, 0)
         self.slope = _require_at_least("rep_pen_slope", slope, 0.0)
         self.ramped = self.slope != 0.0 and self.penalty_range > 1
@@ -372,10 +374,12 @@ class TopASampler:
 
     In logit space with ``w = exp(l - max l)`` and ``Z = sum(w)``, the test
     ``w/Z < top_a / Z^2`` becomes ``w < top_a / Z``, so no division per token.
+    The most likely token (``w = 1``) always stays, so a ``top_a`` above 1,
+    which the API accepts, degrades to greedy instead of masking everything.
     """
 
     def __init__(self, top_a: float) -> None:
-        self.top_a = _require_between("top_a", top_a, 0.0, 1.0)
+        self.top_a = _require_at_least("top_a", top_a, 0.0)
 
     def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
         indices, values = _unmasked(logits)
@@ -383,7 +387,7 @@ class TopASampler:
             return logits
         weights = np.exp(values - values.max())
         total = float(weights.sum(dtype=np.float64))
-        return _keep(logits, indices, weights >= self.top_a / total)
+        return _keep(logits, indices, weights >= min(self.top_a / total, 1.0))
 
 
 class TopPSampler:
@@ -587,6 +591,8 @@ def build_processors(params: SamplingParams) -> list[LogitsProcessor]:
 
     Bias and bans come first; then ``sampler_order`` decides the rest. min_p
     rides with top_p (id 2) and presence/frequency with rep_pen (id 6).
+    ``rep_pen`` 0 counts as "off" like 1, since clients send 0 for a disabled
+    penalty and a factor of 0 would divide by zero.
     """
     order = normalize_sampler_order(params.sampler_order)
     # These two are shared by two samplers; check them even if neither is built.
@@ -614,7 +620,7 @@ def build_processors(params: SamplingParams) -> list[LogitsProcessor]:
         by_id[SamplerId.TYPICAL].append(TypicalSampler(params.typical))
     if params.temperature != 1:
         by_id[SamplerId.TEMPERATURE].append(TemperatureSampler(params.temperature))
-    if params.rep_pen != 1:
+    if params.rep_pen not in (0, 1):
         by_id[SamplerId.REP_PEN].append(
             RepetitionPenaltySampler(params.rep_pen, params.rep_pen_range, params.rep_pen_slope)
         )

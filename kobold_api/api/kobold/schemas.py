@@ -132,4 +132,4 @@ def _sampler_order(reader: FieldReader, defaults: GenerationDefaults) -> list[in
 
 def _custom_token_bans(reader: FieldReader) -> list[int]:
     """KoboldCpp's ``custom_token_bans``: a comma string (or list) of token ids."""
-    return reader.integer_list("custom_token_bans") or []
+    return reader.token_ids("custom_token_bans")
