@@ -67,8 +67,16 @@ class LiveServer:
         self.app = app
         self._server = create_server(app, host="127.0.0.1", port=0, **waitress_options(settings))
         self.url = f"http://127.0.0.1:{self._server.effective_port}"
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        """waitress's own run() loop cannot be stopped from another thread without racing its
+        select() on closed sockets, so loop in small steps and close from this thread."""
+        while not self._stop.is_set():
+            self._server.asyncore.loop(timeout=0.05, map=self._server._map, count=1)
+        self._server.close()
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=60, **kwargs)
@@ -80,8 +88,9 @@ class LiveServer:
         return requests.request(method, self.url + path, timeout=60, **kwargs)
 
     def close(self) -> None:
-        self._server.close()
+        self._stop.set()
         self._thread.join(timeout=5)
+        self._server.task_dispatcher.shutdown()
 
 
 @pytest.fixture

@@ -58,13 +58,26 @@ class ChatInput:
 
 @dataclass
 class TurnPlan:
-    """What one chat call will do: the prompt, and how to store/return the result."""
+    """What one chat call will do: the prompt, how to tidy the generated text, and how
+    to store/return it. ``clean`` is used for the stream too, so a client is shown
+    exactly the text that gets stored."""
 
     prompt: BuiltPrompt
-    character: Character
-    user_name: str
     request: GenerationRequest
+    clean: Callable[[str], str]
     commit: Callable[[str], dict[str, Any]]
+    speaker: str
+
+    def stream_preview(self, raw: str) -> str:
+        """The part of the final reply already certain after ``raw`` was generated.
+
+        While the text could still turn into the ``"{speaker}:"`` prefix that ``clean``
+        strips, nothing is certain yet.
+        """
+        head = raw.lstrip().casefold()
+        if head and f"{self.speaker}:".casefold().startswith(head):
+            return ""
+        return self.clean(raw)
 
 
 class ChatService:
@@ -135,6 +148,11 @@ class ChatService:
         return {"result": conversation.to_dict()}
 
     def list_conversations(self, character: str | None) -> dict[str, Any]:
+        if character:  # the stored name is the card's; accept any spelling the character routes accept
+            try:
+                character = self.characters.get(character).name
+            except (KeyError, UnsafeNameError):
+                pass
         return {"results": [c.to_dict(include_messages=False) for c in self.conversations.list(character)]}
 
     def get_conversation(self, conversation_id: str) -> dict[str, Any]:
@@ -237,17 +255,21 @@ class ChatService:
         return self._stream_events(plan, job, lock, disconnected)
 
     def _stream_events(self, plan: TurnPlan, job: Job, lock: Any, disconnected: Callable[[], bool]) -> Iterator[bytes]:
-        started = False
+        raw, sent = "", ""
         try:
             for chunk in job.chunks(disconnected):
                 if chunk.result is not None:
                     body = self._finish(plan, chunk.result)
+                    final = body["results"][0]["text"]
+                    if final.startswith(sent) and len(final) > len(sent):
+                        yield sse_event({"token": final[len(sent):], "finish_reason": None}, "message")
                     yield sse_event({"token": "", "finish_reason": chunk.result.finish_reason, **body}, "message")
                 elif chunk.text:
-                    text = chunk.text if started else chunk.text.lstrip()
-                    started = started or bool(text)
-                    if text:
-                        yield sse_event({"token": text, "finish_reason": None}, "message")
+                    raw += chunk.text
+                    preview = plan.stream_preview(raw)
+                    if preview.startswith(sent) and len(preview) > len(sent):
+                        yield sse_event({"token": preview[len(sent):], "finish_reason": None}, "message")
+                        sent = preview
         except (GenerationFailed, ApiError) as exc:
             yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
         finally:
@@ -264,7 +286,7 @@ class ChatService:
     def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:
             raise ApiError(409, {"msg": "Generation was aborted; nothing was stored.", "type": "aborted"})
-        body = plan.commit(result.text)
+        body = plan.commit(plan.clean(result.text))
         body.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     dropped_turns=plan.prompt.dropped_turns, dropped_examples=plan.prompt.dropped_examples,
                     finish_reason=result.finish_reason)
@@ -284,7 +306,8 @@ class ChatService:
             raise ValidationError({"instruction_template": [str(exc).strip("'\"")]}) from exc
 
     def _build(self, parsed: ChatInput, character: Character, user_name: str, history: list[ChatMessage],
-               user_input: str | None, continue_last: bool) -> tuple[BuiltPrompt, GenerationRequest]:
+               user_input: str | None) -> tuple[BuiltPrompt, GenerationRequest]:
+        """The prompt and engine request; when impersonating, ``user_input`` starts the user's line."""
         context = min(parsed.max_context_length, self.settings.context_size, self.engine.context_length)
         budget = context - parsed.max_new_tokens
         if budget < 16:
@@ -292,8 +315,9 @@ class ChatService:
                                                       "context for the prompt."]})
         try:
             prompt = self.builder.build(PromptRequest(
-                character, user_name, history, user_input, max_prompt_tokens=budget, mode=parsed.mode,
-                continue_last=continue_last, impersonate=parsed.impersonate,
+                character, user_name, history, None if parsed.continue_last else user_input,
+                max_prompt_tokens=budget, mode=parsed.mode,
+                continue_last=parsed.continue_last, impersonate=parsed.impersonate,
                 chat_instruct_command=parsed.chat_instruct_command, template=self._template(parsed),
                 extra_stop_strings=parsed.stop_strings,
             ))
@@ -308,38 +332,33 @@ class ChatService:
 
     def _plan_stateless(self, parsed: ChatInput) -> TurnPlan:
         character = self._character(parsed.character)
-        char_name, user_name = character.display_name, parsed.user_name
         rows = [list(row) for row in parsed.history]
         user_input: str | None = parsed.user_input or None
-        if parsed.regenerate or parsed.continue_last:
-            if not rows or _is_greeting_row(rows[-1]) and len(rows) == 1 and parsed.regenerate:
-                raise ApiError(400, {"msg": "Nothing to regenerate: the history has no reply yet.",
-                                     "type": "bad_input"})
+        if (parsed.regenerate or parsed.continue_last) and (not rows or not rows[-1][1] or (
+                parsed.regenerate and len(rows) == 1 and _is_greeting_row(rows[0]))):
+            raise ApiError(400, {"msg": "Nothing to regenerate or continue: the history has no reply yet.",
+                                 "type": "bad_input"})
         if parsed.regenerate:
             user_input = rows.pop()[0] or None
         history = _rows_to_messages(rows)
-        prompt, request = self._build(parsed, character, user_name, history,
-                                      None if parsed.continue_last or parsed.impersonate else user_input,
-                                      parsed.continue_last)
+        prompt, request = self._build(parsed, character, parsed.user_name, history, user_input)
 
-        def commit(text: str) -> dict[str, Any]:
+        def commit(reply: str) -> dict[str, Any]:
             if parsed.impersonate:
-                reply = clean_reply(text, char_name, user_name, speaker=user_name)
                 return {"text": reply, "history": _history_dict(rows)}
             if parsed.continue_last:
-                rows[-1][1] = rows[-1][1] + text
-                return {"text": text, "history": _history_dict(rows)}
-            reply = clean_reply(text, char_name, user_name)
-            rows.append([user_input or "", reply])
+                rows[-1][1] = rows[-1][1] + reply
+            else:
+                rows.append([user_input or "", reply])
             return {"text": reply, "history": _history_dict(rows)}
 
-        return TurnPlan(prompt, character, user_name, request, commit)
+        return self._turn(parsed, character, parsed.user_name, prompt, request, user_input, commit)
 
     def _plan_stored(self, parsed: ChatInput) -> TurnPlan:
         conversation_id = parsed.conversation_id or ""
         conversation = self._call(self.conversations.get, conversation_id)
         character = self._character(conversation.character)
-        char_name, user_name = character.display_name, conversation.user_name
+        user_name = conversation.user_name
         messages = list(conversation.messages)
         user_input: str | None = parsed.user_input or None
         if parsed.regenerate or parsed.continue_last:
@@ -353,28 +372,38 @@ class ChatService:
             user_input = None
         elif not (parsed.continue_last or parsed.impersonate) and not user_input:
             raise ValidationError({"user_input": ["Missing data for required field."]})
-        prompt, request = self._build(parsed, character, user_name, history,
-                                      None if parsed.continue_last or parsed.impersonate else user_input,
-                                      parsed.continue_last)
+        prompt, request = self._build(parsed, character, user_name, history, user_input)
+        last_index = messages[-1].index if messages else 0
 
-        def commit(text: str) -> dict[str, Any]:
-            if parsed.impersonate:
-                reply = clean_reply(text, char_name, user_name, speaker=user_name)
-                stored = self._call(self.conversations.get, conversation_id)
-            elif parsed.regenerate:
-                reply = clean_reply(text, char_name, user_name)
-                self._call(self.conversations.add_swipe, conversation_id, messages[-1].index, reply)
+        def commit(reply: str) -> dict[str, Any]:
+            if parsed.regenerate:
+                self._call(self.conversations.add_swipe, conversation_id, last_index, reply)
             elif parsed.continue_last:
-                reply = text
-                self._call(self.conversations.append_to_message, conversation_id, messages[-1].index, text)
-            else:
-                reply = clean_reply(text, char_name, user_name)
-                self._call(self.conversations.add_turn, conversation_id, user_input, reply, char_name)
+                self._call(self.conversations.append_to_message, conversation_id, last_index, reply)
+            elif not parsed.impersonate:  # an impersonated line is a suggestion, not a stored turn
+                self._call(self.conversations.add_turn, conversation_id, user_input, reply, character.display_name)
             stored = self._call(self.conversations.get, conversation_id)
             return {"text": reply, "conversation_id": conversation_id, "history": _stored_history(stored),
                     "conversation": stored.to_dict()}
 
-        return TurnPlan(prompt, character, user_name, request, commit)
+        return self._turn(parsed, character, user_name, prompt, request, user_input, commit)
+
+    @staticmethod
+    def _turn(parsed: ChatInput, character: Character, user_name: str, prompt: BuiltPrompt,
+              request: GenerationRequest, user_input: str | None,
+              commit: Callable[[str], dict[str, Any]]) -> TurnPlan:
+        """How generated text becomes the reply: continued text is kept as generated, an
+        impersonated line starts with what the user typed, a reply is tidied by clean_reply."""
+        char_name = character.display_name
+        if parsed.continue_last:
+            return TurnPlan(prompt, request, lambda text: text, commit, speaker="")
+        if parsed.impersonate:
+            typed = user_input or ""
+            return TurnPlan(prompt, request,
+                            lambda text: clean_reply(typed + text, char_name, user_name, speaker=user_name),
+                            commit, speaker=user_name)
+        return TurnPlan(prompt, request, lambda text: clean_reply(text, char_name, user_name), commit,
+                        speaker=char_name)
 
 
 def _wait(job: Job, disconnected: Callable[[], bool]) -> GenerationResult:
