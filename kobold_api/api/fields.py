@@ -178,10 +178,16 @@ def _to_number(value: Any, integer: bool) -> float | int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
+        text = value.strip()
+        try:  # integers first: float() would round ids and seeds above 2**53
+            value = int(text)
         except ValueError:
-            return None
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if integer and isinstance(value, int):
+        return value
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     if integer:

@@ -53,7 +53,9 @@ def init_app(app: Flask, settings: Settings) -> None:
         if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "*"
+            # "*" never covers Authorization (Fetch standard), so name what was asked for.
+            requested = request.headers.get("Access-Control-Request-Headers")
+            response.headers["Access-Control-Allow-Headers"] = requested or "Authorization, Content-Type, X-Api-Key"
             if origin != "*":
                 response.headers["Vary"] = "Origin"
         response.headers.setdefault("Cache-Control", "no-store")

@@ -16,6 +16,9 @@ SSE_HEADERS = {
 def sse_event(data: Any, event: str | None = None) -> bytes:
     """One event; ``data`` is JSON-encoded unless it is already a string (OpenAI's ``[DONE]``)."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    # U+2028/U+2029 are valid raw in JSON but end a line for JavaScript regexes, so
+    # SillyTavern's parser would cut the event there: send them escaped.
+    payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode("utf-8")
 

@@ -69,12 +69,17 @@ class Job:
         ``disconnected`` is polled while waiting; once it says the client is gone the
         job is cancelled, so an abandoned request stops within one step.
         """
+        next_check = time.monotonic() + _POLL_SECONDS
         while True:
             try:
                 item = self._chunks.get(timeout=_POLL_SECONDS if disconnected else None)
             except queue.Empty:
-                if disconnected is not None and disconnected():
+                item = None
+            if disconnected is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + _POLL_SECONDS
+                if disconnected():
                     self.cancel()
+            if item is None:
                 continue
             if item is _DONE:
                 if self.error is not None:

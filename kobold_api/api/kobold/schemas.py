@@ -75,7 +75,7 @@ def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> Sampling
         presence_penalty=reader.number("presence_penalty", default=0.0, minimum=-2.0, maximum=2.0),
         frequency_penalty=reader.number("frequency_penalty", default=0.0, minimum=-2.0, maximum=2.0),
         sampler_order=_sampler_order(reader, defaults),
-        seed=seed % 2**63 if seed >= 0 else None,
+        seed=seed if seed >= 0 else None,
         logit_bias=reader.token_bias("logit_bias"),
         banned_token_ids=_custom_token_bans(reader),
     )
