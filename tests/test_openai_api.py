@@ -8,7 +8,7 @@ determinism (greedy ``temperature=0`` or a fixed ``seed``), never about meaning.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import openai
 import pytest
@@ -32,8 +32,10 @@ def client_for(server: Any, api_key: str = "x") -> openai.OpenAI:
 
 
 @pytest.fixture
-def client(server: Any) -> openai.OpenAI:
-    return client_for(server)
+def client(server: Any) -> Iterator[openai.OpenAI]:
+    # Closed before the server, so no idle keep-alive connection delays its shutdown.
+    with client_for(server) as api:
+        yield api
 
 
 @pytest.fixture
@@ -262,6 +264,25 @@ def test_chat_completion(client: openai.OpenAI, model_id: str, server: Any) -> N
     assert newer.choices[0].message.content == choice.message.content[:len(newer.choices[0].message.content)]
 
 
+def test_chat_messages_forms_and_n(client: openai.OpenAI, model_id: str, server: Any) -> None:
+    expected = token_count(server, render_chatml(CHAT_MESSAGES))
+    # Content given as text parts, and the "developer" role, are the same prompt.
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in CHAT_MESSAGES]
+    as_parts = client.chat.completions.create(model=model_id, messages=parts, max_tokens=3, temperature=0)
+    assert as_parts.usage.prompt_tokens == expected
+    developer = [{"role": "developer", "content": CHAT_MESSAGES[0]["content"]}, *CHAT_MESSAGES[1:]]
+    as_developer = client.chat.completions.create(model=model_id, messages=developer, max_tokens=3, temperature=0)
+    assert as_developer.usage.prompt_tokens == expected
+    # n=2: two samples with their own indexes, the prompt counted once.
+    two = client.chat.completions.create(model=model_id, messages=CHAT_MESSAGES, max_tokens=6, temperature=1.0,
+                                         seed=3, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert all(c.message.role == "assistant" and c.finish_reason == "length" for c in two.choices)
+    assert two.choices[0].message.content != two.choices[1].message.content
+    assert two.usage.prompt_tokens == expected
+    assert two.usage.completion_tokens == 12
+
+
 def test_chat_completion_stop(client: openai.OpenAI, model_id: str) -> None:
     full = client.chat.completions.create(model=model_id, messages=CHAT_MESSAGES, max_tokens=24, temperature=0)
     text = full.choices[0].message.content
@@ -331,6 +352,20 @@ def test_completion_stream_stop_and_n(client: openai.OpenAI, model_id: str) -> N
                 finishes[choice.index] = choice.finish_reason
     assert texts == {c.index: c.text for c in plain.choices}
     assert finishes == {0: "length", 1: "length"}
+
+
+def test_stream_flushes_unfinished_stop_prefix(client: openai.OpenAI, model_id: str) -> None:
+    """Text held back because it might begin a stop string comes out when the length runs out."""
+    full = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    stop = text[-2:] + "\u2603"  # its first two characters end the text; the stop never completes
+    plain = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop)
+    assert plain.choices[0].text == text
+    assert plain.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(ch.text for c in chunks for ch in c.choices) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_completion_stream_echo(client: openai.OpenAI, model_id: str) -> None:
@@ -418,6 +453,17 @@ def test_bad_types_with_client(client: openai.OpenAI, model_id: str) -> None:
         client.completions.create(model=model_id, prompt=PROMPT, max_tokens=2, n=0)
 
 
+def test_other_errors_have_openai_shape(server: Any, model_id: str) -> None:
+    response = server.post("/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400)
+    assert_openai_error(server.get("/v1/no-such-route"), 404)
+    response = server.post("/v1/completions", json={"model": model_id, "prompt": PROMPT, "max_tokens": 2, "n": 9})
+    assert_openai_error(response, 400, param="n")
+    # More tokens than the context asked for: refused, not silently cut.
+    response = server.post("/v1/completions", json={"model": model_id, "prompt": PROMPT, "max_tokens": 100000})
+    assert_openai_error(response, 400, code="context_length_exceeded")
+
+
 def test_prompt_longer_than_context(client: openai.OpenAI, model_id: str, server: Any) -> None:
     context = server.get("/api/extra/true_max_context_length").json()["value"]
     prompt = "a" * 5000
@@ -449,7 +495,11 @@ def test_api_key(start_server: Any, tiny_engine: Any, test_settings: Any) -> Non
     from dataclasses import replace
 
     server = start_server(tiny_engine, replace(test_settings, api_key="secret"))
-    wrong = client_for(server, api_key="wrong")
+    with client_for(server, api_key="wrong") as wrong, client_for(server, api_key="secret") as right:
+        _check_api_key(server, wrong, right)
+
+
+def _check_api_key(server: Any, wrong: openai.OpenAI, right: openai.OpenAI) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         wrong.models.list()
     assert info.value.status_code == 401
@@ -458,7 +508,6 @@ def test_api_key(start_server: Any, tiny_engine: Any, test_settings: Any) -> Non
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model="m", messages=CHAT_MESSAGES, max_tokens=2)
     assert_openai_error(server.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}), 401)
-    right = client_for(server, api_key="secret")
     model = right.models.list().data[0].id
     result = right.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
     assert result.usage.completion_tokens == 2
