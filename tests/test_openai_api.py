@@ -513,3 +513,46 @@ def _check_api_key(server: Any, wrong: openai.OpenAI, right: openai.OpenAI) -> N
     assert result.usage.completion_tokens == 2
     chat = right.chat.completions.create(model=model, messages=CHAT_MESSAGES, max_tokens=2, temperature=0)
     assert chat.usage.completion_tokens == 2
+
+
+def test_completion_logprobs(client: openai.OpenAI, model_id: str) -> None:
+    completion = client.completions.create(model=model_id, prompt="Hello", max_tokens=6, temperature=0,
+                                           logprobs=3, extra_body={"ban_eos_token": True})
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert all(lp <= 0.0 for lp in logprobs.token_logprobs)
+    for token, chosen, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) == 3
+        # Greedy: the chosen token is the most likely one, so it heads the alternatives.
+        assert max(top.values()) == pytest.approx(chosen)
+        assert top[token] == pytest.approx(chosen)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    plain = client.completions.create(model=model_id, prompt="Hello", max_tokens=6, temperature=0,
+                                      extra_body={"ban_eos_token": True})
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].text == completion.choices[0].text
+
+
+def test_chat_logprobs(client: openai.OpenAI, model_id: str) -> None:
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ban_eos_token": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    for item in content:
+        assert item.logprob <= 0.0 and len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+        assert item.bytes == list(item.token.encode("utf-8"))
+
+
+def test_completion_token_id_prompt(client: openai.OpenAI, model_id: str, server: Any) -> None:
+    ids = server.post("/api/extra/tokencount", json={"prompt": "Hello there"}).json()["ids"]
+    by_text = client.completions.create(model=model_id, prompt="Hello there", max_tokens=8, temperature=0)
+    by_ids = client.completions.create(model=model_id, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    batch = client.completions.create(model=model_id, prompt=[ids, ids], max_tokens=8, temperature=0)
+    assert [c.text for c in batch.choices] == [by_text.choices[0].text] * 2
+    response = requests.post(server.url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 2}, timeout=30)
+    assert_openai_error(response, 400, param="prompt")

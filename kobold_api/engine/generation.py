@@ -38,6 +38,17 @@ class GenerationRequest:
     trim_stop: bool = True
     ban_eos: bool = False
     add_special_tokens: bool = True
+    #: Record the chosen token's log-probability and this many alternatives (None = off).
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """The model's log-probability of a generated token, with the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -53,6 +64,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     seed: int | None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finish_reason(self) -> str:
@@ -168,6 +180,8 @@ class Sequence:
         self.reused = 0
         self.started = self.prefill_done = time.perf_counter()
         self.result: GenerationResult | None = None
+        self.top_logprobs = request.logprobs
+        self.token_logprobs: list[TokenLogprob] = []
 
     def prefill(self) -> np.ndarray:
         """Run the prompt (after any cached prefix); return the logits for the first new token."""
@@ -193,6 +207,8 @@ class Sequence:
         token = self.sampler(logits, self.context[: self.length])
         if token in self.eos_ids:
             return self._finish(STOP_EOS), None
+        if self.top_logprobs is not None:
+            self.token_logprobs.append(_logprob_of(logits, token, self.top_logprobs))
         self.context[self.length] = token
         self.length += 1
         self.generated += 1
@@ -230,8 +246,18 @@ class Sequence:
             prefill_seconds=self.prefill_done - self.started,
             decode_seconds=finished - self.prefill_done,
             seed=self.sampling.seed,
+            token_logprobs=self.token_logprobs,
         )
         return chunks + [GenerationChunk("", self.result)]
+
+
+def _logprob_of(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """Log-softmax of the model's raw logits (before samplers), as OpenAI reports them."""
+    shifted = logits.astype(np.float64) - float(logits.max())
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-log_probs, top)[:top] if 0 < top < log_probs.size else np.arange(0)
+    best = best[np.argsort(-log_probs[best])]
+    return TokenLogprob(token, float(log_probs[token]), [(int(i), float(log_probs[i])) for i in best])
 
 
 def resolve_sampling(params: SamplingParams, extra_banned: list[int]) -> SamplingParams:

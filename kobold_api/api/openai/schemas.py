@@ -31,13 +31,14 @@ class OpenAIInput:
     include_usage: bool
     trim_stop: bool = True
     ban_eos: bool = False
+    logprobs: int | None = None
 
 
 @dataclass
 class CompletionInput(OpenAIInput):
-    prompts: list[str] = field(default_factory=list)
+    #: Each prompt is text or a list of token ids (both are OpenAI forms).
+    prompts: list[str | list[int]] = field(default_factory=list)
     echo: bool = False
-    logprobs: int | None = None
 
 
 @dataclass
@@ -72,19 +73,29 @@ def _common(reader: FieldReader, defaults: GenerationDefaults) -> dict[str, Any]
 
 def parse_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> CompletionInput:
     reader = FieldReader(body)
-    prompt = body.get("prompt")
-    prompts: list[str] = []
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    else:
-        reader.errors["prompt"] = ["Must be a string or a non-empty list of strings."]
-    logprobs = reader.integer("logprobs", default=-1, minimum=0, maximum=5) if reader.has("logprobs") else -1
+    prompts = _prompts(body.get("prompt"), reader)
+    logprobs = reader.integer("logprobs", default=-1, minimum=0, maximum=20) if reader.has("logprobs") else -1
     common = _common(reader, defaults)
     echo = reader.boolean("echo", default=False)
     reader.raise_if_errors()
-    return CompletionInput(**common, prompts=prompts, echo=echo, logprobs=logprobs if logprobs >= 0 else None)
+    return CompletionInput(**common, logprobs=logprobs if logprobs >= 0 else None, prompts=prompts, echo=echo)
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def _prompts(value: Any, reader: FieldReader) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if _is_token_list(value):
+        return [list(value)]
+    if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_list(p) for p in value):
+        return list(value)
+    reader.errors["prompt"] = ["Must be a string, a list of strings, or token ids."]
+    return []
 
 
 def parse_chat_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> ChatCompletionInput:
@@ -95,9 +106,11 @@ def parse_chat_completion(body: Mapping[str, Any], defaults: GenerationDefaults)
         kind = response_format.get("type") if isinstance(response_format, dict) else None
         if kind != "text":
             reader.errors["response_format"] = ["Only {\"type\": \"text\"} is supported by this server."]
+    wants_logprobs = reader.boolean("logprobs", default=False)
+    top_logprobs = reader.integer("top_logprobs", default=0, minimum=0, maximum=20)
     common = _common(reader, defaults)
     reader.raise_if_errors()
-    return ChatCompletionInput(**common, messages=messages)
+    return ChatCompletionInput(**common, logprobs=top_logprobs if wants_logprobs else None, messages=messages)
 
 
 def _messages(value: Any, reader: FieldReader) -> list[dict[str, str]]:

@@ -43,18 +43,21 @@ class OpenAIService:
     def completion(self, parsed: CompletionInput, disconnected: Callable[[], bool]) -> dict[str, Any] | Iterator[bytes]:
         model = self._check_model(parsed.model)
         prompts_ids = [self._prompt_ids(prompt, parsed) for prompt in parsed.prompts]
+        prompt_texts = [p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=False)
+                        for p in parsed.prompts]
         plans = [(p_index, ids, c) for p_index, ids in enumerate(prompts_ids) for c in range(parsed.n)]
         if parsed.stream:
             return self._stream(parsed, plans, model, "text_completion", disconnected,
                                 lambda index, text: {"text": text, "index": index, "logprobs": None,
                                                      "finish_reason": None},
-                                echo=[parsed.prompts[p] for p, _, _ in plans] if parsed.echo else None)
+                                echo=[prompt_texts[p] for p, _, _ in plans] if parsed.echo else None)
         choices, usage = [], _Usage()
         for index, (p_index, ids, copy) in enumerate(plans):
             result = self._run(ids, parsed, copy, disconnected)
             usage.add(result, count_prompt=copy == 0)
-            text = (parsed.prompts[p_index] + result.text) if parsed.echo else result.text
-            choices.append({"text": text, "index": index, "logprobs": None, "finish_reason": result.finish_reason})
+            text = (prompt_texts[p_index] + result.text) if parsed.echo else result.text
+            choices.append({"text": text, "index": index, "finish_reason": result.finish_reason,
+                            "logprobs": self._completion_logprobs(result) if parsed.logprobs is not None else None})
         return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": choices, "usage": usage.as_dict()}
 
@@ -76,7 +79,8 @@ class OpenAIService:
             result = self._run(prompt_ids, parsed, copy, disconnected)
             usage.add(result, count_prompt=copy == 0)
             choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                            "logprobs": None, "finish_reason": result.finish_reason})
+                            "logprobs": self._chat_logprobs(result) if parsed.logprobs is not None else None,
+                            "finish_reason": result.finish_reason})
         return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": choices, "usage": usage.as_dict()}
 
@@ -84,10 +88,38 @@ class OpenAIService:
     def _max_tokens(self, parsed: OpenAIInput) -> int:
         return parsed.max_tokens or self.settings.generation.max_length
 
-    def _prompt_ids(self, prompt: str, parsed: OpenAIInput) -> list[int]:
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _completion_logprobs(self, result: GenerationResult) -> dict[str, Any]:
+        """The legacy completions shape: parallel lists per generated token."""
+        tokens = [self._token_text(item.token_id) for item in result.token_logprobs]
+        offsets, position = [], 0
+        for token in tokens:
+            offsets.append(position)
+            position += len(token)
+        return {"tokens": tokens, "token_logprobs": [item.logprob for item in result.token_logprobs],
+                "top_logprobs": [{self._token_text(t): lp for t, lp in item.top} for item in result.token_logprobs],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, result: GenerationResult) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(item.token_id, item.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in item.top]} for item in result.token_logprobs]}
+
+    def _prompt_ids(self, prompt: str | list[int], parsed: OpenAIInput) -> list[int]:
         """Tokenize; unlike Kobold's silent left-truncation, OpenAI clients expect an error."""
-        ids = self.engine.generator.prompt_ids(GenerationRequest(prompt=prompt, max_new_tokens=0,
-                                                                 max_context_length=10**9))[0]
+        if isinstance(prompt, list):
+            if max(prompt) >= self.engine.tokenizer.vocab_size:
+                raise ApiError(400, {"msg": f"Token id {max(prompt)} is outside the vocabulary.",
+                                     "type": "invalid_token"}, param="prompt")
+            request = GenerationRequest(prompt_ids=prompt, max_new_tokens=0, max_context_length=10**9)
+        else:
+            request = GenerationRequest(prompt=prompt, max_new_tokens=0, max_context_length=10**9)
+        ids = self.engine.generator.prompt_ids(request)[0]
         context = min(self.settings.context_size, self.engine.context_length)
         if len(ids) + self._max_tokens(parsed) > context:
             raise ApiError(400, {"msg": f"This model's maximum context length is {context} tokens, but you "
@@ -105,7 +137,8 @@ class OpenAIService:
             sampling = replace(sampling, seed=sampling.seed + copy)
         return GenerationRequest(prompt_ids=ids, max_new_tokens=self._max_tokens(parsed),
                                  max_context_length=min(self.settings.context_size, self.engine.context_length),
-                                 sampling=sampling, stop_strings=parsed.stop, trim_stop=True, ban_eos=parsed.ban_eos)
+                                 sampling=sampling, stop_strings=parsed.stop, trim_stop=True, ban_eos=parsed.ban_eos,
+                                 logprobs=parsed.logprobs)
 
     def _submit(self, request: GenerationRequest) -> Job:
         try:
