@@ -556,3 +556,36 @@ def test_completion_token_id_prompt(client: openai.OpenAI, model_id: str, server
     assert [c.text for c in batch.choices] == [by_text.choices[0].text] * 2
     response = requests.post(server.url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 2}, timeout=30)
     assert_openai_error(response, 400, param="prompt")
+
+
+def test_chat_completion_with_server_side_conversation(client: openai.OpenAI, model_id: str, server: Any) -> None:
+    """Extension: conversation_id makes the server keep the history; the client sends one message."""
+    created = server.post("/api/v1/conversations", json={"character": "Assistant", "user_name": "Ann"}).json()
+    conversation_id = created["result"]["id"]
+    for text in ("First question?", "Second question?"):
+        chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": text}],
+                                              max_tokens=6, temperature=0,
+                                              extra_body={"conversation_id": conversation_id})
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        assert chat.usage.prompt_tokens > 0
+    stored = server.get(f"/api/v1/conversations/{conversation_id}").json()["result"]["messages"]
+    assert [m["role"] for m in stored] == ["character", "user", "character", "user", "character"]
+    assert stored[3]["text"] == "Second question?"
+    assert stored[4]["text"] == chat.choices[0].message.content
+
+
+def test_chat_completion_with_character_is_stateless(client: openai.OpenAI, model_id: str, server: Any) -> None:
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "How are you?"}]
+    chat = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6, temperature=0,
+                                          extra_body={"character": "Mira Vance"})
+    short = client.chat.completions.create(model=model_id, messages=messages[-1:], max_tokens=6, temperature=0,
+                                           extra_body={"character": "Mira Vance"})
+    assert chat.usage.prompt_tokens > short.usage.prompt_tokens  # earlier messages became the history
+    assert server.get("/api/v1/conversations").json()["results"] == []
+    response = requests.post(server.url + "/v1/chat/completions", timeout=30,
+                             json={"messages": messages, "character": "Mira Vance", "stream": True})
+    assert_openai_error(response, 400, param="stream")
+    response = requests.post(server.url + "/v1/chat/completions", timeout=30,
+                             json={"messages": messages, "character": "Nobody Here"})
+    assert response.status_code == 404 and "error" in response.json()

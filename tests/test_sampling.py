@@ -192,6 +192,11 @@ class TestTopA:
         assert kept(TopASampler(1.0)(logits_of([0.6, 0.25, 0.15]), NO_CONTEXT)) == {0}
 
 
+    def test_above_one_still_keeps_the_top_token(self) -> None:
+        # 5 * 0.6^2 = 1.8 > every probability, yet the top token must survive.
+        assert kept(TopASampler(5.0)(logits_of([0.6, 0.25, 0.15]), NO_CONTEXT)) == {0}
+
+
 class TestMinP:
     def test_threshold_is_min_p_times_max_prob(self) -> None:
         logits = logits_of([0.5, 0.3, 0.15, 0.05])
@@ -333,6 +338,17 @@ class TestRepetitionPenalty:
         expected = reference_rep_pen(logits, context, 1.3, penalty_range, slope)
         np.testing.assert_allclose(result, expected, rtol=1e-5)
 
+    def test_below_one_rewards_repetition(self) -> None:
+        logits = np.array([2.0, -2.0, 1.0], dtype=np.float32)
+        result = RepetitionPenaltySampler(0.5, 0, 0.0)(logits, np.array([0, 1]))
+        np.testing.assert_allclose(result, [4.0, -1.0, 1.0])
+
+    def test_zero_means_off(self) -> None:
+        # The API accepts rep_pen 0 (clients send it for "disabled").
+        assert build_processors(SamplingParams(**{**NEUTRAL, "rep_pen": 0.0})) == []
+        with pytest.raises(ValueError, match="rep_pen"):
+            RepetitionPenaltySampler(0.0)
+
     def test_ignores_ids_outside_the_vocab(self) -> None:
         logits = np.array([2.0, 2.0], dtype=np.float32)
         result = RepetitionPenaltySampler(2.0, 0, 0.0)(logits, np.array([1, 5, -1]))
@@ -461,13 +477,14 @@ class TestValidation:
             ({"top_k": -1}, "top_k"),
             ({"top_k": 2.5}, "top_k"),
             ({"top_k": True}, "top_k"),
-            ({"top_a": 1.5}, "top_a"),
+            ({"top_a": -0.5}, "top_a"),
             ({"tfs": -0.1}, "tfs"),
             ({"typical": 2.0}, "typical"),
             ({"min_p": 1.01}, "min_p"),
             ({"temperature": -0.1}, "temperature"),
             ({"temperature": "hot"}, "temperature"),
-            ({"rep_pen": 0.5}, "rep_pen must be at least 1"),
+            ({"rep_pen": -0.5}, "rep_pen must be greater than 0"),
+            ({"rep_pen": "strong"}, "rep_pen"),
             ({"rep_pen_range": -1}, "rep_pen_range"),
             ({"rep_pen_slope": -0.5}, "rep_pen_slope"),
             ({"presence_penalty": 3.0}, "presence_penalty"),

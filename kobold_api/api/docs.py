@@ -60,7 +60,8 @@ CHAT_INPUT: dict[str, Any] = {
 }
 OPENAI_COMPLETION: dict[str, Any] = {
     "type": "object", "required": ["prompt"], "additionalProperties": True,
-    "properties": {"model": _STRING, "prompt": {"oneOf": [_STRING, _STRINGS]}, "max_tokens": _INTEGER,
+    "properties": {"model": _STRING, "prompt": {"description": "string, list of strings, or token ids"},
+                   "max_tokens": _INTEGER, "logprobs": _INTEGER,
                    "temperature": _NUMBER, "top_p": _NUMBER, "stop": {"oneOf": [_STRING, _STRINGS]},
                    "seed": _INTEGER, "n": _INTEGER, "echo": _BOOLEAN, "stream": _BOOLEAN,
                    "stream_options": {"type": "object"}, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER},
@@ -70,7 +71,10 @@ OPENAI_CHAT: dict[str, Any] = {
     "properties": {"model": _STRING, "messages": {"type": "array", "items": {"type": "object"}},
                    "max_tokens": _INTEGER, "temperature": _NUMBER, "top_p": _NUMBER,
                    "stop": {"oneOf": [_STRING, _STRINGS]}, "seed": _INTEGER, "n": _INTEGER, "stream": _BOOLEAN,
-                   "stream_options": {"type": "object"}, "response_format": {"type": "object"}},
+                   "stream_options": {"type": "object"}, "response_format": {"type": "object"},
+                   "logprobs": _BOOLEAN, "top_logprobs": _INTEGER,
+                   "character": {**_STRING, "description": "extension: answer as this character (server-side chat)"},
+                   "conversation_id": {**_STRING, "description": "extension: use and store a server-side conversation"}},
 }
 GENKEY = {"type": "object", "properties": {"genkey": _STRING}}
 TOKENCOUNT = {"type": "object", "properties": {"prompt": _STRING}}

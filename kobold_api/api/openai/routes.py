@@ -27,6 +27,8 @@ def completions() -> Response:
 @openai.route("/chat/completions", methods=["POST"], strict_slashes=False)
 def chat_completions() -> Response:
     svc = services()
-    result = svc.openai.chat_completion(parse_chat_completion(request_json(), svc.settings.generation),
-                                        disconnect_probe())
+    body = request_json()
+    if body.get("character") is not None or body.get("conversation_id") is not None:
+        return jsonify(svc.openai.character_chat_completion(body, svc.chat, disconnect_probe()))
+    result = svc.openai.chat_completion(parse_chat_completion(body, svc.settings.generation), disconnect_probe())
     return jsonify(result) if isinstance(result, dict) else sse_response(result)

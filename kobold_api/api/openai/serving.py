@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
 from ...engine.generation import GenerationRequest, GenerationResult
@@ -12,7 +12,10 @@ from ...settings import Settings
 from ..context import model_chat_template
 from ..errors import ApiError, busy_error
 from ..sse import sse_event
-from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput
+from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
+
+if TYPE_CHECKING:
+    from ..chat.serving import ChatService
 
 
 class OpenAIService:
@@ -83,6 +86,41 @@ class OpenAIService:
                             "finish_reason": result.finish_reason})
         return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": choices, "usage": usage.as_dict()}
+
+    def character_chat_completion(self, body: dict[str, Any], chat: "ChatService",
+                                  disconnected: Callable[[], bool]) -> dict[str, Any]:
+        """Extension: ``character`` and/or ``conversation_id`` route the turn through the server-side chat.
+
+        The last user message is the new input; with ``conversation_id`` the stored history
+        is used (and the turn stored), otherwise earlier messages become the history.
+        """
+        model = self._check_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        if body.get("stream"):
+            raise ApiError(400, {"msg": "stream is not supported together with character/conversation_id; "
+                                        "use POST /api/v1/chat/stream.", "type": "unsupported"}, param="stream")
+        parsed = parse_chat_completion(body, self.settings.generation)
+        turns = [m for m in parsed.messages if m["role"] in ("user", "assistant")]
+        if not turns or turns[-1]["role"] != "user":
+            raise ApiError(400, {"msg": "The last message must be the user's new message.", "type": "bad_input"},
+                           param="messages")
+        rows: list[list[str]] = []
+        for message in turns[:-1]:
+            if message["role"] == "user" or not rows or rows[-1][1]:
+                rows.append(["", ""])
+            rows[-1][0 if message["role"] == "user" else 1] = message["content"]
+        chat_body = {**body, "user_input": turns[-1]["content"], "history": {"internal": rows},
+                     "stopping_strings": parsed.stop}
+        if parsed.max_tokens:
+            chat_body["max_new_tokens"] = parsed.max_tokens
+        result = chat.chat(chat.parse(chat_body), disconnected)["results"][0]
+        message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
+        if "conversation_id" in result:
+            message["conversation_id"] = result["conversation_id"]
+        return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": [{"index": 0, "message": message, "logprobs": None,
+                                             "finish_reason": result["finish_reason"]}],
+                "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                          "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}}
 
     # --- shared -----------------------------------------------------------------------
     def _max_tokens(self, parsed: OpenAIInput) -> int:
