@@ -267,3 +267,40 @@ def test_batching_with_prefix_cache_matches_plain_path(tiny_model_dir: Path) -> 
         assert all(r.reused_tokens > 0 for r in results)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["SharedBufferBatch", "ConcatBatch"])
+def test_decode_batch_layouts_match_single_sequence(tiny_model_dir: Path, layout: str) -> None:
+    """Both KV layouts (in-place shared buffers on CPU; concatenation, the CUDA path) give the
+    same logits as running each sequence alone, as rows join, grow and leave."""
+    import numpy as np
+
+    from kobold_api.engine import decode_batch
+
+    model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    batch = getattr(decode_batch, layout)(model)
+    prompts = [list(range(40, 75)), list(range(80, 90)), list(range(100, 160))]
+    references = []
+    for prompt in prompts:
+        cache = model.new_cache()
+        references.append((cache, model.forward(prompt, cache)))
+        logits = batch.admit(prompt, None, 0)
+        np.testing.assert_allclose(logits, references[-1][1], atol=1e-4)
+    alive = [0, 1, 2]
+    for step in range(300):  # long enough for the shared buffers to grow past 256 tokens
+        tokens = [int(np.argmax(references[i][1])) for i in alive]
+        logits = batch.step(tokens)
+        for row, index in enumerate(alive):
+            cache, _ = references[index]
+            expected = model.forward([tokens[row]], cache)
+            references[index] = (cache, expected)
+            np.testing.assert_allclose(logits[row], expected, atol=1e-3)
+        if step == 5:  # the middle row leaves; the last row takes its place
+            released = batch.release(1)
+            assert released.token_ids == references[1][0].token_ids
+            alive = [0, 2]
+    released = batch.release(0)
+    assert released.token_ids == references[0][0].token_ids and batch.size == 1
+    # A released cache continues where it left off when admitted again as a cached prefix.
+    continued = batch.admit(released.token_ids + [7], released, len(released.token_ids))
+    np.testing.assert_allclose(continued, model.forward([7], references[0][0]), atol=1e-3)

@@ -184,7 +184,7 @@ def throttle(engine: Any, seconds: float = THROTTLE_SECONDS) -> Any:
     """Delay every model run (single-sequence and batched) by ``seconds``."""
     model = engine.generator.model
     wrapped = 0
-    for name in ("forward", "forward_batch"):
+    for name in ("run_shared", "run_concat"):  # every session run goes through one of these
         original = getattr(model, name, None)
         if original is None:
             continue

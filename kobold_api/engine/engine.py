@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, Sequence, TextGenerator
-from .onnx_model import BatchKV, OnnxCausalLM, resolved_device
+from .decode_batch import DecodeBatch, new_decode_batch
+from .onnx_model import OnnxCausalLM, resolved_device
 from .prefix_cache import PrefixCache
 from .prepare import prepare_model
 from .tokenizer import Tokenizer
@@ -231,9 +232,8 @@ class Engine:
 
     # --- the worker -------------------------------------------------------------------
     def _run(self) -> None:
-        model = self.generator.model
-        batch = BatchKV()
-        rows: list[tuple[Job, Sequence]] = []
+        batch = new_decode_batch(self.generator.model)
+        rows: list[tuple[Job, Sequence]] = []  # in the batch's row order
         pending: list[int] = []
         while True:
             while len(rows) < self.max_batch_size:  # admit between steps; block only when idle
@@ -244,20 +244,18 @@ class Engine:
                 if job is None or self._stopping.is_set():
                     self._fail_all(rows, RuntimeError("server is shutting down"))
                     return
-                started = self._start(job)
+                started = self._start(job, batch)
                 if started is not None:
-                    sequence, token = started
-                    model.join(batch, sequence.cache)
-                    rows.append((job, sequence))
-                    pending.append(token)
+                    rows.append((job, started[0]))
+                    pending.append(started[1])
             if not rows:
                 continue
             try:
-                logits = model.forward_batch(pending, batch)
+                logits = batch.step(pending)
             except BaseException as exc:  # the session failed: every running job fails with it
                 log.exception("batched decode step failed")
                 self._fail_all(rows, exc)
-                rows, pending, batch = [], [], BatchKV()
+                rows, pending, batch = [], [], new_decode_batch(self.generator.model)
                 continue
             for row in reversed(range(len(rows))):
                 job, sequence = rows[row]
@@ -266,39 +264,46 @@ class Engine:
                 except BaseException as exc:
                     chunks, token = [], None
                     job.error = exc
-                for chunk in chunks:
-                    job._emit(chunk)
+                self._deliver(job, chunks)
                 if token is None:
-                    self.generator.release(model.leave(batch, row))
-                    rows.pop(row)
-                    pending.pop(row)
-                    self._end(job)
+                    self._end(job)  # the client hears first; tidying the batch can wait for it
+                    self.generator.release(batch.release(row))
+                    _swap_remove(rows, row)
+                    _swap_remove(pending, row)
                 else:
                     pending[row] = token
 
-    def _start(self, job: Job) -> tuple[Sequence, int] | None:
-        """Prefill a new job and take its first token; None if it already finished."""
+    def _start(self, job: Job, batch: DecodeBatch) -> tuple[Sequence, int] | None:
+        """Prefill a new job into ``batch`` and take its first token; None if it already finished."""
         self._running[job.genkey] = job
+        admitted = False
         try:
             sequence = Sequence(self.generator, job.request, job.cancel_token)
-            chunks, token = sequence.step(sequence.prefill())
+            logits = sequence.prefill(batch)
+            admitted = logits is not None
+            chunks, token = sequence.step(logits)
         except BaseException as exc:
             log.exception("generation failed")
             job.error = exc
-            self._end(job)
-            return None
-        for chunk in chunks:
-            job._emit(chunk)
+            chunks, token = [], None
+        self._deliver(job, chunks)
         if token is None:
-            self.generator.release(sequence.cache)
             self._end(job)
+            if admitted:
+                self.generator.release(batch.release(batch.size - 1))
             return None
         return sequence, token
 
+    def _deliver(self, job: Job, chunks: list[GenerationChunk]) -> None:
+        """Pass chunks on; the perf figures are updated before the final chunk goes out, so a
+        client reading /api/extra/perf right after its stream ends sees its own generation."""
+        for chunk in chunks:
+            if chunk.result is not None:
+                self._record(chunk.result)
+            job._emit(chunk)
+
     def _end(self, job: Job) -> None:
         self._running.pop(job.genkey, None)
-        if job.error is None:
-            self._record(job.result)
         job._finish(job.error)
 
     def _fail_all(self, rows: list[tuple[Job, Sequence]], error: BaseException) -> None:
@@ -318,6 +323,13 @@ class Engine:
         perf.total_gens += 1
         perf.stop_reason = _KOBOLD_STOP_REASON.get(result.stop_reason, -1)
         perf.last_finished_at = time.time()
+
+
+def _swap_remove(items: list, index: int) -> None:
+    """Remove ``items[index]`` the way DecodeBatch.release removes a row: the last takes its place."""
+    last = items.pop()
+    if index < len(items):
+        items[index] = last
 
 
 def _display_name(spec: str, model_dir: Path) -> str:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .decode_batch import DecodeBatch, new_decode_batch
 from .onnx_model import KVCache, OnnxCausalLM
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenSampler
@@ -121,16 +122,18 @@ class TextGenerator:
         return ids, cut
 
     def stream(self, request: GenerationRequest, cancel: CancelToken | None = None) -> Iterator[GenerationChunk]:
-        """Run one request alone (batch of one): prefill, then one forward per token."""
+        """Run one request alone (a batch of one): prefill, then one step per token."""
+        batch = new_decode_batch(self.model)
         sequence = Sequence(self, request, cancel or CancelToken())
-        logits = sequence.prefill()
+        logits = sequence.prefill(batch)
         while True:
             chunks, token = sequence.step(logits)
             yield from chunks
             if token is None:
                 break
-            logits = self.model.forward([token], sequence.cache)
-        self.release(sequence.cache)
+            logits = batch.step([token])[0]
+        if batch.size:
+            self.release(batch.release(0))
 
     def generate(self, request: GenerationRequest, cancel: CancelToken | None = None) -> GenerationResult:
         result = None
@@ -139,11 +142,11 @@ class TextGenerator:
         assert result is not None
         return result
 
-    def cache_for(self, prompt_ids: list[int]) -> KVCache:
-        """A KV cache to continue from: the longest cached prefix of the prompt, or a new one."""
+    def cache_for(self, prompt_ids: list[int]) -> tuple[KVCache | None, int]:
+        """A cached prefix of the prompt to continue from, and how many tokens of it are usable."""
         if self.prefix_cache is None:
-            return self.model.new_cache()
-        return self.prefix_cache.take(prompt_ids, self.model)
+            return None, 0
+        return self.prefix_cache.take(prompt_ids)
 
     def release(self, cache: KVCache) -> None:
         """A finished sequence's cache goes back to the pool for later prompts to reuse."""
@@ -176,31 +179,32 @@ class Sequence:
         self.length = len(self.prompt_ids)
         self.generated = 0
         self.text_parts: list[str] = []
-        self.cache: KVCache = KVCache()
         self.reused = 0
         self.started = self.prefill_done = time.perf_counter()
         self.result: GenerationResult | None = None
         self.top_logprobs = request.logprobs
         self.token_logprobs: list[TokenLogprob] = []
 
-    def prefill(self) -> np.ndarray:
-        """Run the prompt (after any cached prefix); return the logits for the first new token."""
+    def prefill(self, batch: DecodeBatch) -> np.ndarray | None:
+        """Add this sequence to ``batch`` (reusing a cached prefix); return its first logits.
+
+        ``None`` when it was aborted while queued: no row is added and no prefill spent.
+        """
         self.started = time.perf_counter()
-        if self.cancel.cancelled:  # aborted while queued: don't spend a prefill on it
+        if self.cancel.cancelled:
             self.prefill_done = self.started
-            return np.zeros(self.generator.model.info.vocab_size or 1, dtype=np.float32)
-        self.cache = self.generator.cache_for(self.prompt_ids)
-        self.reused = self.cache.length
-        logits = self.generator.model.forward(self.prompt_ids[self.cache.length:], self.cache)
+            return None
+        cached, self.reused = self.generator.cache_for(self.prompt_ids)
+        logits = batch.admit(self.prompt_ids, cached, self.reused)
         self.prefill_done = time.perf_counter()
         return logits
 
-    def step(self, logits: np.ndarray) -> tuple[list[GenerationChunk], int | None]:
+    def step(self, logits: np.ndarray | None) -> tuple[list[GenerationChunk], int | None]:
         """Pick the next token from ``logits``; return the chunks to emit and the token to feed.
 
         The token is ``None`` once the sequence has finished (its last chunk has the result).
         """
-        if self.cancel.cancelled:
+        if self.cancel.cancelled or logits is None:
             return self._finish(STOP_ABORT), None
         if self.generated >= self.max_new:
             return self._finish(STOP_LENGTH), None

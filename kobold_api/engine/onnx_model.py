@@ -49,29 +49,6 @@ class KVCache:
         return len(self.token_ids)
 
 
-@dataclass
-class BatchKV:
-    """The KV caches of several sequences stacked on the batch axis, right-padded.
-
-    With the builder's GroupQueryAttention graph each row only needs its own valid
-    length: the attention mask's row sum tells the operator where that row's new key
-    goes and how far to attend, so rows of different lengths share one session run.
-    Rows join and leave between steps (continuous batching); joining or leaving copies
-    the cache once, a step never does.
-    """
-
-    tensors: list[ort.OrtValue] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def width(self) -> int:
-        return int(self.tensors[0].shape()[2]) if self.tensors else 0
-
-
 def cuda_device_available() -> bool:
     """Whether a CUDA GPU is really there.
 
@@ -140,86 +117,60 @@ class OnnxCausalLM:
         self._head_dim = int(first_past.shape[3])
         self._kv_dtype = _ORT_TO_NUMPY[first_past.type]
         self._output_names = ["logits", *self._present_names]
-        self._device = "cuda" if self.provider == "cuda" else "cpu"
+        self.device = "cuda" if self.provider == "cuda" else "cpu"
 
     def new_cache(self) -> KVCache:
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
-        return KVCache([ort.OrtValue.ortvalue_from_numpy(empty, self._device) for _ in self._past_names])
+        return KVCache([ort.OrtValue.ortvalue_from_numpy(empty, self.device) for _ in self._past_names])
 
     @property
     def supports_batching(self) -> bool:
         """Only the builder's GQA graphs compact each row's keys; optimum graphs would leave holes."""
         return not self._uses_position_ids
 
-    def join(self, batch: BatchKV, cache: KVCache) -> None:
-        """Add a prefilled sequence as the last row of ``batch``."""
-        rows = [t.numpy() for t in batch.tensors] if batch.size else None
-        width = max(batch.width, cache.length)
-        joined = []
-        for index, tensor in enumerate(cache.tensors):
-            new_row = _pad_length(tensor.numpy(), width)
-            stacked = new_row if rows is None else np.concatenate([_pad_length(rows[index], width), new_row], axis=0)
-            joined.append(owned_ortvalue(stacked, self._device))
-        batch.tensors = joined
-        batch.token_ids.append(list(cache.token_ids))
+    @property
+    def kv_shape(self) -> tuple[int, int, type]:
+        """(kv heads, head dim, numpy dtype) of every past/present tensor."""
+        return self._kv_heads, self._head_dim, self._kv_dtype
 
-    def leave(self, batch: BatchKV, row: int) -> KVCache:
-        """Remove ``row`` from ``batch`` and return it as a single-sequence cache."""
-        length = len(batch.token_ids[row])
-        keep = [i for i in range(batch.size) if i != row]
-        remaining_width = max((len(batch.token_ids[i]) for i in keep), default=0)
-        extracted, kept = [], []
-        for tensor in batch.tensors:
-            array = tensor.numpy()
-            extracted.append(owned_ortvalue(array[row:row + 1, :, :length], self._device))
-            if keep:
-                kept.append(owned_ortvalue(array[keep, :, :remaining_width], self._device))
-        cache = KVCache(extracted, batch.token_ids.pop(row))
-        batch.tensors = kept
-        return cache
+    @property
+    def num_kv_tensors(self) -> int:
+        return len(self._past_names)
 
-    def forward_batch(self, new_tokens: list[int], batch: BatchKV) -> np.ndarray:
-        """One decode step for every row; returns logits [rows, vocab]."""
-        lengths = [len(ids) for ids in batch.token_ids]
-        mask = np.zeros((batch.size, batch.width + 1), dtype=np.int64)
-        for row, length in enumerate(lengths):
-            mask[row, : length + 1] = 1
+    def run_concat(self, input_ids: list[list[int]], attention_mask: np.ndarray, past: list[ort.OrtValue],
+                   positions: list[list[int]] | None = None) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One run in the concatenating layout: returns last-position logits [rows, vocab] and the presents."""
         feeds: dict[str, ort.OrtValue] = {
-            "input_ids": _ortvalue(np.asarray(new_tokens, dtype=np.int64)[:, None]),
-            "attention_mask": _ortvalue(mask),
+            "input_ids": _ortvalue(np.asarray(input_ids, dtype=np.int64)),
+            "attention_mask": _ortvalue(attention_mask),
         }
-        feeds.update(zip(self._past_names, batch.tensors))
+        if self._uses_position_ids:
+            start = np.asarray(positions if positions is not None else [[0]] * len(input_ids), dtype=np.int64)
+            feeds["position_ids"] = _ortvalue(start + np.arange(len(input_ids[0]), dtype=np.int64)[None, :])
+        feeds.update(zip(self._past_names, past))
         outputs = self.session.run_with_ort_values(self._output_names, feeds)
-        batch.tensors = list(outputs[1:])
-        for ids, token in zip(batch.token_ids, new_tokens):
-            ids.append(token)
-        return outputs[0].numpy()[:, -1].astype(np.float32, copy=False)
+        return outputs[0].numpy()[:, -1].astype(np.float32, copy=False), list(outputs[1:])
+
+    def run_shared(self, input_ids: list[list[int]], attention_mask: np.ndarray,
+                   kv: list[ort.OrtValue]) -> np.ndarray:
+        """One run with each layer's past and present bound to the same buffer (GQA writes in place)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_output("logits")
+        for past_name, present_name, value in zip(self._past_names, self._present_names, kv):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32, copy=False)
 
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
         """Feed ``new_token_ids`` after ``cache``; update the cache in place; return last logits [vocab]."""
-        past_length = cache.length
-        total = past_length + len(new_token_ids)
-        feeds: dict[str, ort.OrtValue] = {
-            "input_ids": _ortvalue(np.asarray([new_token_ids], dtype=np.int64)),
-            "attention_mask": _ortvalue(np.ones((1, total), dtype=np.int64)),
-        }
-        if self._uses_position_ids:
-            positions = np.arange(past_length, total, dtype=np.int64)[None, :]
-            feeds["position_ids"] = _ortvalue(positions)
-        feeds.update(zip(self._past_names, cache.tensors))
-        outputs = self.session.run_with_ort_values(self._output_names, feeds)
-        cache.tensors = list(outputs[1:])
+        total = cache.length + len(new_token_ids)
+        logits, cache.tensors = self.run_concat([new_token_ids], np.ones((1, total), dtype=np.int64),
+                                                cache.tensors, positions=[[cache.length]])
         cache.token_ids.extend(new_token_ids)
-        logits = outputs[0].numpy()
-        return logits[0, -1].astype(np.float32, copy=False)
-
-
-def _pad_length(array: np.ndarray, width: int) -> np.ndarray:
-    """Right-pad a [batch, heads, length, dim] cache with zeros to ``width`` positions."""
-    missing = width - array.shape[2]
-    if missing <= 0:
-        return array
-    return np.pad(array, ((0, 0), (0, 0), (0, missing), (0, 0)))
+        return logits[0]
 
 
 def owned_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:

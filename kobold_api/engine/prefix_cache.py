@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .onnx_model import owned_ortvalue
-
 if TYPE_CHECKING:
-    from .onnx_model import KVCache, OnnxCausalLM
+    from .onnx_model import KVCache
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     """Number of leading ids two sequences share (vectorized: prompts run to thousands of ids)."""
     n = min(len(a), len(b))
     if n == 0:
         return 0
-    differs = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    differs = np.flatnonzero(a[:n] != b[:n])
     return int(differs[0]) if differs.size else n
+
+
+@dataclass
+class _Entry:
+    """A pooled cache with what ``take``/``put`` need precomputed (they run on every request)."""
+
+    cache: KVCache
+    token_ids: np.ndarray
+    nbytes: int
 
 
 class PrefixCache:
@@ -35,42 +43,56 @@ class PrefixCache:
     def __init__(self, max_bytes: int, min_reuse_tokens: int = 8) -> None:
         self.max_bytes = max_bytes
         self.min_reuse_tokens = min_reuse_tokens
-        self._entries: OrderedDict[int, KVCache] = OrderedDict()
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._total_bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.reused_tokens = 0
 
-    def take(self, prompt_ids: list[int], model: OnnxCausalLM) -> KVCache:
-        """The cache sharing the longest prefix with ``prompt_ids``, cut to that prefix, or a new one.
+    def take(self, prompt_ids: list[int]) -> tuple[KVCache | None, int]:
+        """The cache sharing the longest prefix with ``prompt_ids`` and that prefix's length.
 
-        At most ``len(prompt_ids) - 1`` tokens are reused: the last prompt token must run
-        again to give the logits of the next position.
+        The cache is removed from the pool (its keys past the prefix are the caller's to
+        overwrite). At most ``len(prompt_ids) - 1`` tokens are reused: the last prompt
+        token must run again to give the logits of the next position.
         """
+        prompt = np.asarray(prompt_ids, dtype=np.int64)
         with self._lock:
             best_key, best_length = None, 0
             for key, entry in self._entries.items():
-                length = min(common_prefix_length(entry.token_ids, prompt_ids), len(prompt_ids) - 1)
+                if entry.token_ids[0] != prompt[0]:
+                    continue
+                length = min(common_prefix_length(entry.token_ids, prompt), len(prompt) - 1)
                 if length > best_length:
                     best_key, best_length = key, length
             if best_key is None or best_length < self.min_reuse_tokens:
-                return model.new_cache()
-            cache = self._entries.pop(best_key)
+                return None, 0
+            entry = self._entries.pop(best_key)
+            self._total_bytes -= entry.nbytes
             self.hits += 1
             self.reused_tokens += best_length
-        truncate(cache, best_length, model)
-        return cache
+        return entry.cache, best_length
 
     def put(self, cache: KVCache) -> None:
-        if not cache.token_ids or cache_bytes(cache) > self.max_bytes:
+        nbytes = cache_bytes(cache)
+        if not cache.token_ids or nbytes > self.max_bytes:
             return
+        entry = _Entry(cache, np.asarray(cache.token_ids, dtype=np.int64), nbytes)
         with self._lock:
-            self._entries[id(cache)] = cache
-            while sum(cache_bytes(c) for c in self._entries.values()) > self.max_bytes:
-                self._entries.popitem(last=False)
+            self._entries[id(cache)] = entry
+            self._total_bytes += nbytes
+            while self._total_bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._total_bytes -= evicted.nbytes
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._total_bytes = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total_bytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,12 +104,3 @@ def cache_bytes(cache: KVCache) -> int:
         shape = tensor.shape()
         total += int(np.prod(shape)) * (2 if "float16" in tensor.data_type() else 4)
     return total
-
-
-def truncate(cache: KVCache, length: int, model: OnnxCausalLM) -> None:
-    """Keep the first ``length`` positions of every layer's keys and values."""
-    if length >= cache.length:
-        return
-    device = "cuda" if model.provider == "cuda" else "cpu"
-    cache.tensors = [owned_ortvalue(t.numpy()[:, :, :length, :], device) for t in cache.tensors]
-    del cache.token_ids[length:]

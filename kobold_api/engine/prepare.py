@@ -35,7 +35,7 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "kobold_api_model.json"
 #: Bump when the preparation steps change, so old caches are rebuilt.
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 
 Progress = Callable[[str], None]
 
@@ -173,7 +173,36 @@ def _gguf_to_hf(gguf_path: Path, hf_dir: Path, say: Progress) -> Path:
         ) from exc
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
+    _apply_gguf_special_tokens(gguf_path, hf_dir)
     return hf_dir
+
+
+def _apply_gguf_special_tokens(gguf_path: Path, hf_dir: Path) -> None:
+    """Make the converted tokenizer follow the GGUF's own BOS/EOS metadata.
+
+    transformers' conversion always adds a BOS-prepending post-processor and can name the
+    wrong EOS; llama.cpp (so KoboldCpp) follows ``tokenizer.ggml.add_bos_token`` and
+    ``eos_token_id``, and so must we, or raw Kobold prompts get a token KoboldCpp never adds.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+
+    def scalar(key: str) -> object:
+        field = fields.get(key)
+        return field.parts[field.data[0]][0].item() if field is not None and field.data else None
+
+    tokenizer_path, config_path = hf_dir / "tokenizer.json", hf_dir / "tokenizer_config.json"
+    tokenizer_json, config = json.loads(tokenizer_path.read_text()), json.loads(config_path.read_text())
+    vocab = {token["id"]: token["content"] for token in tokenizer_json.get("added_tokens", [])}
+    if scalar("tokenizer.ggml.add_bos_token") is False or scalar("tokenizer.ggml.add_bos_token") == 0:
+        tokenizer_json["post_processor"] = None
+        config["add_bos_token"] = False
+    eos_id = scalar("tokenizer.ggml.eos_token_id")
+    if isinstance(eos_id, int) and eos_id in vocab:
+        config["eos_token"] = vocab[eos_id]
+    tokenizer_path.write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
 
 def build_onnx(

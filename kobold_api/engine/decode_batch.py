@@ -1,0 +1,217 @@
+"""Rows of sequences that advance together, one token per row per session run.
+
+Two layouts, chosen by :func:`new_decode_batch`:
+
+* :class:`SharedBufferBatch` (CPU, builder GQA graphs): one preallocated key/value
+  buffer per layer, bound as both ``past`` and ``present``, so GroupQueryAttention
+  writes each new key in place. Nothing is copied per step (the concatenating layout
+  re-copies the whole cache every token); measured on the 2-core CPU with SmolLM2:
+  302 vs 259 tok/s for one sequence and 844 vs 659 tok/s for eight.
+* :class:`ConcatBatch` (everything else, CUDA included): ``present`` outputs become the
+  next ``past`` inputs as ``OrtValue``s, so on CUDA the cache never leaves the device.
+
+Both accept rows of different lengths: with GQA graphs the attention mask's row sum
+tells the operator where each row's new key goes. Rows are removed by swapping the last
+row into the freed slot, and callers keep their own row lists in the same order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import onnxruntime as ort
+
+from .onnx_model import KVCache, OnnxCausalLM, owned_ortvalue
+
+_INITIAL_TOKENS = 256
+
+
+class DecodeBatch(ABC):
+    """The rows being decoded; ``token_ids[row]`` are the tokens whose keys are cached."""
+
+    def __init__(self, model: OnnxCausalLM) -> None:
+        self.model = model
+        self.token_ids: list[list[int]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.token_ids)
+
+    @abstractmethod
+    def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
+        """Add a row for ``prompt_ids`` (its first ``reuse`` tokens' keys are in ``cached``);
+        run the rest of the prompt and return the logits of its next position."""
+
+    @abstractmethod
+    def step(self, tokens: list[int]) -> np.ndarray:
+        """Feed one token per row; return logits [rows, vocab]."""
+
+    @abstractmethod
+    def release(self, row: int) -> KVCache:
+        """Remove ``row`` (the last row takes its place) and return its cache."""
+
+    def _swap_remove_ids(self, row: int) -> list[int]:
+        ids = self.token_ids[row]
+        last = self.token_ids.pop()
+        if row < len(self.token_ids):
+            self.token_ids[row] = last
+        return ids
+
+
+def new_decode_batch(model: OnnxCausalLM) -> DecodeBatch:
+    if model.provider == "cpu" and model.supports_batching:
+        return SharedBufferBatch(model)
+    return ConcatBatch(model)
+
+
+def _decode_mask(lengths: list[int], width: int) -> np.ndarray:
+    """Row ``r`` attends to its ``lengths[r]`` cached tokens plus the new one."""
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    for row, length in enumerate(lengths):
+        mask[row, : length + 1] = 1
+    return mask
+
+
+class SharedBufferBatch(DecodeBatch):
+    """Keys/values in numpy buffers [rows, kv_heads, tokens, head_dim] that grow by doubling."""
+
+    def __init__(self, model: OnnxCausalLM) -> None:
+        super().__init__(model)
+        self._buffers: list[np.ndarray] = []
+        self._views: tuple[int, int, list[ort.OrtValue]] | None = None  # (start, stop, values)
+
+    @property
+    def row_capacity(self) -> int:
+        return self._buffers[0].shape[0] if self._buffers else 0
+
+    @property
+    def token_capacity(self) -> int:
+        return self._buffers[0].shape[2] if self._buffers else 0
+
+    def _ensure_capacity(self, rows: int, tokens: int) -> None:
+        if rows <= self.row_capacity and tokens <= self.token_capacity:
+            return
+        new_rows = max(rows, self.row_capacity)
+        new_tokens = self.token_capacity or _INITIAL_TOKENS
+        while new_tokens < tokens:
+            new_tokens *= 2
+        heads, dim, dtype = self.model.kv_shape
+        grown = []
+        for index in range(self.model.num_kv_tensors):
+            buffer = np.zeros((new_rows, heads, new_tokens, dim), dtype=dtype)
+            if self._buffers:
+                old = self._buffers[index]
+                buffer[: old.shape[0], :, : old.shape[2]] = old
+            grown.append(buffer)
+        self._buffers = grown
+        self._views = None
+
+    def _bind(self, start: int, stop: int) -> list[ort.OrtValue]:
+        """OrtValues sharing memory with rows [start, stop) (a contiguous block of each buffer)."""
+        if self._views is None or self._views[:2] != (start, stop):
+            values = [ort.OrtValue.ortvalue_from_numpy(buffer[start:stop]) for buffer in self._buffers]
+            self._views = (start, stop, values)
+        return self._views[2]
+
+    def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
+        row = self.size
+        self._ensure_capacity(max(row + 1, self.row_capacity), len(prompt_ids) + 1)
+        if cached is not None and reuse:
+            for buffer, tensor in zip(self._buffers, cached.tensors):
+                buffer[row, :, :reuse] = tensor.numpy()[0, :, :reuse]
+        logits = self.model.run_shared([prompt_ids[reuse:]], np.ones((1, len(prompt_ids)), dtype=np.int64),
+                                       self._bind(row, row + 1))[0]
+        self.token_ids.append(list(prompt_ids))
+        return logits
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        lengths = [len(ids) for ids in self.token_ids]
+        self._ensure_capacity(self.size, max(lengths) + 1)
+        logits = self.model.run_shared([[token] for token in tokens], _decode_mask(lengths, max(lengths) + 1),
+                                       self._bind(0, self.size))
+        for ids, token in zip(self.token_ids, tokens):
+            ids.append(token)
+        return logits
+
+    def release(self, row: int) -> KVCache:
+        length = len(self.token_ids[row])
+        last = self.size - 1
+        tensors = [owned_ortvalue(buffer[row:row + 1, :, :length], "cpu") for buffer in self._buffers]
+        if row != last:
+            last_length = len(self.token_ids[last])
+            for buffer in self._buffers:
+                buffer[row, :, :last_length] = buffer[last, :, :last_length]
+        return KVCache(tensors, self._swap_remove_ids(row))
+
+
+class ConcatBatch(DecodeBatch):
+    """``present`` outputs (concatenated past + new) become the next ``past`` inputs."""
+
+    def __init__(self, model: OnnxCausalLM) -> None:
+        super().__init__(model)
+        self._tensors: list[ort.OrtValue] = []
+
+    @property
+    def _width(self) -> int:
+        return int(self._tensors[0].shape()[2]) if self._tensors else 0
+
+    def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
+        cache = cached if cached is not None and reuse else self.model.new_cache()
+        truncate(cache, reuse if cached is not None else 0, self.model)
+        logits = self.model.forward(prompt_ids[cache.length:], cache)
+        self._join(cache)
+        return logits
+
+    def _join(self, cache: KVCache) -> None:
+        device = self.model.device
+        if not self.size:
+            self._tensors = list(cache.tensors)
+        else:
+            width = max(self._width, cache.length)
+            self._tensors = [
+                owned_ortvalue(np.concatenate([_pad_length(rows.numpy(), width), _pad_length(new.numpy(), width)]),
+                               device)
+                for rows, new in zip(self._tensors, cache.tensors)
+            ]
+        self.token_ids.append(list(cache.token_ids))
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        lengths = [len(ids) for ids in self.token_ids]
+        logits, self._tensors = self.model.run_concat([[token] for token in tokens],
+                                                      _decode_mask(lengths, self._width + 1), self._tensors,
+                                                      positions=[[length] for length in lengths])
+        for ids, token in zip(self.token_ids, tokens):
+            ids.append(token)
+        return logits
+
+    def release(self, row: int) -> KVCache:
+        length = len(self.token_ids[row])
+        last = self.size - 1
+        order = [last if index == row else index for index in range(last)]
+        remaining = max((len(self.token_ids[index]) for index in order), default=0)
+        extracted, kept = [], []
+        device = self.model.device
+        for tensor in self._tensors:
+            array = tensor.numpy()
+            extracted.append(owned_ortvalue(array[row:row + 1, :, :length], device))
+            if order:
+                kept.append(owned_ortvalue(array[order, :, :remaining], device))
+        self._tensors = kept
+        return KVCache(extracted, self._swap_remove_ids(row))
+
+
+def truncate(cache: KVCache, length: int, model: OnnxCausalLM) -> None:
+    """Keep the first ``length`` positions of every layer's keys and values."""
+    if length >= cache.length:
+        return
+    cache.tensors = [owned_ortvalue(t.numpy()[:, :, :length, :], model.device) for t in cache.tensors]
+    del cache.token_ids[length:]
+
+
+def _pad_length(array: np.ndarray, width: int) -> np.ndarray:
+    """Right-pad a [batch, heads, length, dim] cache with zeros to ``width`` positions."""
+    missing = width - array.shape[2]
+    if missing <= 0:
+        return array
+    return np.pad(array, ((0, 0), (0, 0), (0, missing), (0, 0)))
