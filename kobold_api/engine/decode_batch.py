@@ -59,9 +59,9 @@ class DecodeBatch(ABC):
         return ids
 
 
-def new_decode_batch(model: OnnxCausalLM) -> DecodeBatch:
+def new_decode_batch(model: OnnxCausalLM, max_rows: int = 1) -> DecodeBatch:
     if model.provider == "cpu" and model.supports_batching:
-        return SharedBufferBatch(model)
+        return SharedBufferBatch(model, max_rows)
     return ConcatBatch(model)
 
 
@@ -76,8 +76,9 @@ def _decode_mask(lengths: list[int], width: int) -> np.ndarray:
 class SharedBufferBatch(DecodeBatch):
     """Keys/values in numpy buffers [rows, kv_heads, tokens, head_dim] that grow by doubling."""
 
-    def __init__(self, model: OnnxCausalLM) -> None:
+    def __init__(self, model: OnnxCausalLM, max_rows: int = 1) -> None:
         super().__init__(model)
+        self.max_rows = max_rows
         self._buffers: list[np.ndarray] = []
         self._views: tuple[int, int, list[ort.OrtValue]] | None = None  # (start, stop, values)
 
@@ -90,20 +91,23 @@ class SharedBufferBatch(DecodeBatch):
         return self._buffers[0].shape[2] if self._buffers else 0
 
     def _ensure_capacity(self, rows: int, tokens: int) -> None:
+        """Grow to hold ``rows`` rows of ``tokens`` positions, doubling the token capacity.
+
+        Rows are allocated up to ``max_rows`` at once: ``np.zeros`` only reserves address
+        space, so unused rows cost no memory, and joining never reallocates. Only the used
+        part of each row is copied when the token capacity grows.
+        """
         if rows <= self.row_capacity and tokens <= self.token_capacity:
             return
-        new_rows = max(rows, self.row_capacity)
-        new_tokens = self.token_capacity or _INITIAL_TOKENS
+        new_rows = max(rows, self.max_rows, self.row_capacity)
+        new_tokens = max(self.token_capacity, _INITIAL_TOKENS)
         while new_tokens < tokens:
             new_tokens *= 2
         heads, dim, dtype = self.model.kv_shape
-        grown = []
-        for index in range(self.model.num_kv_tensors):
-            buffer = np.zeros((new_rows, heads, new_tokens, dim), dtype=dtype)
-            if self._buffers:
-                old = self._buffers[index]
-                buffer[: old.shape[0], :, : old.shape[2]] = old
-            grown.append(buffer)
+        grown = [np.zeros((new_rows, heads, new_tokens, dim), dtype=dtype) for _ in range(self.model.num_kv_tensors)]
+        for row, ids in enumerate(self.token_ids):
+            for old, new in zip(self._buffers, grown):
+                new[row, :, : len(ids)] = old[row, :, : len(ids)]
         self._buffers = grown
         self._views = None
 
@@ -116,10 +120,14 @@ class SharedBufferBatch(DecodeBatch):
 
     def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
         row = self.size
-        self._ensure_capacity(max(row + 1, self.row_capacity), len(prompt_ids) + 1)
-        if cached is not None and reuse:
+        if row == 0 and cached is not None and cached.arena is not None and reuse:
+            # A chat follow-up on an idle server: take the previous turn's buffers back as they are.
+            self._buffers, self._views = cached.arena, None
+        elif cached is not None and reuse:
+            self._ensure_capacity(row + 1, len(prompt_ids) + 1)
             for buffer, tensor in zip(self._buffers, cached.tensors):
                 buffer[row, :, :reuse] = tensor.numpy()[0, :, :reuse]
+        self._ensure_capacity(row + 1, len(prompt_ids) + 1)
         logits = self.model.run_shared([prompt_ids[reuse:]], np.ones((1, len(prompt_ids)), dtype=np.int64),
                                        self._bind(row, row + 1))[0]
         self.token_ids.append(list(prompt_ids))
@@ -135,6 +143,11 @@ class SharedBufferBatch(DecodeBatch):
         return logits
 
     def release(self, row: int) -> KVCache:
+        if self.size == 1:
+            # The last row leaves: hand the buffers over whole (no copy); the batch starts afresh.
+            buffers, self._buffers, self._views = self._buffers, [], None
+            tensors = [ort.OrtValue.ortvalue_from_numpy(buffer[0:1]) for buffer in buffers]
+            return KVCache(tensors, self._swap_remove_ids(row), arena=buffers)
         length = len(self.token_ids[row])
         last = self.size - 1
         tensors = [owned_ortvalue(buffer[row:row + 1, :, :length], "cpu") for buffer in self._buffers]

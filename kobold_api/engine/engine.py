@@ -82,6 +82,20 @@ class Job:
                     self.cancel()
             if item is None:
                 continue
+            # Under load several chunks wait by the time this thread runs: merge their text into
+            # one, so a busy server sends fewer, larger events instead of falling behind.
+            text_parts: list[str] = []
+            while isinstance(item, GenerationChunk) and item.result is None:
+                text_parts.append(item.text)
+                try:
+                    item = self._chunks.get_nowait()
+                except queue.Empty:
+                    item = None
+                    break
+            if text_parts:
+                yield GenerationChunk("".join(text_parts))
+            if item is None:
+                continue
             if item is _DONE:
                 if self.error is not None:
                     raise GenerationFailed(str(self.error)) from self.error
@@ -117,6 +131,7 @@ class PerfStats:
     last_eval: float = 0.0
     last_token_count: int = 0
     last_input_count: int = 0
+    last_reused_count: int = 0
     last_seed: int = -1
     total_gens: int = 0
     stop_reason: int = -1
@@ -232,7 +247,7 @@ class Engine:
 
     # --- the worker -------------------------------------------------------------------
     def _run(self) -> None:
-        batch = new_decode_batch(self.generator.model)
+        batch = new_decode_batch(self.generator.model, self.max_batch_size)
         rows: list[tuple[Job, Sequence]] = []  # in the batch's row order
         pending: list[int] = []
         while True:
@@ -255,7 +270,7 @@ class Engine:
             except BaseException as exc:  # the session failed: every running job fails with it
                 log.exception("batched decode step failed")
                 self._fail_all(rows, exc)
-                rows, pending, batch = [], [], new_decode_batch(self.generator.model)
+                rows, pending, batch = [], [], new_decode_batch(self.generator.model, self.max_batch_size)
                 continue
             for row in reversed(range(len(rows))):
                 job, sequence = rows[row]
@@ -319,6 +334,7 @@ class Engine:
         perf.last_eval = result.decode_seconds
         perf.last_token_count = result.completion_tokens
         perf.last_input_count = result.prompt_tokens
+        perf.last_reused_count = result.reused_tokens
         perf.last_seed = result.seed if result.seed is not None else -1
         perf.total_gens += 1
         perf.stop_reason = _KOBOLD_STOP_REASON.get(result.stop_reason, -1)

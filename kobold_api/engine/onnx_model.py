@@ -43,10 +43,23 @@ class KVCache:
 
     tensors: list[ort.OrtValue] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    #: When set, the whole shared buffers this sequence was decoded in (row 0 holds it):
+    #: an empty SharedBufferBatch adopts them instead of copying the keys back in.
+    arena: list[np.ndarray] | None = None
 
     @property
     def length(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cached positions take (a wider buffer behind them is not counted:
+        its untouched pages are never allocated by the OS)."""
+        if not self.tensors:
+            return 0
+        shape = self.tensors[0].shape()
+        itemsize = 2 if "float16" in self.tensors[0].data_type() else 4
+        return len(self.tensors) * int(shape[0]) * int(shape[1]) * int(shape[3]) * itemsize * self.length
 
 
 def cuda_device_available() -> bool:

@@ -74,7 +74,7 @@ class PrefixCache:
         return entry.cache, best_length
 
     def put(self, cache: KVCache) -> None:
-        nbytes = cache_bytes(cache)
+        nbytes = cache.nbytes
         if not cache.token_ids or nbytes > self.max_bytes:
             return
         entry = _Entry(cache, np.asarray(cache.token_ids, dtype=np.int64), nbytes)
@@ -96,11 +96,3 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-def cache_bytes(cache: KVCache) -> int:
-    total = 0
-    for tensor in cache.tensors:
-        shape = tensor.shape()
-        total += int(np.prod(shape)) * (2 if "float16" in tensor.data_type() else 4)
-    return total

@@ -56,6 +56,7 @@ class KoboldService:
         return {
             "last_process": round(perf.last_process, 4), "last_eval": round(perf.last_eval, 4),
             "last_token_count": perf.last_token_count, "last_input_count": perf.last_input_count,
+            "last_reused_count": perf.last_reused_count,
             "last_seed": perf.last_seed, "total_gens": perf.total_gens, "stop_reason": perf.stop_reason,
             "last_process_speed": round(perf.last_input_count / perf.last_process, 2) if perf.last_process else 0,
             "last_eval_speed": round(speed, 2), "queue": self.engine.queued, "idle": 0 if self.engine.busy else 1,
