@@ -304,3 +304,20 @@ def test_decode_batch_layouts_match_single_sequence(tiny_model_dir: Path, layout
     # A released cache continues where it left off when admitted again as a cached prefix.
     continued = batch.admit(released.token_ids + [7], released, len(released.token_ids))
     np.testing.assert_allclose(continued, model.forward([7], references[0][0]), atol=1e-3)
+
+
+def test_prefix_pool_keeps_branch_points_and_hands_over_continuations(tiny_model_dir: Path) -> None:
+    model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    pool = PrefixCache(64 * 2**20)
+    history = list(range(50, 150))
+    cache = model.new_cache()
+    model.forward(history, cache)
+    pool.put(cache)
+    branch, reuse = pool.take(history[:60] + [7, 8, 9])  # shares 60 tokens, then differs
+    assert reuse == 60 and branch is not cache and len(pool) == 1  # the entry stays for others
+    again, reuse = pool.take(history[:40] + [1, 2])
+    assert reuse == 40 and len(pool) == 1
+    continued, reuse = pool.take(history + [5])  # continues the whole sequence: taken over
+    assert continued is cache and reuse == 100 and len(pool) == 0
+    assert pool.take(history + [5]) == (None, 0)
+    assert pool.take([999] + history)[1] == 0  # no common start

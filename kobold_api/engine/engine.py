@@ -29,6 +29,8 @@ _DONE = object()
 _POLL_SECONDS = 0.2
 #: Finished jobs stay findable by genkey for /generate/check for a while.
 _RECENT_JOBS = 64
+#: Minimum seconds between a stream's events while several generations share the batch.
+_BUSY_STREAM_INTERVAL = 0.02
 
 
 class QueueFullError(RuntimeError):
@@ -52,6 +54,8 @@ class Job:
     _done: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | None = None
     error: BaseException | None = None
+    #: Seconds a reader waits after passing on text (set by the engine; 0 = every token at once).
+    pace: Callable[[], float] = field(default=lambda: 0.0)
 
     @property
     def partial_text(self) -> str:
@@ -94,6 +98,9 @@ class Job:
                     break
             if text_parts:
                 yield GenerationChunk("".join(text_parts))
+                pause = self.pace()
+                if pause and item is None:
+                    self._done.wait(pause)
             if item is None:
                 continue
             if item is _DONE:
@@ -202,7 +209,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, genkey: str = "") -> Job:
         """Queue a request; raises QueueFullError when the queue is full."""
-        job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}")
+        job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}", pace=self._stream_pace)
         with self._jobs_lock:
             try:
                 self._queue.put_nowait(job)
@@ -215,6 +222,12 @@ class Engine:
                     break
                 self._jobs.popitem(last=False)
         return job
+
+    def _stream_pace(self) -> float:
+        """How long a streaming reader waits between events: nothing for a lone stream (every
+        token goes out at once), a little when several run, so each event carries a few tokens
+        and the HTTP threads stop competing with the decode loop for the CPU."""
+        return _BUSY_STREAM_INTERVAL if len(self._running) > 1 else 0.0
 
     def find(self, genkey: str | None) -> Job | None:
         """The job with ``genkey``, or without one the most recently started running job."""

@@ -11,12 +11,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .onnx_model import KVCache
+from .onnx_model import KVCache
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -52,9 +50,8 @@ class PrefixCache:
     def take(self, prompt_ids: list[int]) -> tuple[KVCache | None, int]:
         """The cache sharing the longest prefix with ``prompt_ids`` and that prefix's length.
 
-        The cache is removed from the pool (its keys past the prefix are the caller's to
-        overwrite). At most ``len(prompt_ids) - 1`` tokens are reused: the last prompt
-        token must run again to give the logits of the next position.
+        At most ``len(prompt_ids) - 1`` tokens are reused: the last prompt token must run
+        again to give the logits of the next position.
         """
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         with self._lock:
@@ -67,11 +64,19 @@ class PrefixCache:
                     best_key, best_length = key, length
             if best_key is None or best_length < self.min_reuse_tokens:
                 return None, 0
-            entry = self._entries.pop(best_key)
-            self._total_bytes -= entry.nbytes
             self.hits += 1
             self.reused_tokens += best_length
-        return entry.cache, best_length
+            entry = self._entries[best_key]
+            if best_length >= len(entry.token_ids) - 1:
+                # The request continues this very sequence: it takes the cache over (and may
+                # write past the prefix in place); its own cache will replace the entry.
+                del self._entries[best_key]
+                self._total_bytes -= entry.nbytes
+                return entry.cache, best_length
+            # A branch (same system prompt or history, a different continuation): the entry
+            # stays for other branches and the caller gets a read-only view to copy from.
+            self._entries.move_to_end(best_key)
+            return KVCache(list(entry.cache.tensors), list(entry.cache.token_ids)), best_length
 
     def put(self, cache: KVCache) -> None:
         nbytes = cache.nbytes
