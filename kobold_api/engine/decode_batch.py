@@ -80,7 +80,8 @@ class SharedBufferBatch(DecodeBatch):
         super().__init__(model)
         self.max_rows = max_rows
         self._buffers: list[np.ndarray] = []
-        self._views: tuple[int, int, list[ort.OrtValue]] | None = None  # (start, stop, values)
+        # (start, stop, OrtValues over those rows, their IO binding, its logits buffer)
+        self._views: tuple[int, int, list[ort.OrtValue], ort.IOBinding, np.ndarray] | None = None
 
     @property
     def row_capacity(self) -> int:
@@ -111,12 +112,19 @@ class SharedBufferBatch(DecodeBatch):
         self._buffers = grown
         self._views = None
 
-    def _bind(self, start: int, stop: int) -> list[ort.OrtValue]:
-        """OrtValues sharing memory with rows [start, stop) (a contiguous block of each buffer)."""
+    def _bind(self, start: int, stop: int) -> tuple[ort.IOBinding, np.ndarray]:
+        """A binding whose keys/values share memory with rows [start, stop) (a contiguous
+        block), with the buffer its logits are written to (reused: read before the next run)."""
         if self._views is None or self._views[:2] != (start, stop):
             values = [ort.OrtValue.ortvalue_from_numpy(buffer[start:stop]) for buffer in self._buffers]
-            self._views = (start, stop, values)
-        return self._views[2]
+            logits = np.empty((stop - start, 1, self.model.vocab_size), dtype=np.float32)
+            self._views = (start, stop, values, self.model.bind_shared(values, logits), logits)
+        return self._views[3], self._views[4]
+
+    def _run(self, start: int, stop: int, input_ids: list[list[int]], attention_mask: np.ndarray) -> np.ndarray:
+        binding, logits = self._bind(start, stop)
+        self.model.run_shared(binding, input_ids, attention_mask)
+        return logits[:, 0]
 
     def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
         row = self.size
@@ -128,16 +136,14 @@ class SharedBufferBatch(DecodeBatch):
             for buffer, tensor in zip(self._buffers, cached.tensors):
                 buffer[row, :, :reuse] = tensor.numpy()[0, :, :reuse]
         self._ensure_capacity(row + 1, len(prompt_ids) + 1)
-        logits = self.model.run_shared([prompt_ids[reuse:]], np.ones((1, len(prompt_ids)), dtype=np.int64),
-                                       self._bind(row, row + 1))[0]
+        logits = self._run(row, row + 1, [prompt_ids[reuse:]], np.ones((1, len(prompt_ids)), dtype=np.int64))[0]
         self.token_ids.append(list(prompt_ids))
         return logits
 
     def step(self, tokens: list[int]) -> np.ndarray:
         lengths = [len(ids) for ids in self.token_ids]
         self._ensure_capacity(self.size, max(lengths) + 1)
-        logits = self.model.run_shared([[token] for token in tokens], _decode_mask(lengths, max(lengths) + 1),
-                                       self._bind(0, self.size))
+        logits = self._run(0, self.size, [[token] for token in tokens], _decode_mask(lengths, max(lengths) + 1))
         for ids, token in zip(self.token_ids, tokens):
             ids.append(token)
         return logits

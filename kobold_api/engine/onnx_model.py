@@ -130,6 +130,7 @@ class OnnxCausalLM:
         self._head_dim = int(first_past.shape[3])
         self._kv_dtype = _ORT_TO_NUMPY[first_past.type]
         self._output_names = ["logits", *self._present_names]
+        self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.device = "cuda" if self.provider == "cuda" else "cpu"
 
     def new_cache(self) -> KVCache:
@@ -164,18 +165,22 @@ class OnnxCausalLM:
         outputs = self.session.run_with_ort_values(self._output_names, feeds)
         return outputs[0].numpy()[:, -1].astype(np.float32, copy=False), list(outputs[1:])
 
-    def run_shared(self, input_ids: list[list[int]], attention_mask: np.ndarray,
-                   kv: list[ort.OrtValue]) -> np.ndarray:
-        """One run with each layer's past and present bound to the same buffer (GQA writes in place)."""
+    def bind_shared(self, kv: list[ort.OrtValue], logits: np.ndarray) -> ort.IOBinding:
+        """An IO binding with each layer's past and present bound to the same buffer (GQA
+        then writes the new keys in place) and the logits written into ``logits``
+        ([rows, 1, vocab]). Reused for every step while the rows stay the same."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.asarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_output("logits")
         for past_name, present_name, value in zip(self._past_names, self._present_names, kv):
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return binding
+
+    def run_shared(self, binding: ort.IOBinding, input_ids: list[list[int]], attention_mask: np.ndarray) -> None:
+        """One run on a :meth:`bind_shared` binding; the logits land in its buffer."""
+        binding.bind_cpu_input("input_ids", np.asarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", attention_mask)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32, copy=False)
 
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
         """Feed ``new_token_ids`` after ``cache``; update the cache in place; return last logits [vocab]."""
