@@ -94,13 +94,15 @@ class SharedBufferBatch(DecodeBatch):
     def _ensure_capacity(self, rows: int, tokens: int) -> None:
         """Grow to hold ``rows`` rows of ``tokens`` positions, doubling the token capacity.
 
-        Rows are allocated up to ``max_rows`` at once: ``np.zeros`` only reserves address
-        space, so unused rows cost no memory, and joining never reallocates. Only the used
-        part of each row is copied when the token capacity grows.
+        Rows double too (up to ``max_rows``): a lone chat keeps a one-row buffer, whose
+        pages are all used, and a growing batch reallocates only a few times. Only the used
+        part of each row is copied.
         """
         if rows <= self.row_capacity and tokens <= self.token_capacity:
             return
-        new_rows = max(rows, self.max_rows, self.row_capacity)
+        new_rows = max(rows, self.row_capacity)
+        if rows > self.row_capacity:
+            new_rows = min(max(rows, 2 * self.row_capacity), max(self.max_rows, rows))
         new_tokens = max(self.token_capacity, _INITIAL_TOKENS)
         while new_tokens < tokens:
             new_tokens *= 2
