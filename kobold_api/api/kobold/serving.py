@@ -73,12 +73,18 @@ class KoboldService:
 
     def generate(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
         """``{"results": [{"text", "finish_reason"}, ...]}``, one result per ``n``."""
+        jobs = [self.submit(parsed.to_request(index), parsed.genkey if index == 0 else "")
+                for index in range(parsed.n)]  # submitted together, so they decode as one batch
         results = []
-        for index in range(parsed.n):
-            job = self.submit(parsed.to_request(index), parsed.genkey if index == 0 else "")
-            result = _wait(job, disconnected)
-            results.append({"text": result.text, "finish_reason": result.finish_reason,
-                            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
+        try:
+            for job in jobs:
+                result = _wait(job, disconnected)
+                results.append({"text": result.text, "finish_reason": result.finish_reason,
+                                "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
+        finally:
+            for job in jobs:
+                if not job.finished:
+                    job.cancel()
         return {"results": results}
 
     def stream(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> Iterator[bytes]:

@@ -1,0 +1,73 @@
+"""The command line: `kobold-api prepare`, `python -m kobold_api`, and `kobold-api serve` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from kobold_api.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_prepare_prints_the_ready_folder(tiny_model_dir: Path, capsys) -> None:
+    assert main(["prepare", str(tiny_model_dir)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tiny_model_dir)
+
+
+def test_prepare_failure_is_a_clear_message(tmp_path: Path, capsys) -> None:
+    assert main(["prepare", str(tmp_path / "nothing-here"), "--data-dir", str(tmp_path)]) == 1
+    assert "is not a .gguf file or a model folder" in capsys.readouterr().err
+
+
+def test_bad_settings_exit_with_a_message(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "settings.json"
+    bad.write_text(json.dumps({"port": "many"}))
+    assert main(["--settings", str(bad), "prepare"]) == 2
+    assert "port" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "kobold_api", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "serve" in result.stdout and "prepare" in result.stdout
+
+
+def test_serve_starts_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "KOBOLD_API_CHARACTERS_DIR": str(REPO_ROOT / "characters")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kobold_api", "serve", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--provider", "cpu"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/api/v1/model", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None, process.stdout.read() if process.stdout else ""
+                assert time.monotonic() < deadline, "server did not start within 60 s"
+                time.sleep(0.2)
+        assert response.json()["result"].startswith("koboldcpp/")
+        generated = requests.post(f"http://127.0.0.1:{port}/api/v1/generate",
+                                  json={"prompt": "Hi", "max_length": 3, "ban_eos_token": True}, timeout=30)
+        assert generated.status_code == 200 and generated.json()["results"][0]["completion_tokens"] == 3
+        assert (tmp_path / "data" / "conversations.db").is_file()  # data dir from the flag
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
