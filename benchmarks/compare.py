@@ -1013,8 +1013,8 @@ def main() -> int:
         "SillyTavern; llama.cpp: temperature/top_p/min_p/top_k=0/repeat_penalty with `last_n_tokens_size=1024` "
         "as the penalty range; optimum: transformers' temperature/top_p/min_p/top_k=0/repetition_penalty, which "
         "has no range (it penalizes the whole context). Seed 1234 everywhere.",
-        "Prompt sizes (kobold_api's count, which includes the <|im_start|> it prepends to plain-text prompts; "
-        f"llama.cpp counts one fewer there): fresh {_counts(results, 'ttft_fresh_1024')}, "
+        "Prompt sizes (kobold_api's tokenizer, which like llama.cpp adds no BOS to this GGUF's prompts): "
+        f"fresh {_counts(results, 'ttft_fresh_1024')}, "
         f"fresh-50 {_counts(results, 'ttft_fresh_50')}, follow-up {_counts(results, 'ttft_followup')} "
         f"(history {history_tokens} + {[f - h for f, h in zip(_counts(results, 'ttft_followup'), history_tokens)]} "
         "new: a ~20-token message plus its ChatML tags).",
