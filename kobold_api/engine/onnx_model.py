@@ -153,16 +153,25 @@ class OnnxCausalLM:
 
     def run_concat(self, input_ids: list[list[int]], attention_mask: np.ndarray, past: list[ort.OrtValue],
                    positions: list[list[int]] | None = None) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One run in the concatenating layout: returns last-position logits [rows, vocab] and the presents."""
-        feeds: dict[str, ort.OrtValue] = {
-            "input_ids": _ortvalue(np.asarray(input_ids, dtype=np.int64)),
-            "attention_mask": _ortvalue(attention_mask),
-        }
+        """One run in the concatenating layout: returns last-position logits [rows, vocab] and the presents.
+
+        IO binding puts the presents on the session's device (the GPU under CUDA), so the
+        cache goes straight back in as the next step's past without visiting the host;
+        only the logits are copied out.
+        """
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", attention_mask)
         if self._uses_position_ids:
             start = np.asarray(positions if positions is not None else [[0]] * len(input_ids), dtype=np.int64)
-            feeds["position_ids"] = _ortvalue(start + np.arange(len(input_ids[0]), dtype=np.int64)[None, :])
-        feeds.update(zip(self._past_names, past))
-        outputs = self.session.run_with_ort_values(self._output_names, feeds)
+            binding.bind_cpu_input("position_ids", start + np.arange(len(input_ids[0]), dtype=np.int64)[None, :])
+        for name, value in zip(self._past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1].astype(np.float32, copy=False), list(outputs[1:])
 
     def bind_shared(self, kv: list[ort.OrtValue], logits: np.ndarray) -> ort.IOBinding:
@@ -199,10 +208,6 @@ def owned_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:
     one is released (seen as garbage keys after a batch row left).
     """
     return ort.OrtValue.ortvalue_from_numpy(np.array(array, copy=True, order="C"), device)
-
-
-def _ortvalue(array: np.ndarray) -> ort.OrtValue:
-    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def _layer_sort_key(name: str) -> tuple[int, int]:
