@@ -321,3 +321,38 @@ def test_prefix_pool_keeps_branch_points_and_hands_over_continuations(tiny_model
     assert continued is cache and reuse == 100 and len(pool) == 0
     assert pool.take(history + [5]) == (None, 0)
     assert pool.take([999] + history)[1] == 0  # no common start
+
+
+def test_follow_up_longer_than_the_adopted_buffer_keeps_its_history(tiny_model_dir: Path) -> None:
+    """A chat follow-up that outgrows the previous turn's buffer (256 positions) must keep the
+    cached keys while the buffer grows, and give the same logits as a fresh prefill."""
+    import numpy as np
+
+    from kobold_api.engine.decode_batch import SharedBufferBatch
+
+    model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    history = [(7 * i) % 200 + 3 for i in range(200)]
+    batch = SharedBufferBatch(model, max_rows=4)
+    batch.admit(history, None, 0)
+    released = batch.release(0)
+    assert released.arena is not None  # a one-row buffer is handed over whole
+    follow_up = history + [(11 * i) % 200 + 3 for i in range(110)]  # 310 tokens > 256
+    logits = batch.admit(follow_up, released, len(history))
+    fresh = model.forward(follow_up, model.new_cache())
+    np.testing.assert_allclose(logits, fresh, atol=1e-3)
+
+
+def test_multi_row_buffers_are_not_pooled_whole(tiny_model_dir: Path) -> None:
+    """Only a one-row buffer is handed to the prefix pool whole; from a multi-row buffer the
+    last row is copied, so the pool's memory accounting stays true."""
+    from kobold_api.engine.decode_batch import SharedBufferBatch
+
+    model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    batch = SharedBufferBatch(model, max_rows=4)
+    for offset in range(3):
+        batch.admit(list(range(10 + offset, 60 + offset)), None, 0)
+    assert batch.row_capacity >= 3
+    caches = [batch.release(row) for row in (2, 1, 0)]
+    assert all(cache.arena is None for cache in caches)
+    assert all(cache.tensors[0].shape()[2] == cache.length for cache in caches)
+

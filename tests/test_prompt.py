@@ -628,4 +628,3 @@ def test_clean_reply(raw: str, expected: str) -> None:
 
 def test_clean_reply_for_impersonation_strips_the_users_name() -> None:
     assert clean_reply("Bob: I nod.", "Alice", "Bob", speaker="Bob") == "I nod."
-    assert PromptBuilder.clean_reply("Alice: Hi", "Alice", "Bob") == "Hi"

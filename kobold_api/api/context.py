@@ -13,6 +13,7 @@ from flask import current_app, request
 from ..chat.templates import ChatTemplate, JinjaChatTemplate, get_named_template
 from ..engine.engine import Engine
 from ..settings import Settings
+from .errors import ApiError
 from .fields import json_body
 
 if TYPE_CHECKING:
@@ -46,6 +47,14 @@ def model_chat_template(engine: Engine) -> ChatTemplate:
     return get_named_template("ChatML")
 
 
-def request_json() -> dict[str, Any]:
-    """The body as a JSON object, whatever Content-Type the client sent (or none)."""
-    return json_body(request.get_data(cache=True), request.content_type)
+def request_json(lenient: bool = False) -> dict[str, Any]:
+    """The body as a JSON object, whatever Content-Type the client sent (or none).
+
+    ``lenient`` turns an unparsable body into ``{}`` for routes where the body is optional.
+    """
+    try:
+        return json_body(request.get_data(cache=True), request.content_type)
+    except ApiError:
+        if lenient:
+            return {}
+        raise

@@ -23,20 +23,37 @@ def sse_event(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode("utf-8")
 
 
-def sse_response(events: Iterable[bytes]) -> Response:
-    """A streamed response that waitress sends event by event."""
-    return Response(_iterate(events), status=200, mimetype="text/event-stream", headers=SSE_HEADERS,
-                    direct_passthrough=True)
+class EventStream:
+    """The body of a streaming response.
 
+    WSGI servers call ``close()`` when the client leaves, and also when the body was never
+    iterated at all; a generator's ``finally`` would not run in that second case, so the
+    clean-up (cancel the job, release a lock) is ``on_close``, run exactly once.
+    """
 
-def _iterate(events: Iterable[bytes]) -> Iterator[bytes]:
-    iterator = iter(events)
-    try:
-        yield from iterator
-    finally:  # waitress calls close() when the client goes away: pass it on so generation stops
-        close = getattr(iterator, "close", None)
+    def __init__(self, events: Iterator[bytes], on_close: Callable[[], None] | None = None) -> None:
+        self._events = events
+        self._on_close = on_close
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._events)
+
+    def close(self) -> None:
+        close = getattr(self._events, "close", None)
         if close is not None:
             close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+
+def sse_response(events: Iterable[bytes]) -> Response:
+    """A streamed response that waitress sends event by event."""
+    body = events if isinstance(events, EventStream) else EventStream(iter(events))
+    return Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
 
 
 def disconnect_probe() -> Callable[[], bool]:

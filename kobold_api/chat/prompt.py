@@ -129,9 +129,10 @@ def clean_reply(text: str, char_name: str, user_name: str, *, speaker: str | Non
     """Tidy a generated reply for display and storage.
 
     Strips a leading ``"{speaker}:"`` (default: the character) that models like to
-    repeat, fills ``{{user}}``/``{{char}}``-style placeholders, cuts at a ``"\\n{name}:"``
-    turn marker that slipped through, and removes a trailing half-written one (e.g.
-    ``"\\nBob"`` when generation stopped at the length limit).
+    repeat, fills ``{{user}}``/``{{char}}``-style placeholders, and removes a trailing
+    half-written turn marker (``"\\nBob"`` when generation stopped at the length limit:
+    text the stop-string matcher rightly released, since it was not a full stop string).
+    The cut at a whole ``"\\n{name}:"`` is a safety net: those are stop strings already.
     """
     speaker = char_name if speaker is None else speaker
     cleaned = text.lstrip()
@@ -187,8 +188,6 @@ class _Parts:
 
 class PromptBuilder:
     """Assembles prompts for one model; holds only its tokenizer counter and default template."""
-
-    clean_reply = staticmethod(clean_reply)
 
     def __init__(self, count_tokens: Callable[[str], int], chat_template: ChatTemplate | None = None) -> None:
         self.count_tokens = count_tokens

@@ -91,12 +91,12 @@ class SharedBufferBatch(DecodeBatch):
     def token_capacity(self) -> int:
         return self._buffers[0].shape[2] if self._buffers else 0
 
-    def _ensure_capacity(self, rows: int, tokens: int) -> None:
+    def _ensure_capacity(self, rows: int, tokens: int, keep: list[int] | None = None) -> None:
         """Grow to hold ``rows`` rows of ``tokens`` positions, doubling the token capacity.
 
         Rows double too (up to ``max_rows``): a lone chat keeps a one-row buffer, whose
         pages are all used, and a growing batch reallocates only a few times. Only the used
-        part of each row is copied.
+        part of each row is copied: ``keep[row]`` positions (default: the row's tokens).
         """
         if rows <= self.row_capacity and tokens <= self.token_capacity:
             return
@@ -108,9 +108,9 @@ class SharedBufferBatch(DecodeBatch):
             new_tokens *= 2
         heads, dim, dtype = self.model.kv_shape
         grown = [np.zeros((new_rows, heads, new_tokens, dim), dtype=dtype) for _ in range(self.model.num_kv_tensors)]
-        for row, ids in enumerate(self.token_ids):
+        for row, length in enumerate(keep if keep is not None else [len(ids) for ids in self.token_ids]):
             for old, new in zip(self._buffers, grown):
-                new[row, :, : len(ids)] = old[row, :, : len(ids)]
+                new[row, :, :length] = old[row, :, :length]
         self._buffers = grown
         self._views = None
 
@@ -131,13 +131,15 @@ class SharedBufferBatch(DecodeBatch):
     def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
         row = self.size
         if row == 0 and cached is not None and cached.arena is not None and reuse:
-            # A chat follow-up on an idle server: take the previous turn's buffers back as they are.
+            # A chat follow-up on an idle server: take the previous turn's buffers back as they
+            # are; if the prompt outgrows them, the growth keeps the reused positions.
             self._buffers, self._views = cached.arena, None
-        elif cached is not None and reuse:
+            self._ensure_capacity(1, len(prompt_ids) + 1, keep=[reuse])
+        else:
             self._ensure_capacity(row + 1, len(prompt_ids) + 1)
-            for buffer, tensor in zip(self._buffers, cached.tensors):
-                buffer[row, :, :reuse] = tensor.numpy()[0, :, :reuse]
-        self._ensure_capacity(row + 1, len(prompt_ids) + 1)
+            if cached is not None and reuse:
+                for buffer, tensor in zip(self._buffers, cached.tensors):
+                    buffer[row, :, :reuse] = tensor.numpy()[0, :, :reuse]
         logits = self._run(row, row + 1, [prompt_ids[reuse:]], np.ones((1, len(prompt_ids)), dtype=np.int64))[0]
         self.token_ids.append(list(prompt_ids))
         return logits
@@ -151,8 +153,9 @@ class SharedBufferBatch(DecodeBatch):
         return logits
 
     def release(self, row: int) -> KVCache:
-        if self.size == 1:
-            # The last row leaves: hand the buffers over whole (no copy); the batch starts afresh.
+        if self.size == 1 and self.row_capacity == 1:
+            # The only row of a one-row buffer leaves: hand the buffers over whole (no copy,
+            # and every page they hold is this sequence's); the batch starts afresh.
             buffers, self._buffers, self._views = self._buffers, [], None
             tensors = [ort.OrtValue.ortvalue_from_numpy(buffer[0:1]) for buffer in buffers]
             return KVCache(tensors, self._swap_remove_ids(row), arena=buffers)

@@ -48,6 +48,8 @@ class Job:
     request: GenerationRequest
     genkey: str
     cancel_token: CancelToken = field(default_factory=CancelToken)
+    #: Internal and unique (a client may reuse a genkey).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
     submitted_at: float = field(default_factory=time.monotonic)
     _chunks: "queue.SimpleQueue[object]" = field(default_factory=queue.SimpleQueue)
     _parts: list[str] = field(default_factory=list)
@@ -56,6 +58,8 @@ class Job:
     error: BaseException | None = None
     #: Seconds a reader waits after passing on text (set by the engine; 0 = every token at once).
     pace: Callable[[], float] = field(default=lambda: 0.0)
+    #: Whether the engine's worker still runs (set by the engine), so readers never wait forever.
+    worker_alive: Callable[[], bool] = field(default=lambda: True)
 
     @property
     def partial_text(self) -> str:
@@ -85,6 +89,8 @@ class Job:
                 if disconnected():
                     self.cancel()
             if item is None:
+                if not self.worker_alive():
+                    raise GenerationFailed("the generation worker stopped")
                 continue
             # Under load several chunks wait by the time this thread runs: merge their text into
             # one, so a busy server sends fewer, larger events instead of falling behind.
@@ -207,9 +213,15 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, request: GenerationRequest, genkey: str = "") -> Job:
-        """Queue a request; raises QueueFullError when the queue is full."""
-        job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}", pace=self._stream_pace)
+    def submit(self, request: GenerationRequest, genkey: str = "", cancel_token: CancelToken | None = None) -> Job:
+        """Queue a request; raises QueueFullError when the queue is full.
+
+        Jobs given the same ``cancel_token`` (the ``n`` results of one request) stop together.
+        """
+        job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}", cancel_token or CancelToken(),
+                  pace=self._stream_pace, worker_alive=self._worker_alive)
+        if self._stopping.is_set() or not self._worker_alive():
+            raise QueueFullError("The server is shutting down.")
         with self._jobs_lock:
             try:
                 self._queue.put_nowait(job)
@@ -222,6 +234,9 @@ class Engine:
                     break
                 self._jobs.popitem(last=False)
         return job
+
+    def _worker_alive(self) -> bool:
+        return self._worker.is_alive()
 
     def _stream_pace(self) -> float:
         """How long a streaming reader waits between events: nothing for a lone stream (every
@@ -250,6 +265,7 @@ class Engine:
         return bool(live)
 
     def shutdown(self) -> None:
+        """Stop the worker; running and queued jobs end (aborted) rather than hang."""
         self._stopping.set()
         for job in list(self._jobs.values()):
             job.cancel()
@@ -264,46 +280,69 @@ class Engine:
         rows: list[tuple[Job, Sequence]] = []  # in the batch's row order
         pending: list[int] = []
         while True:
-            while len(rows) < self.max_batch_size:  # admit between steps; block only when idle
-                try:
-                    job = self._queue.get(block=not rows)
-                except queue.Empty:
-                    break
-                if job is None or self._stopping.is_set():
-                    self._fail_all(rows, RuntimeError("server is shutting down"))
-                    return
-                started = self._start(job, batch)
-                if started is not None:
-                    rows.append((job, started[0]))
-                    pending.append(started[1])
-            if not rows:
-                continue
             try:
-                logits = batch.step(pending)
-            except BaseException as exc:  # the session failed: every running job fails with it
-                log.exception("batched decode step failed")
+                if not self._admit(batch, rows, pending):
+                    break
+                if rows:
+                    self._step(batch, rows, pending)
+            except BaseException as exc:  # never let the worker die: fail what ran, start afresh
+                log.exception("generation step failed")
                 self._fail_all(rows, exc)
-                rows, pending, batch = [], [], new_decode_batch(self.generator.model, self.max_batch_size)
-                continue
-            for row in reversed(range(len(rows))):
-                job, sequence = rows[row]
-                try:
-                    chunks, token = sequence.step(logits[row])
-                except BaseException as exc:
-                    chunks, token = [], None
-                    job.error = exc
-                self._deliver(job, chunks)
-                if token is None:
-                    self._end(job)  # the client hears first; tidying the batch can wait for it
-                    self.generator.release(batch.release(row))
-                    _swap_remove(rows, row)
-                    _swap_remove(pending, row)
-                else:
-                    pending[row] = token
+                rows, pending = [], []
+                batch = new_decode_batch(self.generator.model, self.max_batch_size)
+        self._fail_all(rows, RuntimeError("server is shutting down"))
+        self._drain_queue()
+
+    def _admit(self, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> bool:
+        """Take queued jobs into the batch between steps, blocking only when idle; False = stop."""
+        while len(rows) < self.max_batch_size:
+            try:
+                job = self._queue.get(block=not rows)
+            except queue.Empty:
+                return True
+            if job is None or self._stopping.is_set():
+                if job is not None:
+                    job.error = RuntimeError("server is shutting down")
+                    self._end(job)
+                return False
+            started = self._start(job, batch)
+            if started is not None:
+                rows.append((job, started[0]))
+                pending.append(started[1])
+        return True
+
+    def _step(self, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> None:
+        """One decode step for every row; finished rows leave the batch."""
+        logits = batch.step(pending)
+        for row in reversed(range(len(rows))):
+            job, sequence = rows[row]
+            try:
+                chunks, token = sequence.step(logits[row])
+            except Exception as exc:  # one request's failure (a sampler error) ends only that request
+                chunks, token = [], None
+                job.error = exc
+            self._deliver(job, chunks)
+            if token is None:
+                self._end(job)  # the client hears first; tidying the batch can wait for it
+                self.generator.release(batch.release(row))
+                _swap_remove(rows, row)
+                _swap_remove(pending, row)
+            else:
+                pending[row] = token
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.error = RuntimeError("server is shutting down")
+                self._end(job)
 
     def _start(self, job: Job, batch: DecodeBatch) -> tuple[Sequence, int] | None:
         """Prefill a new job into ``batch`` and take its first token; None if it already finished."""
-        self._running[job.genkey] = job
+        self._running[job.id] = job
         admitted = False
         try:
             sequence = Sequence(self.generator, job.request, job.cancel_token)
@@ -331,13 +370,14 @@ class Engine:
             job._emit(chunk)
 
     def _end(self, job: Job) -> None:
-        self._running.pop(job.genkey, None)
+        self._running.pop(job.id, None)
         job._finish(job.error)
 
     def _fail_all(self, rows: list[tuple[Job, Sequence]], error: BaseException) -> None:
         for job, _ in rows:
-            job.error = error
-            self._end(job)
+            if not job.finished:
+                job.error = error
+                self._end(job)
 
     def _record(self, result: GenerationResult | None) -> None:
         if result is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from numbers import Integral, Real
 from typing import Protocol
@@ -105,6 +105,13 @@ class SamplingParams:
     seed: int | None = None  # None or negative = random
     logit_bias: dict[int, float] = field(default_factory=dict)
     banned_token_ids: list[int] = field(default_factory=list)
+
+    def for_copy(self, index: int) -> "SamplingParams":
+        """Parameters for the ``index``-th of ``n`` results of one request: seed + index, so
+        the copies differ from each other and each can still be replayed."""
+        if index == 0 or self.seed is None or self.seed < 0:
+            return self
+        return replace(self, seed=self.seed + index)
 
 
 # --------------------------------------------------------------------------

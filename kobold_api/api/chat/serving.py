@@ -8,8 +8,9 @@ API: the client sends ``history`` and gets the updated history back.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -19,41 +20,20 @@ from ...chat.characters import CardTooLargeError, CharacterExistsError, Characte
 from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptBuildError, PromptRequest, clean_reply
 from ...chat.store import ConversationNotFound, ConversationStore, MessageNotFound, StoreError
 from ...chat.templates import ChatTemplate, get_named_template
-from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
+from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult
 from ...settings import Settings
+from .. import jobs
 from ..context import model_chat_template
-from ..errors import ApiError, ValidationError, busy_error, not_found_error
+from ..errors import ApiError, ValidationError, not_found_error
 from ..fields import FieldReader
-from ..kobold.schemas import read_sampling
-from ..sse import sse_event
+from ..sse import EventStream, sse_event
+from .schemas import DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, parse_chat_input
 
 #: text-generation-webui marks the greeting row's user half with this.
 BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
-DEFAULT_CHARACTER = "Assistant"
-DEFAULT_USER = "You"
-MODES = ("chat", "instruct", "chat-instruct")
-
-
-@dataclass
-class ChatInput:
-    """A validated /api/v1/chat body."""
-
-    user_input: str
-    history: list[list[str]]
-    mode: str
-    character: str
-    user_name: str
-    regenerate: bool
-    continue_last: bool
-    impersonate: bool
-    conversation_id: str | None
-    max_new_tokens: int
-    max_context_length: int
-    stop_strings: list[str]
-    template_name: str | None
-    chat_instruct_command: str | None
-    generation: dict[str, Any] = field(default_factory=dict)
+#: How long a turn waits for an earlier turn on the same conversation before giving up.
+TURN_WAIT_SECONDS = 300.0
 
 
 @dataclass
@@ -202,59 +182,65 @@ class ChatService:
 
     # --- /api/v1/chat -----------------------------------------------------------------
     def parse(self, body: Mapping[str, Any]) -> ChatInput:
-        reader = FieldReader(body)
-        defaults = self.settings.generation
-        mode = reader.string("mode", default="chat") or "chat"
-        if mode not in MODES:
-            reader.errors["mode"] = [f"Must be one of {', '.join(MODES)}."]
-        history = _history_rows(body.get("history"), reader)
-        character = reader.string("character", default=DEFAULT_CHARACTER) or DEFAULT_CHARACTER
-        parsed = ChatInput(
-            user_input=reader.string("user_input", "message", default="") or "",
-            history=history,
-            mode=mode,
-            character=DEFAULT_CHARACTER if character == "None" else character,
-            user_name=reader.string("your_name", "name1", "user_name", default=DEFAULT_USER) or DEFAULT_USER,
-            regenerate=reader.boolean("regenerate", default=False),
-            continue_last=reader.boolean("_continue", "continue", default=False),
-            impersonate=reader.boolean("impersonate", default=False),
-            conversation_id=reader.string("conversation_id"),
-            max_new_tokens=reader.integer("max_new_tokens", "max_length", default=defaults.max_length, minimum=1),
-            max_context_length=reader.integer("truncation_length", "max_context_length",
-                                              default=defaults.max_context_length, minimum=16),
-            stop_strings=reader.string_list("stopping_strings", "stop_sequence")
-            + reader.comma_strings("custom_stopping_strings"),
-            template_name=reader.string("instruction_template"),
-            chat_instruct_command=reader.string("chat_instruct_command", "chat-instruct_command"),
-            generation={"sampling": read_sampling(reader, defaults),
-                        "ban_eos": reader.boolean("ban_eos_token", default=False)},
-        )
-        if sum([parsed.regenerate, parsed.continue_last, parsed.impersonate]) > 1:
-            reader.errors["regenerate"] = ["Use at most one of regenerate, _continue and impersonate."]
-        reader.raise_if_errors()
-        return parsed
+        return parse_chat_input(body, self.settings.generation)
 
     def chat(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
-        lock = self.conversations.lock(parsed.conversation_id) if parsed.conversation_id else nullcontext()
-        with lock:
-            plan = self._plan(parsed)
-            job = self._submit(plan.request)
-            result = _wait(job, disconnected)
-            return self._finish(plan, result)
-
-    def chat_stream(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> Iterator[bytes]:
-        """SSE: ``{"token"}`` deltas, then a final event with the stored/updated history."""
-        lock = self.conversations.lock(parsed.conversation_id) if parsed.conversation_id else nullcontext()
-        lock.__enter__()
+        release = self._turn_lock(parsed, disconnected)
         try:
             plan = self._plan(parsed)
-            job = self._submit(plan.request)
-        except BaseException:
-            lock.__exit__(None, None, None)
-            raise
-        return self._stream_events(plan, job, lock, disconnected)
+            result = jobs.wait(jobs.submit(self.engine, plan.request), disconnected)
+            return self._finish(plan, result)
+        finally:
+            release()
 
-    def _stream_events(self, plan: TurnPlan, job: Job, lock: Any, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+    def chat_stream(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> EventStream:
+        """SSE: ``{"token"}`` deltas, then a final event with the stored/updated history.
+
+        The conversation stays locked until the stream is closed, however it ends (even if
+        the response is never read), so the turn is stored before the next one starts.
+        """
+        release = self._turn_lock(parsed, disconnected)
+        try:
+            plan = self._plan(parsed)
+            job = jobs.submit(self.engine, plan.request)
+        except BaseException:
+            release()
+            raise
+
+        def close() -> None:
+            jobs.cancel_unfinished([job])
+            release()
+
+        return EventStream(self._stream_events(plan, job, disconnected), on_close=close)
+
+    def _turn_lock(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> Callable[[], None]:
+        """Serialize turns on one conversation; returns the (idempotent) release.
+
+        Waiting gives up when the client leaves or after TURN_WAIT_SECONDS (409), so stuck
+        retries cannot pile up and take every server thread.
+        """
+        if not parsed.conversation_id:
+            return lambda: None
+        self._call(self.conversations.get, parsed.conversation_id)  # 404 before a lock is made for it
+        lock = self.conversations.lock(parsed.conversation_id)
+        deadline = time.monotonic() + TURN_WAIT_SECONDS
+        while not lock.acquire(timeout=0.2):
+            if disconnected():
+                raise ApiError(409, {"msg": "The client left while waiting for the previous turn.",
+                                     "type": "aborted"})
+            if time.monotonic() > deadline:
+                raise ApiError(409, {"msg": "Another turn on this conversation is still running; try again.",
+                                     "type": "turn_in_progress"})
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                lock.release()
+
+        return release
+
+    def _stream_events(self, plan: TurnPlan, job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes]:
         raw, sent = "", ""
         try:
             for chunk in job.chunks(disconnected):
@@ -270,18 +256,8 @@ class ChatService:
                     if preview.startswith(sent) and len(preview) > len(sent):
                         yield sse_event({"token": preview[len(sent):], "finish_reason": None}, "message")
                         sent = preview
-        except (GenerationFailed, ApiError) as exc:
+        except (GenerationFailed, ApiError) as exc:  # headers are sent: report it in the stream
             yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
-        finally:
-            if not job.finished:
-                job.cancel()
-            lock.__exit__(None, None, None)
-
-    def _submit(self, request: GenerationRequest) -> Job:
-        try:
-            return self.engine.submit(request)
-        except QueueFullError:
-            raise busy_error() from None
 
     def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:
@@ -308,7 +284,7 @@ class ChatService:
     def _build(self, parsed: ChatInput, character: Character, user_name: str, history: list[ChatMessage],
                user_input: str | None) -> tuple[BuiltPrompt, GenerationRequest]:
         """The prompt and engine request; when impersonating, ``user_input`` starts the user's line."""
-        context = min(parsed.max_context_length, self.settings.context_size, self.engine.context_length)
+        context = min(parsed.max_context_length, jobs.context_size(self.settings, self.engine))
         budget = context - parsed.max_new_tokens
         if budget < 16:
             raise ValidationError({"max_new_tokens": [f"Leaves only {budget} tokens of a {context}-token "
@@ -325,8 +301,8 @@ class ChatService:
             raise ApiError(400, {"msg": str(exc), "type": "prompt_error"}) from exc
         request = GenerationRequest(
             prompt=prompt.text, max_new_tokens=parsed.max_new_tokens, max_context_length=context,
-            sampling=parsed.generation["sampling"], stop_strings=prompt.stop_strings, trim_stop=True,
-            ban_eos=parsed.generation["ban_eos"],
+            sampling=parsed.sampling, stop_strings=prompt.stop_strings, trim_stop=True,
+            ban_eos=parsed.ban_eos,
         )
         return prompt, request
 
@@ -406,29 +382,10 @@ class ChatService:
                         speaker=char_name)
 
 
-def _wait(job: Job, disconnected: Callable[[], bool]) -> GenerationResult:
-    try:
-        return job.wait(disconnected)
-    except GenerationFailed as exc:
-        raise ApiError(500, {"msg": f"Generation failed: {exc}", "type": "generation_error"}) from exc
-
-
 def _character_summary(character: Character) -> dict[str, Any]:
     return {"name": character.name, "description": character.description[:300],
             "greetings": len(character.greetings), "tags": character.tags, "format": character.source_format,
             "has_lorebook": bool(character.character_book and character.character_book.entries)}
-
-
-def _history_rows(value: Any, reader: FieldReader) -> list[list[str]]:
-    """``history.internal`` (or ``visible``) as [user, reply] rows."""
-    if value is None:
-        return []
-    rows = value.get("internal") or value.get("visible") or [] if isinstance(value, dict) else value
-    if not isinstance(rows, list) or not all(
-            isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row) for row in rows):
-        reader.errors["history"] = ['Must be {"internal": [[user, reply], ...], "visible": [...]}.']
-        return []
-    return [list(row) for row in rows]
 
 
 def _is_greeting_row(row: list[str]) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from ..context import request_json, services
-from ..errors import ApiError
 from ..sse import disconnect_probe, sse_response
 from .schemas import parse_generation_input
 from .serving import KOBOLD_API_VERSION
@@ -49,11 +48,14 @@ def config_max_context_length() -> Response:
     return jsonify(value=services().kobold.default_max_context_length())
 
 
-@_route(kobold, "/config/soft_prompt", ["GET", "PUT"])
+@_route(kobold, "/config/soft_prompt", ["GET"])
 def config_soft_prompt() -> Response:
-    if request.method == "PUT" and request_json().get("value") not in ("", None):
-        raise ApiError(422, {"value": ["No soft prompts are available on this server."]})
-    return jsonify(value="") if request.method == "GET" else jsonify({})
+    return jsonify(value="")
+
+
+@_route(kobold, "/config/soft_prompt", ["PUT"])
+def put_soft_prompt() -> Response:
+    return jsonify(services().kobold.set_soft_prompt(request_json()))
 
 
 @_route(kobold, "/config/soft_prompts_list", ["GET"])
@@ -90,19 +92,20 @@ def extra_generate_stream() -> Response:
     return sse_response(svc.kobold.stream(parsed, disconnect_probe()))
 
 
-@_route(extra, "/generate/check", ["GET", "POST"])
+@_route(extra, "/generate/check", ["GET"])
 def extra_generate_check() -> Response:
-    genkey = request_json().get("genkey") if request.method == "POST" else request.args.get("genkey")
-    return jsonify(services().kobold.check(genkey if isinstance(genkey, str) else None))
+    return jsonify(services().kobold.check_request(request.args.get("genkey")))
+
+
+@_route(extra, "/generate/check", ["POST"])
+def extra_generate_check_post() -> Response:
+    return jsonify(services().kobold.check_request(request_json().get("genkey")))
 
 
 @_route(extra, "/abort", ["POST"])
 def extra_abort() -> Response:
-    try:  # SillyTavern sends no body and no content type; anything unparsable means "no genkey"
-        genkey = request_json().get("genkey")
-    except ApiError:
-        genkey = None
-    return jsonify(services().kobold.abort(genkey if isinstance(genkey, str) else None))
+    # SillyTavern sends no body and no content type: anything unparsable means "no genkey".
+    return jsonify(services().kobold.abort_request(request_json(lenient=True)))
 
 
 @_route(extra, "/tokencount", ["POST"])

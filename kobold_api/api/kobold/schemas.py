@@ -7,7 +7,7 @@ Unknown keys are ignored, as United does since API 1.2.5.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ...engine.generation import GenerationRequest
@@ -32,21 +32,14 @@ class KoboldGenerationInput:
     ban_eos: bool
     n: int
     genkey: str
-    quiet: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_request(self, seed_offset: int = 0) -> GenerationRequest:
-        """The engine request; ``seed_offset`` gives each of ``n`` results its own seed."""
-        sampling = self.sampling
-        if seed_offset and sampling.seed is not None and sampling.seed >= 0:
-            from dataclasses import replace
-
-            sampling = replace(sampling, seed=sampling.seed + seed_offset)
+    def to_request(self, copy: int = 0) -> GenerationRequest:
+        """The engine request for result number ``copy`` of ``n``."""
         return GenerationRequest(
             prompt=self.memory + self.prompt,
             max_new_tokens=self.max_length,
             max_context_length=self.max_context_length,
-            sampling=sampling,
+            sampling=self.sampling.for_copy(copy),
             stop_strings=self.stop_strings,
             trim_stop=self.trim_stop,
             ban_eos=self.ban_eos,
@@ -106,10 +99,9 @@ def parse_generation_input(
         or reader.boolean("ban_eos_token", default=False) or reader.boolean("bypass_eos", default=False),
         n=reader.integer("n", default=1, minimum=1, maximum=5),
         genkey=reader.string("genkey", default="") or "",
-        quiet=reader.boolean("quiet", default=False),
     )
     # Validated for the shape of a 422, otherwise without effect here (memory/world info are client-side).
-    for flag in ("use_story", "use_memory", "use_authors_note", "use_world_info", "use_userscripts",
+    for flag in ("quiet", "use_story", "use_memory", "use_authors_note", "use_world_info", "use_userscripts",
                  "singleline", "frmttriminc", "frmtrmblln", "frmtrmspch", "frmtadsnsp",
                  "disable_input_formatting", "sampler_full_determinism"):
         reader.boolean(flag, default=False)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterator
 
-from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
-from ...engine.generation import GenerationRequest
+from ...engine.engine import Engine, GenerationFailed, Job
+from ...engine.generation import CancelToken
 from ...settings import Settings
-from ..errors import ApiError, busy_error
+from .. import jobs
+from ..errors import ApiError, ValidationError
 from ..fields import FieldReader
-from ..sse import sse_event
+from ..sse import EventStream, sse_event
 from .schemas import KoboldGenerationInput
 
 #: The KoboldAI United API level we implement (>= 1.2.2 enables stop_sequence in SillyTavern).
@@ -35,7 +36,7 @@ class KoboldService:
 
     @property
     def context_size(self) -> int:
-        return min(self.settings.context_size, self.engine.context_length)
+        return jobs.context_size(self.settings, self.engine)
 
     def version_info(self) -> dict[str, Any]:
         return {"result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION,
@@ -65,35 +66,31 @@ class KoboldService:
         }
 
     # --- generation -------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, genkey: str = "") -> Job:
-        try:
-            return self.engine.submit(request, genkey)
-        except QueueFullError:
-            raise busy_error() from None
-
     def generate(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
-        """``{"results": [{"text", "finish_reason"}, ...]}``, one result per ``n``."""
-        jobs = [self.submit(parsed.to_request(index), parsed.genkey if index == 0 else "")
-                for index in range(parsed.n)]  # submitted together, so they decode as one batch
-        results = []
-        try:
-            for job in jobs:
-                result = _wait(job, disconnected)
-                results.append({"text": result.text, "finish_reason": result.finish_reason,
-                                "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
-        finally:
-            for job in jobs:
-                if not job.finished:
-                    job.cancel()
-        return {"results": results}
+        """``{"results": [{"text", "finish_reason"}, ...]}``, one result per ``n``.
 
-    def stream(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+        The ``n`` jobs are submitted together (so they decode as one batch) and share one
+        cancel token, so aborting the request's genkey stops all of them.
+        """
+        cancel = CancelToken()
+        submitted: list[Job] = []
+        try:
+            for index in range(parsed.n):
+                submitted.append(jobs.submit(self.engine, parsed.to_request(index),
+                                             parsed.genkey if index == 0 else "", cancel))
+            results = [jobs.wait(job, disconnected) for job in submitted]
+        finally:
+            jobs.cancel_unfinished(submitted)
+        return {"results": [{"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                             "completion_tokens": r.completion_tokens} for r in results]}
+
+    def stream(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> EventStream:
         """KoboldCpp SSE: ``event: message`` / ``data: {"token", "finish_reason"}`` per piece of text.
 
         The job is submitted before the response starts, so a full queue is still a 503.
         """
-        job = self.submit(parsed.to_request(), parsed.genkey)
-        return _kobold_events(job, disconnected)
+        job = jobs.submit(self.engine, parsed.to_request(), parsed.genkey)
+        return EventStream(_kobold_events(job, disconnected), on_close=lambda: jobs.cancel_unfinished([job]))
 
     def check(self, genkey: str | None) -> dict[str, Any]:
         job = self.engine.find(genkey)
@@ -103,7 +100,20 @@ class KoboldService:
         aborted = self.engine.abort(genkey)
         return {"success": "true" if aborted else "false", "done": "true"}
 
+    def set_soft_prompt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Only "no soft prompt" exists here; naming one is a validation error, as in United."""
+        if body.get("value") not in ("", None):
+            raise ValidationError({"value": ["No soft prompts are available on this server."]})
+        return {}
+
     # --- tokenizer --------------------------------------------------------------------
+    def abort_request(self, body: dict[str, Any]) -> dict[str, str]:
+        genkey = body.get("genkey")
+        return self.abort(genkey if isinstance(genkey, str) else None)
+
+    def check_request(self, genkey: object) -> dict[str, Any]:
+        return self.check(genkey if isinstance(genkey, str) else None)
+
     def tokencount(self, body: dict[str, Any]) -> dict[str, Any]:
         reader = FieldReader(body)
         text = reader.string("prompt", "content", "text", default="") or ""
@@ -120,14 +130,6 @@ class KoboldService:
         return {"result": self.engine.tokenizer.decode(ids, skip_special_tokens=False), "success": True}
 
 
-def _wait(job: Job, disconnected: Callable[[], bool]):
-    try:
-        return job.wait(disconnected)
-    except GenerationFailed as exc:
-        raise ApiError(500, {"msg": f"Generation failed: {exc}", "type": "generation_error"},
-                       openai_type="server_error") from exc
-
-
 def _kobold_events(job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes]:
     try:
         for chunk in job.chunks(disconnected):
@@ -135,8 +137,5 @@ def _kobold_events(job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes
                 yield sse_event({"token": "", "finish_reason": chunk.result.finish_reason}, "message")
             elif chunk.text:
                 yield sse_event({"token": chunk.text, "finish_reason": None}, "message")
-    except GenerationFailed as exc:
+    except GenerationFailed as exc:  # headers are sent: say so in the stream, as valid JSON
         yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
-    finally:
-        if not job.finished:
-            job.cancel()

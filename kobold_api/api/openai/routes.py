@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify
 
 from ..context import request_json, services
 from ..sse import disconnect_probe, sse_response
-from .schemas import parse_chat_completion, parse_completion
+from .schemas import parse_completion
 
 openai = Blueprint("openai", __name__)
 
@@ -27,8 +27,5 @@ def completions() -> Response:
 @openai.route("/chat/completions", methods=["POST"], strict_slashes=False)
 def chat_completions() -> Response:
     svc = services()
-    body = request_json()
-    if body.get("character") is not None or body.get("conversation_id") is not None:
-        return jsonify(svc.openai.character_chat_completion(body, svc.chat, disconnect_probe()))
-    result = svc.openai.chat_completion(parse_chat_completion(body, svc.settings.generation), disconnect_probe())
+    result = svc.openai.chat_completions(request_json(), svc.chat, disconnect_probe())
     return jsonify(result) if isinstance(result, dict) else sse_response(result)

@@ -29,7 +29,6 @@ class OpenAIInput:
     n: int
     stream: bool
     include_usage: bool
-    trim_stop: bool = True
     ban_eos: bool = False
     logprobs: int | None = None
 

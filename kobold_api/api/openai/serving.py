@@ -6,12 +6,14 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ...engine.engine import Engine, GenerationFailed, Job, QueueFullError
+from ...chat.templates import ChatTemplateError
+from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import GenerationRequest, GenerationResult
 from ...settings import Settings
+from .. import jobs
 from ..context import model_chat_template
-from ..errors import ApiError, busy_error
-from ..sse import sse_event
+from ..errors import ApiError
+from ..sse import EventStream, sse_event
 from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ class OpenAIService:
         return self.model_ids[0]
 
     # --- completions ------------------------------------------------------------------
-    def completion(self, parsed: CompletionInput, disconnected: Callable[[], bool]) -> dict[str, Any] | Iterator[bytes]:
+    def completion(self, parsed: CompletionInput, disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         model = self._check_model(parsed.model)
         prompts_ids = [self._prompt_ids(prompt, parsed) for prompt in parsed.prompts]
         prompt_texts = [p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=False)
@@ -55,8 +57,7 @@ class OpenAIService:
                                                      "finish_reason": None},
                                 echo=[prompt_texts[p] for p, _, _ in plans] if parsed.echo else None)
         choices, usage = [], _Usage()
-        for index, (p_index, ids, copy) in enumerate(plans):
-            result = self._run(ids, parsed, copy, disconnected)
+        for index, ((p_index, _, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
             usage.add(result, count_prompt=copy == 0)
             text = (prompt_texts[p_index] + result.text) if parsed.echo else result.text
             choices.append({"text": text, "index": index, "finish_reason": result.finish_reason,
@@ -64,10 +65,21 @@ class OpenAIService:
         return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": choices, "usage": usage.as_dict()}
 
+    def chat_completions(self, body: dict[str, Any], chat: "ChatService",
+                         disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
+        """Plain chat completions, or (extension) a server-side character/conversation turn."""
+        if body.get("character") is not None or body.get("conversation_id") is not None:
+            return self.character_chat_completion(body, chat, disconnected)
+        return self.chat_completion(parse_chat_completion(body, self.settings.generation), disconnected)
+
     def chat_completion(self, parsed: ChatCompletionInput,
-                        disconnected: Callable[[], bool]) -> dict[str, Any] | Iterator[bytes]:
+                        disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         model = self._check_model(parsed.model)
-        prompt = self.template.render(parsed.messages, add_generation_prompt=True)
+        try:
+            prompt = self.template.render(parsed.messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
+            raise ApiError(400, {"msg": f"The model's chat template rejected the messages: {exc}",
+                                 "type": "invalid_messages"}, param="messages") from exc
         ids = self._prompt_ids(prompt, parsed)
         parsed.stop = [*parsed.stop, *self.template.stop_strings]
         plans = [(0, ids, copy) for copy in range(parsed.n)]
@@ -78,8 +90,7 @@ class OpenAIService:
                                 first=lambda index: {"index": index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None})
         choices, usage = [], _Usage()
-        for index, (_, prompt_ids, copy) in enumerate(plans):
-            result = self._run(prompt_ids, parsed, copy, disconnected)
+        for index, ((_, _, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
             usage.add(result, count_prompt=copy == 0)
             choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
                             "logprobs": self._chat_logprobs(result) if parsed.logprobs is not None else None,
@@ -158,7 +169,7 @@ class OpenAIService:
         else:
             request = GenerationRequest(prompt=prompt, max_new_tokens=0, max_context_length=10**9)
         ids = self.engine.generator.prompt_ids(request)[0]
-        context = min(self.settings.context_size, self.engine.context_length)
+        context = jobs.context_size(self.settings, self.engine)
         if len(ids) + self._max_tokens(parsed) > context:
             raise ApiError(400, {"msg": f"This model's maximum context length is {context} tokens, but you "
                                         f"requested {len(ids) + self._max_tokens(parsed)} tokens "
@@ -168,39 +179,42 @@ class OpenAIService:
         return ids
 
     def _request(self, ids: list[int], parsed: OpenAIInput, copy: int) -> GenerationRequest:
-        sampling = parsed.sampling
-        if copy and sampling.seed is not None:
-            from dataclasses import replace
-
-            sampling = replace(sampling, seed=sampling.seed + copy)
         return GenerationRequest(prompt_ids=ids, max_new_tokens=self._max_tokens(parsed),
-                                 max_context_length=min(self.settings.context_size, self.engine.context_length),
-                                 sampling=sampling, stop_strings=parsed.stop, trim_stop=True, ban_eos=parsed.ban_eos,
-                                 logprobs=parsed.logprobs)
+                                 max_context_length=jobs.context_size(self.settings, self.engine),
+                                 sampling=parsed.sampling.for_copy(copy), stop_strings=parsed.stop,
+                                 trim_stop=True, ban_eos=parsed.ban_eos, logprobs=parsed.logprobs)
 
-    def _submit(self, request: GenerationRequest) -> Job:
+    def _submit_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]]) -> list[Job]:
+        """Every choice is queued at once (they decode as one batch); if the queue fills part
+        way, the ones already queued are cancelled and the request is a 503."""
+        submitted: list[Job] = []
         try:
-            return self.engine.submit(request)
-        except QueueFullError:
-            raise busy_error() from None
+            for _, ids, copy in plans:
+                submitted.append(jobs.submit(self.engine, self._request(ids, parsed, copy)))
+        except ApiError:
+            jobs.cancel_unfinished(submitted)
+            raise
+        return submitted
 
-    def _run(self, ids: list[int], parsed: OpenAIInput, copy: int, disconnected: Callable[[], bool]) -> GenerationResult:
-        job = self._submit(self._request(ids, parsed, copy))
+    def _run_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]],
+                 disconnected: Callable[[], bool]) -> list[GenerationResult]:
+        submitted = self._submit_all(parsed, plans)
         try:
-            return job.wait(disconnected)
-        except GenerationFailed as exc:
-            raise ApiError(500, {"msg": f"Generation failed: {exc}", "type": "generation_error"},
-                           openai_type="server_error") from exc
+            return [jobs.wait(job, disconnected) for job in submitted]
+        finally:
+            jobs.cancel_unfinished(submitted)
 
     def _stream(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], model: str, kind: str,
                 disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
-                first: Callable[[int], dict] | None = None, echo: list[str] | None = None) -> Iterator[bytes]:
-        """Submit the first job now (so a full queue is a 503), then stream all choices in order."""
-        first_job = self._submit(self._request(plans[0][1], parsed, plans[0][2]))
-        return self._events(parsed, plans, first_job, model, kind, disconnected, piece, first, echo)
+                first: Callable[[int], dict] | None = None, echo: list[str] | None = None) -> EventStream:
+        """Queue every choice now (so a full queue is a 503 before any byte is sent), then stream
+        the choices one after another."""
+        submitted = self._submit_all(parsed, plans)
+        events = self._events(parsed, plans, submitted, model, kind, disconnected, piece, first, echo)
+        return EventStream(events, on_close=lambda: jobs.cancel_unfinished(submitted))
 
-    def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], first_job: Job, model: str,
-                kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
+    def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], submitted: list[Job],
+                model: str, kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
                 first: Callable[[int], dict] | None, echo: list[str] | None) -> Iterator[bytes]:
         stream_id, created, usage = _new_id("chatcmpl" if "chat" in kind else "cmpl"), int(time.time()), _Usage()
 
@@ -210,10 +224,8 @@ class OpenAIService:
                 body["usage"] = None
             return sse_event(body)
 
-        job: Job | None = first_job
         try:
-            for index, (_, ids, copy) in enumerate(plans):
-                job = job or self._submit(self._request(ids, parsed, copy))
+            for index, ((_, _, copy), job) in enumerate(zip(plans, submitted)):
                 if first is not None:
                     yield envelope(first(index))
                 if echo is not None:
@@ -228,17 +240,13 @@ class OpenAIService:
                         yield envelope(final)
                     elif chunk.text:
                         yield envelope(piece(index, chunk.text))
-                job = None
             if parsed.include_usage:
                 yield sse_event({"id": stream_id, "object": kind, "created": created, "model": model,
                                  "choices": [], "usage": usage.as_dict()})
             yield sse_event("[DONE]")
-        except GenerationFailed as exc:
+        except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield sse_event({"error": {"message": f"Generation failed: {exc}", "type": "server_error",
                                        "param": None, "code": None}})
-        finally:
-            if job is not None and not job.finished:
-                job.cancel()
 
 
 class _Usage:
