@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 from flask import Flask
@@ -18,8 +17,6 @@ from .api.openai.routes import openai
 from .api.openai.serving import OpenAIService
 from .engine.engine import Engine
 from .settings import Settings, load_settings
-
-log = logging.getLogger(__name__)
 
 
 def load_engine(settings: Settings, progress: Callable[[str], None] | None = None) -> Engine:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -81,10 +81,6 @@ class Settings:
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_path / 'conversations.db').resolve()}"
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["generation"]["sampler_order"] = list(self.generation.sampler_order)
-        return data
 
 
 def _coerce(name: str, value: Any, target_type: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import current_app, request
 
-from ..chat.templates import ChatTemplate, JinjaChatTemplate, get_named_template
+from ..chat.templates import ChatTemplate, template_for_model
 from ..engine.engine import Engine
 from ..settings import Settings
 from .errors import ApiError
@@ -38,13 +38,9 @@ def services() -> Services:
 
 
 def model_chat_template(engine: Engine) -> ChatTemplate:
-    """The model's own chat template, or ChatML when the model folder has none."""
+    """The loaded model's own chat template (ChatML when its folder has none)."""
     tokenizer = engine.tokenizer
-    if tokenizer.chat_template:
-        # The tokenizer adds BOS itself when encoding; the template must not add a second one.
-        return JinjaChatTemplate(tokenizer.chat_template, bos_token="", eos_token=tokenizer.eos_token,
-                                 name=engine.model_name)
-    return get_named_template("ChatML")
+    return template_for_model(tokenizer.chat_template, tokenizer.eos_token, engine.model_name)
 
 
 def request_json(lenient: bool = False) -> dict[str, Any]:

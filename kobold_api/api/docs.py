@@ -1,8 +1,8 @@
 """The OpenAPI document of every route, and a readable page rendered from it.
 
 The document is written by hand (the routes take lenient JSON that no generator would
-describe well); ``tests/test_openapi.py`` checks it against the app's URL map so it
-stays true.
+describe well); a test in ``tests/test_kobold_api.py`` checks it against the app's URL map so
+it stays true.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ ROUTES += [
     ("/api/extra/generate/stream", "post", "KoboldCpp", "SSE: event: message / data: {\"token\", \"finish_reason\"}", GENERATION_INPUT),
     ("/api/extra/generate/check", "get", "KoboldCpp", "Partial text of a running generation (?genkey=)", None),
     ("/api/extra/generate/check", "post", "KoboldCpp", "Partial text of a running generation", GENKEY),
-    ("/api/extra/abort", "post", "KoboldCpp", "Abort by genkey, or the running generation; an empty body is fine", GENKEY),
+    ("/api/extra/abort", "post", "KoboldCpp", "Abort by genkey, or without one every running generation; an empty body is fine", GENKEY),
     ("/api/extra/tokencount", "post", "KoboldCpp", "{\"value\": count, \"ids\": [...]}", TOKENCOUNT),
     ("/api/extra/tokenize", "post", "KoboldCpp", "Alias of tokencount", TOKENCOUNT),
     ("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", {"type": "object", "properties": {"ids": {"type": "array", "items": _INTEGER}}}),

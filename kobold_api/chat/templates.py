@@ -25,6 +25,7 @@ __all__ = [
     "JinjaChatTemplate",
     "NAMED_TEMPLATE_NAMES",
     "get_named_template",
+    "template_for_model",
     "render_open_turn",
 ]
 
@@ -309,6 +310,17 @@ NAMED_TEMPLATE_NAMES: tuple[str, ...] = tuple(entry[0] for entry in _NAMED_TEMPL
 def _name_key(name: str) -> str:
     """Lower-case and drop punctuation, so "llama2", "Llama-2" and "LLAMA 2" all match."""
     return "".join(character for character in name.lower() if character.isalnum())
+
+
+def template_for_model(chat_template: str | None, eos_token: str = "", name: str = "") -> ChatTemplate:
+    """A model's own Jinja template, or ChatML when the model ships none.
+
+    ``bos_token`` is left empty on purpose: tokenizers that want a BOS add it while
+    encoding, and a template adding it too would give two.
+    """
+    if chat_template:
+        return JinjaChatTemplate(chat_template, bos_token="", eos_token=eos_token, name=name)
+    return get_named_template("ChatML")
 
 
 def get_named_template(name: str) -> ChatTemplate:

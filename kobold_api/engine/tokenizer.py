@@ -43,6 +43,11 @@ class Tokenizer:
     def count(self, text: str) -> int:
         return len(self.encode(text, add_special_tokens=False))
 
+    @property
+    def added_per_prompt(self) -> int:
+        """Tokens the tokenizer adds to every encoded prompt (a BOS for some models)."""
+        return len(self.encode("", add_special_tokens=True))
+
 
 class IncrementalDecoder:
     """Turns a growing token list into text deltas without ever splitting a UTF-8 character.

@@ -285,7 +285,8 @@ class ChatService:
                user_input: str | None) -> tuple[BuiltPrompt, GenerationRequest]:
         """The prompt and engine request; when impersonating, ``user_input`` starts the user's line."""
         context = min(parsed.max_context_length, jobs.context_size(self.settings, self.engine))
-        budget = context - parsed.max_new_tokens
+        # The builder counts text only; the engine adds the tokenizer's specials (a BOS) on top.
+        budget = context - parsed.max_new_tokens - self.engine.tokenizer.added_per_prompt
         if budget < 16:
             raise ValidationError({"max_new_tokens": [f"Leaves only {budget} tokens of a {context}-token "
                                                       "context for the prompt."]})
