@@ -356,3 +356,49 @@ def test_multi_row_buffers_are_not_pooled_whole(tiny_model_dir: Path) -> None:
     assert all(cache.arena is None for cache in caches)
     assert all(cache.tensors[0].shape()[2] == cache.length for cache in caches)
 
+
+
+def test_worker_survives_a_failed_step_and_keeps_serving(tiny_model_dir: Path) -> None:
+    from conftest import make_engine
+    from kobold_api.engine.engine import GenerationFailed
+
+    engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0)
+    model = engine.generator.model
+    original = model.run_shared
+    calls = {"n": 0}
+
+    def fail_on_the_third_run(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected session failure")
+        return original(*args, **kwargs)
+
+    model.run_shared = fail_on_the_third_run  # type: ignore[method-assign]
+    try:
+        doomed = engine.submit(request(max_new_tokens=50, ban_eos=True))
+        with pytest.raises(GenerationFailed, match="injected session failure"):
+            doomed.wait()
+        assert engine.submit(request(max_new_tokens=5, ban_eos=True)).wait().completion_tokens == 5
+        assert not engine.busy
+    finally:
+        model.run_shared = original  # type: ignore[method-assign]
+        engine.shutdown()
+
+
+def test_shutdown_ends_queued_jobs_instead_of_leaving_them_waiting(tiny_model_dir: Path) -> None:
+    from conftest import make_engine
+    from kobold_api.engine.engine import GenerationFailed
+
+    engine: Engine = make_engine(tiny_model_dir, max_batch_size=1, queue_size=8, prefix_cache_mb=0)
+    running = engine.submit(request(max_new_tokens=3000, max_context_length=4000, ban_eos=True))
+    queued = [engine.submit(request(max_new_tokens=5)) for _ in range(3)]
+    engine.shutdown()
+    outcomes = []
+    for job in [running, *queued]:
+        try:
+            outcomes.append(job.wait().stop_reason)
+        except GenerationFailed as exc:
+            outcomes.append(str(exc))
+    assert all(o in (STOP_ABORT, "server is shutting down") for o in outcomes), outcomes
+    with pytest.raises(QueueFullError):
+        engine.submit(request(max_new_tokens=5))
