@@ -10,6 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
+from .engine.engine import Engine
 from .engine.generation import GenerationRequest, TextGenerator
 from .engine.onnx_model import OnnxCausalLM, resolved_device
 from .engine.prefix_cache import PrefixCache
@@ -56,6 +57,22 @@ def run_benchmark(model: str, provider: str, cache_dir: Path, new_tokens: int = 
                                                   sampling=SamplingParams(temperature=0)))
     results["follow_up_prefill_s"] = follow_up.prefill_seconds
     results["follow_up_reused_tokens"] = follow_up.reused_tokens
+
+    # Continuous batching without HTTP: aggregate tok/s of 1, 4 and 8 requests submitted together.
+    engine = Engine(TextGenerator(onnx_model, generator.tokenizer), "bench", queue_size=16, max_batch_size=8)
+    try:
+        for streams in (1, 4, 8):
+            rates = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                jobs = [engine.submit(GenerationRequest(prompt=f"Story {i}: {CHAT_PROMPT}", max_new_tokens=100,
+                                                        sampling=SamplingParams(temperature=0), ban_eos=True))
+                        for i in range(streams)]
+                tokens = sum(job.wait().completion_tokens for job in jobs)
+                rates.append(tokens / (time.perf_counter() - started))
+            results[f"batch_{streams}_tok_s"] = statistics.median(rates)
+    finally:
+        engine.shutdown()
     results["provider_cuda"] = 1.0 if onnx_model.provider == "cuda" else 0.0
     return results
 
@@ -69,3 +86,7 @@ def main(model: str, provider: str, cache_dir: Path, new_tokens: int, repeats: i
     print(f"  prefill, 1,024-token prompt:   {results['prefill_1024_s']:8.3f} s")
     print(f"  follow-up (1,000 cached + 24): {results['follow_up_prefill_s']:8.3f} s "
           f"({int(results['follow_up_reused_tokens'])} tokens reused)")
+    single = results["batch_1_tok_s"]
+    for streams in (1, 4, 8):
+        rate = results[f"batch_{streams}_tok_s"]
+        print(f"  {streams} concurrent requests:         {rate:8.1f} tok/s aggregate ({rate / single:.2f}x one)")
