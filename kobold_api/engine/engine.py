@@ -1,8 +1,8 @@
 """The engine the web layer holds: a model, its tokenizer, a bounded queue and one worker.
 
-Generation requests wait in a bounded queue and one worker thread runs them, so the
-model never runs from two threads at once. Each submitted request becomes a
-:class:`Job` whose chunks the HTTP thread reads as they are produced.
+Generation requests wait in a bounded queue and one worker thread runs them (several
+at once, batched), so the model never runs from two threads at once. Each submitted
+request becomes a :class:`Job` whose chunks the HTTP thread reads as they are produced.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Job:
         next_check = time.monotonic() + _POLL_SECONDS
         while True:
             try:
-                item = self._chunks.get(timeout=_POLL_SECONDS if disconnected else None)
+                item = self._chunks.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 item = None
             if disconnected is not None and time.monotonic() >= next_check:

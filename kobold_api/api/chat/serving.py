@@ -158,16 +158,22 @@ class ChatService:
         reader.raise_if_errors()
         if text is None and swipe_id is None:
             raise ValidationError({"text": ["Send text to edit the message or swipe_id to select a swipe."]})
-        with self.conversations.lock(conversation_id):
+        release = self._turn_lock(conversation_id, lambda: False)
+        try:
             if swipe_id is not None:
                 self._call(self.conversations.set_swipe, conversation_id, index, swipe_id)
             if text is not None:
                 self._call(self.conversations.edit_message, conversation_id, index, text)
+        finally:
+            release()
         return self.get_conversation(conversation_id)
 
     def delete_message(self, conversation_id: str, index: int) -> dict[str, Any]:
-        with self.conversations.lock(conversation_id):
+        release = self._turn_lock(conversation_id, lambda: False)
+        try:
             self._call(self.conversations.delete_message, conversation_id, index)
+        finally:
+            release()
         return self.get_conversation(conversation_id)
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
@@ -185,7 +191,7 @@ class ChatService:
         return parse_chat_input(body, self.settings.generation)
 
     def chat(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
-        release = self._turn_lock(parsed, disconnected)
+        release = self._turn_lock(parsed.conversation_id, disconnected)
         try:
             plan = self._plan(parsed)
             result = jobs.wait(jobs.submit(self.engine, plan.request), disconnected)
@@ -199,7 +205,7 @@ class ChatService:
         The conversation stays locked until the stream is closed, however it ends (even if
         the response is never read), so the turn is stored before the next one starts.
         """
-        release = self._turn_lock(parsed, disconnected)
+        release = self._turn_lock(parsed.conversation_id, disconnected)
         try:
             plan = self._plan(parsed)
             job = jobs.submit(self.engine, plan.request)
@@ -213,16 +219,16 @@ class ChatService:
 
         return EventStream(self._stream_events(plan, job, disconnected), on_close=close)
 
-    def _turn_lock(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> Callable[[], None]:
-        """Serialize turns on one conversation; returns the (idempotent) release.
+    def _turn_lock(self, conversation_id: str | None, disconnected: Callable[[], bool]) -> Callable[[], None]:
+        """Serialize turns (and edits) on one conversation; returns the (idempotent) release.
 
         Waiting gives up when the client leaves or after TURN_WAIT_SECONDS (409), so stuck
         retries cannot pile up and take every server thread.
         """
-        if not parsed.conversation_id:
+        if not conversation_id:
             return lambda: None
-        self._call(self.conversations.get, parsed.conversation_id)  # 404 before a lock is made for it
-        lock = self.conversations.lock(parsed.conversation_id)
+        self._call(self.conversations.get, conversation_id)  # 404 before a lock is made for it
+        lock = self.conversations.lock(conversation_id)
         deadline = time.monotonic() + TURN_WAIT_SECONDS
         while not lock.acquire(timeout=0.2):
             if disconnected():
