@@ -195,6 +195,12 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _ttft_runs(engine, prompts: list[str]) -> tuple[list[float], list[int | None]]:
+    """Time to first token (and prompt size) of a 1-token generation for each prompt."""
+    records = [engine.stream(prompt, 1, "greedy") for prompt in prompts]
+    return [rec.ttft for rec in records], [rec.prompt_tokens for rec in records]
+
+
 def measure_all(engine, spec: dict, log) -> dict:
     """Run every measurement of the brief against ``engine``; returns the raw and summary figures."""
     out: dict = {}
@@ -219,11 +225,7 @@ def measure_all(engine, spec: dict, log) -> dict:
             f"events {events}, tokens {tokens})")
 
     # 2. TTFT, fresh 1,024-token prompts (all different)
-    times, counts = [], []
-    for prompt in spec["fresh_1024"]:
-        rec = engine.stream(prompt, 1, "greedy")
-        times.append(rec.ttft)
-        counts.append(rec.prompt_tokens)
+    times, counts = _ttft_runs(engine, spec["fresh_1024"])
     out["ttft_fresh_1024"] = {"s": _median(times), "runs_s": times, "prompt_tokens": counts}
     log(f"TTFT fresh 1024: {out['ttft_fresh_1024']['s']:.3f} s (runs {[round(t, 3) for t in times]}, "
         f"prompt tokens {counts})")
@@ -238,11 +240,7 @@ def measure_all(engine, spec: dict, log) -> dict:
     out["ttft_followup"] = {"s": _median(times), "runs_s": times, "warmup_runs_s": warm, "prompt_tokens": counts}
     log(f"TTFT follow-up: {out['ttft_followup']['s']:.3f} s (runs {[round(t, 3) for t in times]}, "
         f"first send of the history {[round(t, 3) for t in warm]}, prompt tokens {counts})")
-    times, counts = [], []
-    for prompt in spec["fresh_50"]:
-        rec = engine.stream(prompt, 1, "greedy")
-        times.append(rec.ttft)
-        counts.append(rec.prompt_tokens)
+    times, counts = _ttft_runs(engine, spec["fresh_50"])
     out["ttft_fresh_50"] = {"s": _median(times), "runs_s": times, "prompt_tokens": counts}
     out["followup_over_fresh_50"] = out["ttft_followup"]["s"] / out["ttft_fresh_50"]["s"]
     log(f"TTFT fresh 50: {out['ttft_fresh_50']['s']:.3f} s; follow-up / fresh-50 = "
