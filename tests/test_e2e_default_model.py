@@ -65,3 +65,20 @@ def test_two_turn_stored_conversation(default_engine, start_server, test_setting
     after_greeting = stored[1:]
     assert stored[0]["role"] == "character"
     assert [m["role"] for m in after_greeting] == ["user", "character", "user", "character"]
+
+
+def test_swipe_served_from_the_prefix_cache_repeats_logprobs_exactly(default_engine, start_server,
+                                                                       test_settings) -> None:
+    """SillyTavern's swipe resends the same prompt: the cached prefix must not change the numbers.
+
+    On this model a last prompt token recomputed alone (decode kernels) moved logits by up to
+    0.7 compared with the fresh prefill; the pool now always recomputes two tokens.
+    """
+    server = start_server(default_engine, test_settings)
+    body = {"prompt": "<|im_start|>user\nWrite one sentence about the sea.<|im_end|>\n<|im_start|>assistant\n",
+            "max_tokens": 12, "temperature": 0, "logprobs": 5}
+    first = server.post("/v1/completions", json=body)
+    again = server.post("/v1/completions", json=body)
+    assert first.status_code == again.status_code == 200
+    assert server.get("/api/extra/perf").json()["last_reused_count"] > 0
+    assert again.json()["choices"][0]["logprobs"] == first.json()["choices"][0]["logprobs"]

@@ -14,7 +14,7 @@ from kobold_api.engine.generation import (
     STOP_ABORT, STOP_EOS, STOP_LENGTH, STOP_STRING, CancelToken, GenerationRequest, TextGenerator,
 )
 from kobold_api.engine.onnx_model import OnnxCausalLM
-from kobold_api.engine.prefix_cache import PrefixCache
+from kobold_api.engine.prefix_cache import RECOMPUTED_TOKENS, PrefixCache
 from kobold_api.engine.sampling import SamplingParams
 from kobold_api.engine.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -163,6 +163,23 @@ def test_prefix_cache_gives_identical_output(tiny_model_dir: Path) -> None:
     assert cache.hits >= 2
     repeat = cached.generate(request(prompt=follow_up, sampling=GREEDY, max_new_tokens=25, ban_eos=True))
     assert repeat.reused_tokens >= len(tokenizer.encode(history)) - 1
+
+
+def test_resent_prompt_gives_the_same_logprobs_as_a_fresh_one(tiny_model_dir: Path) -> None:
+    """A swipe (the same prompt again) is served from the cache and must reproduce the first
+    answer's log-probabilities bit for bit, not merely closely."""
+    model, tokenizer = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir)
+    plain = TextGenerator(model, tokenizer)
+    cached = TextGenerator(model, tokenizer, PrefixCache(64 * 2**20))
+    for prompt in ["User: hello there, how are you today?\nBot:", "Once upon a time, in a land far away"]:
+        req = GenerationRequest(prompt=prompt, max_new_tokens=6, sampling=SamplingParams(temperature=0),
+                                ban_eos=True, logprobs=3)
+        fresh = plain.generate(req)
+        cached.generate(req)
+        swiped = cached.generate(req)
+        assert swiped.reused_tokens > 0
+        assert [(t.token_id, t.logprob) for t in swiped.token_logprobs] == \
+            [(t.token_id, t.logprob) for t in fresh.token_logprobs]
 
 
 def test_incremental_decoder_never_splits_utf8(tiny_model_dir: Path) -> None:
@@ -318,7 +335,7 @@ def test_prefix_pool_keeps_branch_points_and_hands_over_continuations(tiny_model
     again, reuse = pool.take(history[:40] + [1, 2])
     assert reuse == 40 and len(pool) == 1
     continued, reuse = pool.take(history + [5])  # continues the whole sequence: taken over
-    assert continued is cache and reuse == 100 and len(pool) == 0
+    assert continued is cache and reuse == 100 - (RECOMPUTED_TOKENS - 1) and len(pool) == 0
     assert pool.take(history + [5]) == (None, 0)
     assert pool.take([999] + history)[1] == 0  # no common start
 
