@@ -359,20 +359,32 @@ def test_follow_up_longer_than_the_adopted_buffer_keeps_its_history(tiny_model_d
     np.testing.assert_allclose(logits, fresh, atol=1e-3)
 
 
-def test_multi_row_buffers_are_not_pooled_whole(tiny_model_dir: Path) -> None:
-    """Only a one-row buffer is handed to the prefix pool whole; from a multi-row buffer the
-    last row is copied, so the pool's memory accounting stays true."""
+def test_rows_leaving_a_multi_row_buffer_are_copied_out_and_the_last_resets_it(tiny_model_dir: Path) -> None:
+    """Rows that leave while others decode are copied out at their exact size; the last row comes
+    out as one-row buffers the next follow-up adopts, and the wide buffers are dropped, so a lone
+    chat after a burst of requests is back on the copy-free path."""
+    import numpy as np
+
     from kobold_api.engine.decode_batch import SharedBufferBatch
 
     model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
     batch = SharedBufferBatch(model, max_rows=4)
-    for offset in range(3):
-        batch.admit(list(range(10 + offset, 60 + offset)), None, 0)
+    prompts = [list(range(10 + offset, 60 + offset)) for offset in range(3)]
+    for prompt in prompts:
+        batch.admit(prompt, None, 0)
     assert batch.row_capacity >= 3
-    caches = [batch.release(row) for row in (2, 1, 0)]
-    assert all(cache.arena is None for cache in caches)
-    assert all(cache.tensors[0].shape()[2] == cache.length for cache in caches)
-
+    caches = [batch.release(row) for row in (2, 1)]
+    assert all(cache.arena is None and cache.tensors[0].shape()[2] == cache.length for cache in caches)
+    last = batch.release(0)
+    assert last.arena is not None and last.arena[0].shape[0] == 1 and last.token_ids == prompts[0]
+    assert batch.size == 0 and batch.row_capacity == 0
+    follow_up = prompts[0] + [5, 6, 7]
+    logits = batch.admit(follow_up, last, len(prompts[0]))
+    assert batch.row_capacity == 1 and batch._buffers is last.arena  # adopted, not copied
+    np.testing.assert_array_equal(logits, model.forward(follow_up, model.new_cache()))
+    for cache, prompt in zip(caches, (prompts[2], prompts[1])):  # the copies hold the right keys
+        continued = SharedBufferBatch(model).admit(prompt + [9, 9], cache, len(prompt))
+        np.testing.assert_array_equal(continued, model.forward(prompt + [9, 9], model.new_cache()))
 
 
 def test_worker_survives_a_failed_step_and_keeps_serving(tiny_model_dir: Path) -> None:

@@ -153,20 +153,32 @@ class SharedBufferBatch(DecodeBatch):
         return logits
 
     def release(self, row: int) -> KVCache:
-        if self.size == 1 and self.row_capacity == 1:
-            # The only row of a one-row buffer leaves: hand the buffers over whole (no copy,
-            # and every page they hold is this sequence's); the batch starts afresh.
-            buffers, self._buffers, self._views = self._buffers, [], None
-            tensors = [ort.OrtValue.ortvalue_from_numpy(buffer[0:1]) for buffer in buffers]
-            return KVCache(tensors, self._swap_remove_ids(row), arena=buffers)
         length = len(self.token_ids[row])
+        if self.size == 1:
+            # The last row leaves: its keys go to the prefix pool as one-row buffers (the buffers
+            # themselves when they hold only this row: no copy), and the batch starts afresh. So a
+            # lone request after a burst gets one-row buffers again, a chat follow-up adopts the
+            # previous turn's buffers without copying, and the burst's wide buffers are freed.
+            arena = self._buffers if self.row_capacity == 1 else self._copy_row(row, length, self.token_capacity)
+            self._buffers, self._views = [], None
+            tensors = [ort.OrtValue.ortvalue_from_numpy(buffer[0:1]) for buffer in arena]
+            return KVCache(tensors, self._swap_remove_ids(row), arena=arena)
+        tensors = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in self._copy_row(row, length, length)]
         last = self.size - 1
-        tensors = [owned_ortvalue(buffer[row:row + 1, :, :length], "cpu") for buffer in self._buffers]
         if row != last:
             last_length = len(self.token_ids[last])
             for buffer in self._buffers:
                 buffer[row, :, :last_length] = buffer[last, :, :last_length]
         return KVCache(tensors, self._swap_remove_ids(row))
+
+    def _copy_row(self, row: int, length: int, capacity: int) -> list[np.ndarray]:
+        """``row``'s first ``length`` positions of every layer, as [1, heads, capacity, dim] arrays
+        in one new block (one allocation instead of one per layer: 0.15 vs 0.8 ms for 60 layers)."""
+        heads, dim, dtype = self.model.kv_shape
+        block = np.zeros((len(self._buffers), 1, heads, capacity, dim), dtype=dtype)
+        for layer, buffer in zip(block, self._buffers):
+            layer[0, :, :length] = buffer[row, :, :length]
+        return list(block)
 
 
 class ConcatBatch(DecodeBatch):
