@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .engine.engine import Engine
+from .engine.decode_batch import new_decode_batch
 from .engine.generation import GenerationRequest, TextGenerator
 from .engine.onnx_model import OnnxCausalLM, resolved_device
 from .engine.prefix_cache import PrefixCache
@@ -58,6 +59,19 @@ def run_benchmark(model: str, provider: str, cache_dir: Path, new_tokens: int = 
     results["follow_up_prefill_s"] = follow_up.prefill_seconds
     results["follow_up_reused_tokens"] = follow_up.reused_tokens
 
+    # The kernels' own batching gain: decode steps alone (no prefill, sampling or scheduling),
+    # the ceiling for what the scheduler below can reach.
+    prompt = generator.tokenizer.encode(CHAT_PROMPT)
+    for rows in (1, 8):
+        batch = new_decode_batch(onnx_model, rows)
+        for _ in range(rows):
+            batch.admit(prompt, None, 0)
+        batch.step([prompt[-1]] * rows)  # warm-up
+        started = time.perf_counter()
+        for _ in range(new_tokens // 2):
+            batch.step([prompt[-1]] * rows)
+        results[f"raw_step_{rows}_tok_s"] = rows * (new_tokens // 2) / (time.perf_counter() - started)
+
     # Continuous batching without HTTP: aggregate tok/s of 1, 4 and 8 requests submitted together.
     engine = Engine(TextGenerator(onnx_model, generator.tokenizer), "bench", queue_size=16, max_batch_size=8)
     try:
@@ -86,6 +100,9 @@ def main(model: str, provider: str, cache_dir: Path, new_tokens: int, repeats: i
     print(f"  prefill, 1,024-token prompt:   {results['prefill_1024_s']:8.3f} s")
     print(f"  follow-up (1,000 cached + 24): {results['follow_up_prefill_s']:8.3f} s "
           f"({int(results['follow_up_reused_tokens'])} tokens reused)")
+    raw_one, raw_eight = results["raw_step_1_tok_s"], results["raw_step_8_tok_s"]
+    print(f"  decode steps alone, 1 / 8 rows: {raw_one:7.1f} / {raw_eight:.1f} tok/s ({raw_eight / raw_one:.2f}x: "
+          "the ceiling for the line below)")
     single = results["batch_1_tok_s"]
     for streams in (1, 4, 8):
         rate = results[f"batch_{streams}_tok_s"]

@@ -72,3 +72,15 @@ def test_serve_starts_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> Non
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_bench_prints_every_figure(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """`kobold-api bench` runs end to end (on the tiny model, few tokens): a smoke test of the
+    command; its numbers are for humans, so only their presence and sign are checked."""
+    assert main(["bench", str(tiny_model_dir), "--data-dir", str(tmp_path), "--tokens", "8",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for label in ("decode, greedy", "prefill, 1,024-token prompt", "follow-up", "decode steps alone",
+                  "8 concurrent requests"):
+        assert label in out
+    assert "(1000 tokens reused)" in out
