@@ -309,7 +309,10 @@ def _concurrent_run(engine, prompts: list[str], max_tokens: int) -> dict:
     total = sum(r.tokens if r.tokens is not None else len(r.token_times) for r in records)
     return {"agg_tok_s": total / wall, "wall_s": wall, "tokens": total,
             "ttft_p50_s": _median([r.ttft for r in records]),
-            "per_stream_tok_s_p50": _median([r.decode_rate for r in records])}
+            # tokens over the request's whole life (under load one event carries several tokens,
+            # so an event rate would undercount)
+            "per_stream_tok_s_p50": _median([(r.tokens or len(r.token_times)) / (r.token_times[-1] - r.t_send)
+                                             for r in records if r.token_times])}
 
 
 # =============================================================================================
