@@ -321,6 +321,9 @@ def test_config_values(server: Any, prefix: str, slash: str) -> None:
     assert set(true_max.json()) == {"value"}
     context = true_max.json()["value"]
     assert isinstance(context, int) and not isinstance(context, bool) and context > 0
+    # Kobold Lite asks for a preloaded story on connect; there is none
+    preload = server.get(f"/api/extra/preloadstory{slash}")
+    assert preload.status_code == 200 and preload.json() == {}
 
     for name in ("max_length", "max_context_length"):
         response = server.get(f"{prefix}/config/{name}{slash}")
@@ -476,6 +479,8 @@ BAD_VALUES = [
     ("sampler_seed", "seed"),
     ("sampler_order", [0, 0, 1, 2, 3, 4]),
     ("sampler_order", [0, 1, 2, 3, 4, 5, 6, 7]),
+    ("sampler_order", [6, 9]),
+    ("sampler_order", []),
     ("sampler_order", "not a list"),
     ("ban_eos_token", "maybe"),
     ("trim_stop", "perhaps"),
@@ -625,6 +630,10 @@ def test_sampler_order_changes_output(server: Any) -> None:
     assert differs > 0
     # a 6-element order without rep_pen (United style) is accepted
     generate(server, **seeded(max_length=3, sampler_order=[0, 1, 2, 3, 4, 5]))
+    # KoboldCpp accepts a partial order: samplers left out are not applied (here top_p)
+    partial = generate(server, **seeded(sampler_seed=3, **common, sampler_order=[6, 5]))
+    without_top_p = generate(server, **seeded(sampler_seed=3, **{**common, "top_p": 1.0}))
+    assert partial["text"] == without_top_p["text"]
 
 
 def test_n_two_results(server: Any) -> None:
@@ -668,6 +677,18 @@ def test_memory_is_prepended(server: Any) -> None:
     with_memory = generate(server, **greedy(prompt="world", memory="Hello ", max_length=8))
     joined = generate(server, **greedy(prompt="Hello world", max_length=8))
     assert with_memory["text"] == joined["text"]
+
+
+def test_memory_survives_left_truncation(server: Any) -> None:
+    """KoboldCpp: memory is always kept; the oldest prompt tokens make room for it."""
+    memory = "MEMORY: the hero is Ana.\n"
+    prompt = "".join(chr(97 + (i * 7) % 26) for i in range(300))
+    result = generate(server, **greedy(prompt=prompt, memory=memory, max_context_length=64, max_length=8))
+    assert result["prompt_tokens"] == 64 - 8
+    # byte-level tiny model: one token per ASCII character, so the kept text is known exactly
+    expected = memory + prompt[-(64 - 8 - len(memory)):]
+    same = generate(server, **greedy(prompt=expected, max_length=8, max_context_length=2048))
+    assert same["prompt_tokens"] == 64 - 8 and same["text"] == result["text"]
 
 
 # --------------------------------------------------------------------------------------
@@ -863,6 +884,40 @@ def test_abort_and_check_by_genkey(slow_server: Any) -> None:
     assert result["text"].startswith(second)
     full = generate(slow_server, **long_body(max_length=result["completion_tokens"]))
     assert full["text"] == result["text"]
+
+
+def _post_from(server: LiveServer, address: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """POST from a chosen loopback address (all of 127/8 is this machine), as another client would."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60,
+                                            source_address=(address, 0))
+    try:
+        connection.request("POST", path, body=json.dumps(body) if body is not None else None,
+                           headers={"Content-Type": "application/json"} if body is not None else {})
+        response = connection.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_abort_and_check_without_genkey_reach_only_the_same_client(slow_server: Any) -> None:
+    """SillyTavern aborts with no genkey: that must stop its own generation, not another user's."""
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=_post_from(slow_server, "127.0.0.2", "/api/v1/generate", long_body())["results"][0]))
+    thread.start()
+    try:
+        poll(lambda: _post_from(slow_server, "127.0.0.2", "/api/extra/generate/check", {})["results"][0]["text"],
+             "partial text for the generating client")
+        assert _post_from(slow_server, "127.0.0.1", "/api/extra/generate/check", {}) == {"results": [{"text": ""}]}
+        assert _post_from(slow_server, "127.0.0.1", "/api/extra/abort")["success"] == "false"
+        assert thread.is_alive(), "another client's abort stopped the generation"
+        assert _post_from(slow_server, "127.0.0.2", "/api/extra/abort")["success"] == "true"
+    finally:
+        thread.join(timeout=60)
+    assert outcome["result"]["completion_tokens"] < LONG // 2
 
 
 def test_client_disconnect_aborts_generation(slow_server: Any) -> None:

@@ -97,6 +97,7 @@ for _prefix in ("/api/v1", "/api/latest"):
 ROUTES += [
     ("/api/extra/version", "get", "KoboldCpp", "{\"result\": \"KoboldCpp\", \"version\"}: enables SillyTavern's streaming and tokencount", None),
     ("/api/extra/true_max_context_length", "get", "KoboldCpp", "The model's context size", None),
+    ("/api/extra/preloadstory", "get", "KoboldCpp", "The story Kobold Lite opens with: always {} (none preloaded)", None),
     ("/api/extra/perf", "get", "KoboldCpp", "Figures of the last generation", None),
     ("/api/extra/generate/stream", "post", "KoboldCpp", "SSE: event: message / data: {\"token\", \"finish_reason\"}", GENERATION_INPUT),
     ("/api/extra/generate/check", "get", "KoboldCpp", "Partial text of a running generation (?genkey=)", None),

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 from typing import Callable
 
+from flask import has_request_context, request
+
 from ..engine.engine import Engine, GenerationFailed, Job, QueueFullError
 from ..engine.generation import CancelToken, GenerationRequest, GenerationResult
 from ..settings import Settings
 from .errors import ApiError, busy_error
 
 
-def submit(engine: Engine, request: GenerationRequest, genkey: str = "",
+def submit(engine: Engine, generation: GenerationRequest, genkey: str = "",
            cancel_token: CancelToken | None = None) -> Job:
+    """Queue ``generation`` as the current client's job (see :func:`client_address`)."""
     try:
-        return engine.submit(request, genkey, cancel_token)
+        return engine.submit(generation, genkey, cancel_token, owner=client_address())
     except QueueFullError:
         raise busy_error() from None
+
+
+def client_address() -> str:
+    """Who is asking: the client's address, so a check or abort without a genkey reaches only
+    that client's generations (behind a proxy such as SillyTavern's server, all of its users)."""
+    return (request.remote_addr or "") if has_request_context() else ""
 
 
 def generation_failed(error: BaseException) -> ApiError:

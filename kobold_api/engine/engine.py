@@ -50,6 +50,9 @@ class Job:
     cancel_token: CancelToken = field(default_factory=CancelToken)
     #: Internal and unique (a client may reuse a genkey).
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Who submitted it (the web layer passes the client's address): a check or abort that names
+    #: no genkey reaches only the same owner's jobs.
+    owner: str = ""
     submitted_at: float = field(default_factory=time.monotonic)
     _chunks: "queue.SimpleQueue[object]" = field(default_factory=queue.SimpleQueue)
     _parts: list[str] = field(default_factory=list)
@@ -213,13 +216,14 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, request: GenerationRequest, genkey: str = "", cancel_token: CancelToken | None = None) -> Job:
+    def submit(self, request: GenerationRequest, genkey: str = "", cancel_token: CancelToken | None = None,
+               owner: str = "") -> Job:
         """Queue a request; raises QueueFullError when the queue is full.
 
         Jobs given the same ``cancel_token`` (the ``n`` results of one request) stop together.
         """
         job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}", cancel_token or CancelToken(),
-                  pace=self._stream_pace, worker_alive=self._worker_alive)
+                  owner=owner, pace=self._stream_pace, worker_alive=self._worker_alive)
         if self._stopping.is_set() or not self._worker_alive():
             raise QueueFullError("The server is shutting down.")
         with self._jobs_lock:
@@ -244,25 +248,31 @@ class Engine:
         and the HTTP threads stop competing with the decode loop for the CPU."""
         return _BUSY_STREAM_INTERVAL if len(self._running) > 1 else 0.0
 
-    def find(self, genkey: str | None) -> Job | None:
-        """The job with ``genkey``, or without one the most recently started running job."""
+    def find(self, genkey: str | None, owner: str | None = None) -> Job | None:
+        """The job with ``genkey``; without one, the most recently started running job (of
+        ``owner``, when given)."""
         if not genkey:
-            running = list(self._running.values())
+            running = self._running_of(owner)
             return running[-1] if running else None
         with self._jobs_lock:
             return self._jobs.get(genkey)
 
-    def abort(self, genkey: str | None = None) -> bool:
-        """Cancel by genkey (queued or running) or, without one, every running job.
+    def abort(self, genkey: str | None = None, owner: str | None = None) -> bool:
+        """Cancel by genkey (queued or running) or, without one, every running job (of ``owner``,
+        when given).
 
-        Without a genkey KoboldCpp aborts "the" running generation; with batching there
-        may be several, and a client that sends no genkey cannot say which is its own.
+        Without a genkey KoboldCpp aborts "the" running generation; with batching there may be
+        several, and a client that sends no genkey (SillyTavern) cannot say which is its own:
+        its own are those it submitted, so other users' generations keep running.
         """
-        jobs = [self.find(genkey)] if genkey else list(self._running.values())
+        jobs = [self.find(genkey)] if genkey else self._running_of(owner)
         live = [job for job in jobs if job is not None and not job.finished]
         for job in live:
             job.cancel()
         return bool(live)
+
+    def _running_of(self, owner: str | None) -> list[Job]:
+        return [job for job in list(self._running.values()) if owner is None or job.owner == owner]
 
     def shutdown(self) -> None:
         """Stop the worker; running and queued jobs end (aborted) rather than hang."""

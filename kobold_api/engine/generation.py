@@ -32,6 +32,9 @@ class GenerationRequest:
 
     prompt: str | None = None
     prompt_ids: list[int] | None = None
+    #: Text before ``prompt`` that survives left-truncation (Kobold's ``memory``): when the whole
+    #: does not fit, the oldest prompt tokens go first.
+    memory: str = ""
     max_new_tokens: int = 200
     max_context_length: int = 2048
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -104,22 +107,36 @@ class TextGenerator:
         self.prefix_cache = prefix_cache
 
     def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """Tokenize and left-truncate to ``max_context_length - max_new_tokens``; return (ids, cut)."""
+        """Tokenize and left-truncate to ``max_context_length - max_new_tokens``; return (ids, cut).
+
+        ``memory`` is kept whole (it and the prompt are then tokenized apart; a memory longer
+        than the budget keeps its own end).
+        """
+        context = min(request.max_context_length, self.model.info.context_length)
+        budget = max(1, context - request.max_new_tokens)
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
         else:
-            ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
-            bos = self.model.info.bos_token_id
-            if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the prompt spelled out the BOS we also added
-                ids = ids[1:]
-        context = min(request.max_context_length, self.model.info.context_length)
-        budget = max(1, context - request.max_new_tokens)
+            ids = self._encode(request.memory + (request.prompt or ""), request.add_special_tokens)
+            if len(ids) > budget and request.memory:
+                memory = self._encode(request.memory, request.add_special_tokens)
+                rest = self.tokenizer.encode(request.prompt or "", add_special_tokens=False)
+                keep = max(0, budget - len(memory))
+                kept = memory[-budget:] + (rest[len(rest) - keep:] if keep else [])
+                return kept, len(memory) + len(rest) - len(kept)
         cut = max(0, len(ids) - budget)
         ids = ids[cut:]
         if not ids:  # an empty prompt still needs one position to predict from
             fallback = self.model.info.bos_token_id
             ids = [fallback if fallback is not None else (self.model.info.eos_token_ids or [0])[0]]
         return ids, cut
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        bos = self.model.info.bos_token_id
+        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the prompt spelled out the BOS we also added
+            ids = ids[1:]
+        return ids
 
     def stream(self, request: GenerationRequest, cancel: CancelToken | None = None) -> Iterator[GenerationChunk]:
         """Run one request alone (a batch of one): prefill, then one step per token."""

@@ -80,6 +80,12 @@ def extra_true_max_context_length() -> Response:
     return jsonify(value=services().kobold.context_size)
 
 
+@_route(extra, "/preloadstory", ["GET"])
+def extra_preloadstory() -> Response:
+    """KoboldCpp's story to open Kobold Lite with: none is preloaded here."""
+    return jsonify({})
+
+
 @_route(extra, "/perf", ["GET"])
 def extra_perf() -> Response:
     return jsonify(services().kobold.perf())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ...engine.generation import GenerationRequest
-from ...engine.sampling import SamplingParams
+from ...engine.sampling import SamplingParams, normalize_sampler_order
 from ...settings import GenerationDefaults
 from ..fields import FieldReader
 
@@ -36,7 +36,8 @@ class KoboldGenerationInput:
     def to_request(self, copy: int = 0) -> GenerationRequest:
         """The engine request for result number ``copy`` of ``n``."""
         return GenerationRequest(
-            prompt=self.memory + self.prompt,
+            prompt=self.prompt,
+            memory=self.memory,
             max_new_tokens=self.max_length,
             max_context_length=self.max_context_length,
             sampling=self.sampling.for_copy(copy),
@@ -110,16 +111,15 @@ def parse_generation_input(
 
 
 def _sampler_order(reader: FieldReader, defaults: GenerationDefaults) -> list[int]:
+    """KoboldCpp's rule (1 to 7 distinct ids; the engine owns it), reported as a 422 field error."""
     order = reader.integer_list("sampler_order")
     if order is None:
         return list(defaults.sampler_order)
-    if len(order) < 7 and 6 not in order:
-        order = [6, *order]
-    if sorted(order) != list(range(7)):
-        reader.errors.setdefault("sampler_order", []).append(
-            "Must be a permutation of the sampler ids 0-6 (6 is added in front when missing).")
+    try:
+        return normalize_sampler_order(order)
+    except ValueError as exc:
+        reader.errors.setdefault("sampler_order", []).append(str(exc))
         return list(defaults.sampler_order)
-    return order
 
 
 def _custom_token_bans(reader: FieldReader) -> list[int]:

@@ -93,11 +93,11 @@ class KoboldService:
         return EventStream(_kobold_events(job, disconnected), on_close=lambda: jobs.cancel_unfinished([job]))
 
     def check(self, genkey: str | None) -> dict[str, Any]:
-        job = self.engine.find(genkey)
+        job = self.engine.find(genkey, owner=jobs.client_address())
         return {"results": [{"text": job.partial_text if job else ""}]}
 
     def abort(self, genkey: str | None) -> dict[str, str]:
-        aborted = self.engine.abort(genkey)
+        aborted = self.engine.abort(genkey, owner=jobs.client_address())
         return {"success": "true" if aborted else "false", "done": "true"}
 
     def set_soft_prompt(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class OpenAIInput:
     include_usage: bool
     ban_eos: bool = False
     logprobs: int | None = None
+    #: text-generation-webui / SillyTavern: the client's context size (None = the server's).
+    truncation_length: int | None = None
 
 
 @dataclass
@@ -67,6 +69,8 @@ def _common(reader: FieldReader, defaults: GenerationDefaults) -> dict[str, Any]
         "stream": reader.boolean("stream", default=False),
         "include_usage": bool((stream_options or {}).get("include_usage", False)),
         "ban_eos": reader.boolean("ban_eos_token", "ignore_eos", default=False),
+        "truncation_length": reader.integer("truncation_length", "max_context_length", "num_ctx", default=0,
+                                            minimum=1) or None,
     }
 
 

@@ -38,15 +38,14 @@ class OpenAIService:
             {"id": self.model_ids[0], "object": "model", "created": self.created, "owned_by": "kobold_api",
              "permission": [], "root": self.model_ids[0]}]}
 
-    def _check_model(self, model: str | None) -> str:
-        if model and model not in self.model_ids:
-            raise ApiError(404, {"msg": f"The model '{model}' does not exist. Available: {self.model_ids[0]}",
-                                 "type": "model_not_found"}, openai_type="invalid_request_error", param="model")
+    def _response_model(self) -> str:
+        """The id responses name. Any requested ``model`` is served by the one loaded model, as
+        KoboldCpp does: clients with a hard-coded name (``gpt-3.5-turbo``) keep working."""
         return self.model_ids[0]
 
     # --- completions ------------------------------------------------------------------
     def completion(self, parsed: CompletionInput, disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
-        model = self._check_model(parsed.model)
+        model = self._response_model()
         prompts_ids = [self._prompt_ids(prompt, parsed) for prompt in parsed.prompts]
         prompt_texts = [p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=False)
                         for p in parsed.prompts]
@@ -74,7 +73,7 @@ class OpenAIService:
 
     def chat_completion(self, parsed: ChatCompletionInput,
                         disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
-        model = self._check_model(parsed.model)
+        model = self._response_model()
         try:
             prompt = self.template.render(parsed.messages, add_generation_prompt=True)
         except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
@@ -105,7 +104,7 @@ class OpenAIService:
         The last user message is the new input; with ``conversation_id`` the stored history
         is used (and the turn stored), otherwise earlier messages become the history.
         """
-        model = self._check_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        model = self._response_model()
         if body.get("stream"):
             raise ApiError(400, {"msg": "stream is not supported together with character/conversation_id; "
                                         "use POST /api/v1/chat/stream.", "type": "unsupported"}, param="stream")
@@ -135,7 +134,15 @@ class OpenAIService:
 
     # --- shared -----------------------------------------------------------------------
     def _max_tokens(self, parsed: OpenAIInput) -> int:
-        return parsed.max_tokens or self.settings.generation.max_length
+        """``max_tokens`` (or the default), kept below the context so some prompt always fits
+        (KoboldCpp's rule: at most context - min(context - 4, 16))."""
+        context = self._context(parsed)
+        return min(parsed.max_tokens or self.settings.generation.max_length, context - min(context - 4, 16))
+
+    def _context(self, parsed: OpenAIInput) -> int:
+        """The server's context, or less where the client's ``truncation_length`` asks for less."""
+        context = jobs.context_size(self.settings, self.engine)
+        return min(parsed.truncation_length or context, context)
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -160,27 +167,20 @@ class OpenAIService:
                              "top_logprobs": [entry(t, lp) for t, lp in item.top]} for item in result.token_logprobs]}
 
     def _prompt_ids(self, prompt: str | list[int], parsed: OpenAIInput) -> list[int]:
-        """Tokenize; unlike Kobold's silent left-truncation, OpenAI clients expect an error."""
-        if isinstance(prompt, list):
-            if max(prompt) >= self.engine.tokenizer.vocab_size:
-                raise ApiError(400, {"msg": f"Token id {max(prompt)} is outside the vocabulary.",
-                                     "type": "invalid_token"}, param="prompt")
-            request = GenerationRequest(prompt_ids=prompt, max_new_tokens=0, max_context_length=10**9)
-        else:
-            request = GenerationRequest(prompt=prompt, max_new_tokens=0, max_context_length=10**9)
-        ids = self.engine.generator.prompt_ids(request)[0]
-        context = jobs.context_size(self.settings, self.engine)
-        if len(ids) + self._max_tokens(parsed) > context:
-            raise ApiError(400, {"msg": f"This model's maximum context length is {context} tokens, but you "
-                                        f"requested {len(ids) + self._max_tokens(parsed)} tokens "
-                                        f"({len(ids)} in the prompt, {self._max_tokens(parsed)} for the "
-                                        "completion). Please reduce the prompt or max_tokens.",
-                                 "type": "context_length_exceeded"}, param="prompt")
-        return ids
+        """Tokenize, cutting the oldest tokens when prompt + max_tokens exceed the context: what
+        KoboldCpp does, and what SillyTavern's KoboldCpp mode relies on when its own context
+        setting is larger than the server's."""
+        if isinstance(prompt, list) and max(prompt) >= self.engine.tokenizer.vocab_size:
+            raise ApiError(400, {"msg": f"Token id {max(prompt)} is outside the vocabulary.",
+                                 "type": "invalid_token"}, param="prompt")
+        request = GenerationRequest(prompt_ids=prompt if isinstance(prompt, list) else None,
+                                    prompt=prompt if isinstance(prompt, str) else None,
+                                    max_new_tokens=self._max_tokens(parsed), max_context_length=self._context(parsed))
+        return self.engine.generator.prompt_ids(request)[0]
 
     def _request(self, ids: list[int], parsed: OpenAIInput, copy: int) -> GenerationRequest:
         return GenerationRequest(prompt_ids=ids, max_new_tokens=self._max_tokens(parsed),
-                                 max_context_length=jobs.context_size(self.settings, self.engine),
+                                 max_context_length=self._context(parsed),
                                  sampling=parsed.sampling.for_copy(copy), stop_strings=parsed.stop,
                                  trim_stop=True, ban_eos=parsed.ban_eos, logprobs=parsed.logprobs)
 
