@@ -227,19 +227,28 @@ def test_engine_queue_runs_jobs_one_at_a_time_and_bounds_the_queue(tiny_model_di
         engine.shutdown()
 
 
-def test_abort_of_queued_job_ends_it_when_it_starts(tiny_model_dir: Path) -> None:
+def test_aborted_waiting_job_ends_at_once_and_frees_its_place(tiny_model_dir: Path) -> None:
+    """A job still waiting for a batch row ends within a step of its abort, frees its queue
+    place while the batch stays full, and an abort without genkey reaches the owner's waiting job."""
     from conftest import make_engine
 
-    engine: Engine = make_engine(tiny_model_dir, queue_size=4, prefix_cache_mb=0)
+    engine: Engine = make_engine(tiny_model_dir, queue_size=1, prefix_cache_mb=0)  # one row
     try:
-        first = engine.submit(request(max_new_tokens=300, ban_eos=True))
-        second = engine.submit(request(max_new_tokens=300, ban_eos=True))
-        assert engine.abort(second.genkey)
-        first_done = threading.Event()
-        threading.Thread(target=lambda: (first.wait(), first_done.set()), daemon=True).start()
+        first = engine.submit(request(max_new_tokens=4000, max_context_length=4096, ban_eos=True))
+        for _ in first.chunks():  # wait until it runs: the only row is taken
+            break
+        second = engine.submit(request(max_new_tokens=300, ban_eos=True), owner="client-b")
+        with pytest.raises(QueueFullError):
+            engine.submit(request(max_new_tokens=3))
+        assert not engine.abort(owner="client-c")  # someone else's Stop does not reach it
+        assert engine.abort(owner="client-b")  # SillyTavern's Stop: no genkey, its own waiting job
         result = second.wait()
         assert result.stop_reason == STOP_ABORT and result.completion_tokens == 0
-        assert first_done.wait(60)
+        assert not first.finished  # it ended while the only row was still busy
+        third = engine.submit(request(max_new_tokens=3))  # the place it held is free again
+        first.cancel()
+        assert first.wait().stop_reason == STOP_ABORT and third.wait().completion_tokens <= 3
+        assert second.wait() is result  # a second reader of a finished job returns too
     finally:
         engine.shutdown()
 
@@ -360,9 +369,9 @@ def test_follow_up_longer_than_the_adopted_buffer_keeps_its_history(tiny_model_d
 
 
 def test_rows_leaving_a_multi_row_buffer_are_copied_out_and_the_last_resets_it(tiny_model_dir: Path) -> None:
-    """Rows that leave while others decode are copied out at their exact size; the last row comes
-    out as one-row buffers the next follow-up adopts, and the wide buffers are dropped, so a lone
-    chat after a burst of requests is back on the copy-free path."""
+    """Rows that leave are copied out at their exact size; when the last one leaves, the wide
+    buffers are dropped, so a lone chat after a burst of requests is back on one-row buffers
+    (the copy-free path for its next turn)."""
     import numpy as np
 
     from kobold_api.engine.decode_batch import SharedBufferBatch
@@ -377,14 +386,33 @@ def test_rows_leaving_a_multi_row_buffer_are_copied_out_and_the_last_resets_it(t
     assert all(cache.arena is None and cache.tensors[0].shape()[2] == cache.length for cache in caches)
     last = batch.release(0)
     assert last.arena is not None and last.arena[0].shape[0] == 1 and last.token_ids == prompts[0]
+    assert last.nbytes == sum(buffer.nbytes for buffer in last.arena) == caches[0].nbytes
     assert batch.size == 0 and batch.row_capacity == 0
     follow_up = prompts[0] + [5, 6, 7]
     logits = batch.admit(follow_up, last, len(prompts[0]))
-    assert batch.row_capacity == 1 and batch._buffers is last.arena  # adopted, not copied
+    assert batch.row_capacity == 1
     np.testing.assert_array_equal(logits, model.forward(follow_up, model.new_cache()))
     for cache, prompt in zip(caches, (prompts[2], prompts[1])):  # the copies hold the right keys
         continued = SharedBufferBatch(model).admit(prompt + [9, 9], cache, len(prompt))
         np.testing.assert_array_equal(continued, model.forward(prompt + [9, 9], model.new_cache()))
+
+
+def test_prefix_pool_counts_the_whole_buffer_it_holds(tiny_model_dir: Path) -> None:
+    """A lone request hands its whole decode buffer (at least 256 positions wide) to the pool:
+    the byte limit must count that width, or short chats overrun the limit many times over."""
+    model, tokenizer = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir)
+    pool = PrefixCache(64 * 2**20)
+    generator = TextGenerator(model, tokenizer, pool)
+    generator.generate(request(prompt="short", max_new_tokens=3))
+    (entry,) = pool._entries.values()
+    assert entry.cache.arena is not None
+    assert pool.total_bytes == sum(buffer.nbytes for buffer in entry.cache.arena)
+    assert entry.cache.arena[0].shape[2] >= 256 > entry.cache.length
+    small = PrefixCache(pool.total_bytes * 3 + 1)  # room for three such buffers, however short
+    generator = TextGenerator(model, tokenizer, small)
+    for index in range(6):
+        generator.generate(request(prompt=f"{index} different", max_new_tokens=3))
+    assert len(small) == 3 and small.total_bytes <= small.max_bytes
 
 
 def test_worker_survives_a_failed_step_and_keeps_serving(tiny_model_dir: Path) -> None:

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -92,9 +92,12 @@ class Job:
                 if disconnected():
                     self.cancel()
             if item is None:
-                if not self.worker_alive():
+                if self._done.is_set() and self._chunks.empty():  # an earlier reader took the end
+                    item = _DONE
+                elif not self.worker_alive():
                     raise GenerationFailed("the generation worker stopped")
-                continue
+                else:
+                    continue
             # Under load several chunks wait by the time this thread runs: merge their text into
             # one, so a busy server sends fewer, larger events instead of falling behind.
             text_parts: list[str] = []
@@ -158,6 +161,63 @@ class PerfStats:
 _KOBOLD_STOP_REASON = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
 
 
+class JobQueue:
+    """The bounded FIFO of jobs waiting for a batch row.
+
+    Unlike ``queue.Queue`` it lets the worker take cancelled jobs out from the middle, so an
+    aborted request that is still waiting ends within one decode step and frees its place,
+    even while every batch row is busy.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._jobs: deque[Job] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        with self._changed:
+            if self._closed:
+                raise QueueFullError("The server is shutting down.")
+            if len(self._jobs) >= self.capacity:
+                raise QueueFullError("Server is busy; please try again later.")
+            self._jobs.append(job)
+            self._changed.notify()
+
+    def take(self, block: bool) -> Job | None:
+        """The oldest job; None when there is none (and ``block`` is false) or once closed."""
+        with self._changed:
+            while block and not self._jobs and not self._closed:
+                self._changed.wait()
+            return self._jobs.popleft() if self._jobs and not self._closed else None
+
+    def take_cancelled(self) -> list[Job]:
+        with self._changed:
+            cancelled = [job for job in self._jobs if job.cancel_token.cancelled]
+            for job in cancelled:
+                self._jobs.remove(job)
+            return cancelled
+
+    def snapshot(self) -> list[Job]:
+        with self._changed:
+            return list(self._jobs)
+
+    def close(self) -> list[Job]:
+        """Refuse new jobs, wake the worker, and hand back the ones still waiting."""
+        with self._changed:
+            self._closed = True
+            left, self._jobs = list(self._jobs), deque()
+            self._changed.notify_all()
+            return left
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
 class Engine:
     """Owns the generator and the single worker thread; thread-safe to call from routes.
 
@@ -171,7 +231,7 @@ class Engine:
         self.generator = generator
         self.model_name = model_name
         self.max_batch_size = max_batch_size if generator.model.supports_batching else 1
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._queue = JobQueue(queue_size)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._jobs_lock = threading.Lock()
         self._running: dict[str, Job] = {}
@@ -210,11 +270,11 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._running) or not self._queue.empty()
+        return bool(self._running) or bool(len(self._queue))
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def submit(self, request: GenerationRequest, genkey: str = "", cancel_token: CancelToken | None = None,
                owner: str = "") -> Job:
@@ -227,12 +287,9 @@ class Engine:
         if self._stopping.is_set() or not self._worker_alive():
             raise QueueFullError("The server is shutting down.")
         with self._jobs_lock:
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise QueueFullError("Server is busy; please try again later.") from None
+            self._queue.put(job)
             self._jobs[job.genkey] = job
-            while len(self._jobs) > _RECENT_JOBS + self._queue.maxsize:
+            while len(self._jobs) > _RECENT_JOBS + self._queue.capacity:
                 oldest = next(iter(self._jobs.values()))
                 if not oldest.finished:
                     break
@@ -258,14 +315,15 @@ class Engine:
             return self._jobs.get(genkey)
 
     def abort(self, genkey: str | None = None, owner: str | None = None) -> bool:
-        """Cancel by genkey (queued or running) or, without one, every running job (of ``owner``,
-        when given).
+        """Cancel by genkey (queued or running) or, without one, every running or waiting job
+        (of ``owner``, when given). A waiting job ends within one decode step.
 
         Without a genkey KoboldCpp aborts "the" running generation; with batching there may be
         several, and a client that sends no genkey (SillyTavern) cannot say which is its own:
         its own are those it submitted, so other users' generations keep running.
         """
-        jobs = [self.find(genkey)] if genkey else self._running_of(owner)
+        waiting = [job for job in self._queue.snapshot() if owner is None or job.owner == owner]
+        jobs = [self.find(genkey)] if genkey else [*self._running_of(owner), *waiting]
         live = [job for job in jobs if job is not None and not job.finished]
         for job in live:
             job.cancel()
@@ -279,10 +337,9 @@ class Engine:
         self._stopping.set()
         for job in list(self._jobs.values()):
             job.cancel()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        for job in self._queue.close():  # never started: ended here, the worker never sees them
+            job.error = RuntimeError("server is shutting down")
+            self._end(job)
 
     # --- the worker -------------------------------------------------------------------
     def _run(self) -> None:
@@ -301,20 +358,16 @@ class Engine:
                 rows, pending = [], []
                 batch = new_decode_batch(self.generator.model, self.max_batch_size)
         self._fail_all(rows, RuntimeError("server is shutting down"))
-        self._drain_queue()
 
     def _admit(self, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> bool:
-        """Take queued jobs into the batch between steps, blocking only when idle; False = stop."""
+        """Between steps: end waiting jobs that were cancelled, then take queued jobs into free
+        rows (blocking only when idle). False = stop."""
+        for job in self._queue.take_cancelled():
+            self._start(job, batch)  # a cancelled job ends at once, without a prefill or a row
         while len(rows) < self.max_batch_size:
-            try:
-                job = self._queue.get(block=not rows)
-            except queue.Empty:
-                return True
-            if job is None or self._stopping.is_set():
-                if job is not None:
-                    job.error = RuntimeError("server is shutting down")
-                    self._end(job)
-                return False
+            job = self._queue.take(block=not rows)
+            if job is None:
+                return not self._queue.closed
             started = self._start(job, batch)
             if started is not None:
                 rows.append((job, started[0]))
@@ -339,16 +392,6 @@ class Engine:
                 _swap_remove(pending, row)
             else:
                 pending[row] = token
-
-    def _drain_queue(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.error = RuntimeError("server is shutting down")
-                self._end(job)
 
     def _start(self, job: Job, batch: DecodeBatch) -> tuple[Sequence, int] | None:
         """Prefill a new job into ``batch`` and take its first token; None if it already finished."""

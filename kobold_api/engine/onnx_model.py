@@ -53,13 +53,14 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Memory the cached positions take (a wider buffer behind them is not counted:
-        its untouched pages are never allocated by the OS)."""
+        """Memory the cache holds: the tensors' whole width, not just the cached positions (a
+        pooled decode buffer is wider than its sequence, and its pages are really in use: the
+        allocator clears reused memory, touching every page)."""
         if not self.tensors:
             return 0
         shape = self.tensors[0].shape()
         itemsize = 2 if "float16" in self.tensors[0].data_type() else 4
-        return len(self.tensors) * int(shape[0]) * int(shape[1]) * int(shape[3]) * itemsize * self.length
+        return len(self.tensors) * int(np.prod(shape)) * itemsize
 
 
 def cuda_device_available() -> bool:
