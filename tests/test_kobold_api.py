@@ -617,6 +617,52 @@ def test_sampler_seed_upper_range_and_random(server: Any, seed: int) -> None:
     assert response.status_code == 200, response.text
 
 
+def _most_repeated_ngram(text: str, n: int = 6) -> int:
+    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
+    return max((grams.count(gram) for gram in set(grams)), default=0)
+
+
+def test_dry_breaks_loops_with_sillytavern_breakers(server: Any) -> None:
+    """DRY with the breakers as SillyTavern sends them (a JSON string): the tiny model's greedy
+    output loops, and DRY must visibly break the loop."""
+    body = greedy(prompt="abc abc abc abc abc", max_length=60)
+    plain = generate(server, **body)["text"]
+    dry = generate(server, **body, dry_multiplier=2.0, dry_base=1.75, dry_allowed_length=2,
+                   dry_penalty_last_n=0, dry_sequence_breakers='["\\n", ":", "\\"", "*"]')["text"]
+    assert _most_repeated_ngram(plain) >= 4, plain  # the premise: without DRY it loops
+    assert _most_repeated_ngram(dry) < _most_repeated_ngram(plain), (plain, dry)
+
+
+@pytest.mark.parametrize("extra", [
+    {"mirostat": 2, "mirostat_tau": 1.0, "mirostat_eta": 0.5},
+    {"mirostat_mode": 1, "mirostat_tau": 1.0},
+    {"xtc_threshold": 0.05, "xtc_probability": 1.0},
+    {"dynatemp_range": 0.9, "dynatemp_exponent": 1.0},
+    {"smoothing_factor": 2.0},
+])
+def test_koboldcpp_samplers_take_effect_and_replay(server: Any, extra: dict[str, Any]) -> None:
+    """Each KoboldCpp extra sampler changes a seeded sample, and the same seed replays it."""
+    common = {"max_length": 24, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "ban_eos_token": True}
+    changed = 0
+    for seed in range(3):
+        plain = generate(server, **seeded(sampler_seed=seed, **common))["text"]
+        first = generate(server, **seeded(sampler_seed=seed, **common, **extra))["text"]
+        again = generate(server, **seeded(sampler_seed=seed, **common, **extra))["text"]
+        assert first == again
+        changed += first != plain
+    assert changed > 0, f"{extra} made no difference"
+
+
+def test_sampler_settings_checked_only_when_on(server: Any) -> None:
+    """A stale value for a sampler that is off is accepted; the same value with it on is a 422
+    naming the field."""
+    assert server.post("/api/v1/generate", json=greedy(max_length=2, dry_base=0.5)).status_code == 200
+    response = server.post("/api/v1/generate", json=greedy(max_length=2, dry_base=0.5, dry_multiplier=1.0))
+    assert response.status_code == 422 and "dry_base" in response.json()["detail"], response.text
+    response = server.post("/api/v1/generate", json=greedy(max_length=2, mirostat=3))
+    assert response.status_code == 422 and "mirostat" in response.json()["detail"], response.text
+
+
 def test_sampler_order_changes_output(server: Any) -> None:
     # With top_p cutting before vs after the temperature, the kept token sets differ.
     common = {"max_length": 24, "temperature": 2.5, "top_p": 0.5, "top_k": 0, "ban_eos_token": True}

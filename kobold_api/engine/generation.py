@@ -184,7 +184,8 @@ class Sequence:
         self.cancel = cancel
         info = generator.model.info
         self.sampling = resolve_sampling(request.sampling, info.eos_token_ids if request.ban_eos else [])
-        self.sampler = TokenSampler(self.sampling)
+        self.sampler = TokenSampler(
+            self.sampling, tokenize=lambda text: generator.tokenizer.encode(text, add_special_tokens=False))
         self.prompt_ids, self.truncated = generator.prompt_ids(request)
         context_length = min(request.max_context_length, info.context_length)
         self.max_new = max(0, min(request.max_new_tokens, context_length - len(self.prompt_ids)))

@@ -17,12 +17,28 @@ Ties: every truncating sampler cuts by *value*, so tokens whose score equals
 the score at the cut are all kept. This makes the result independent of how a
 sort orders equal entries (the reference implementations cut by position,
 which is arbitrary among ties).
+
+The chain, as :func:`build_processors` composes it (KoboldCpp's order):
+
+1. ``logit_bias``, then the token bans;
+2. with ``mirostat`` off, the ``sampler_order`` ids in turn, where id 5 is
+   the temperature step (dynamic temperature when ``dynatemp_range > 0``,
+   else plain temperature; then quadratic smoothing) and id 6 the penalty
+   step (DRY, ``rep_pen``, presence/frequency); then XTC;
+3. with ``mirostat`` 1 or 2 instead: the penalty step, plain temperature,
+   smoothing, then Mirostat (top-k/top-a/top-p/min-p/tfs/typical, dynamic
+   temperature and XTC are skipped, as in KoboldCpp);
+4. the draw (:class:`TokenSampler`), after which Mirostat updates its state.
+
+Greedy decoding (temperature 0) only applies the steps that can change the
+argmax: bias, bans and the penalty step (DRY included). XTC, Mirostat,
+dynamic temperature and smoothing do not apply then.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from numbers import Integral, Real
@@ -31,14 +47,19 @@ from typing import Protocol
 import numpy as np
 
 __all__ = [
+    "DEFAULT_DRY_SEQUENCE_BREAKERS",
     "DEFAULT_SAMPLER_ORDER",
+    "DryPenaltySampler",
+    "DynamicTemperatureSampler",
     "LogitBiasSampler",
     "LogitsProcessor",
     "MinPSampler",
+    "MirostatSampler",
     "PresenceFrequencyPenaltySampler",
     "RepetitionPenaltySampler",
     "SamplerId",
     "SamplingParams",
+    "SmoothingSampler",
     "TailFreeSampler",
     "TemperatureSampler",
     "TokenBanSampler",
@@ -47,6 +68,7 @@ __all__ = [
     "TopKSampler",
     "TopPSampler",
     "TypicalSampler",
+    "XTCSampler",
     "build_processors",
     "normalize_sampler_order",
 ]
@@ -74,6 +96,9 @@ class SamplerId(IntEnum):
 
 
 DEFAULT_SAMPLER_ORDER: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)
+
+# KoboldCpp's default DRY sequence breakers.
+DEFAULT_DRY_SEQUENCE_BREAKERS: tuple[str, ...] = ("\n", ":", "\"", "*")
 
 
 class LogitsProcessor(Protocol):
@@ -105,6 +130,23 @@ class SamplingParams:
     seed: int | None = None  # None or negative = random
     logit_bias: dict[int, float] = field(default_factory=dict)
     banned_token_ids: list[int] = field(default_factory=list)
+    # KoboldCpp's extra samplers; the defaults are all "off".
+    mirostat: int = 0  # 0 off, 1 = Mirostat v1, 2 = Mirostat v2
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
+    xtc_threshold: float = 0.2
+    xtc_probability: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 320  # 0 or -1: the whole context
+    dry_sequence_breakers: list[str] = field(
+        default_factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS)
+    )
 
     def for_copy(self, index: int) -> "SamplingParams":
         """Parameters for the ``index``-th of ``n`` results of one request: seed + index, so
@@ -169,6 +211,28 @@ def _token_id_array(name: str, token_ids: Iterable[object]) -> np.ndarray:
 
 def _is_decimal(value: object) -> bool:
     return isinstance(value, str) and value.strip().isdecimal()
+
+
+def _mirostat_mode(value: object) -> int:
+    mode = _require_int("mirostat", value, 0)
+    if mode > 2:
+        raise ValueError(f"mirostat must be 0 (off), 1 or 2 (got {value!r})")
+    return mode
+
+
+def _string_list(name: str, value: object) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list of strings")
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name} must be a list of strings (got {value!r})")
+    return list(value)
+
+
+def _request_rng(seed: object) -> np.random.Generator:
+    """The request's generator: seeded when ``seed >= 0``, else from OS entropy."""
+    if seed is not None:
+        seed = _require_int("seed", seed, -(2**63))
+    return np.random.default_rng(seed if seed is not None and seed >= 0 else None)
 
 
 # --------------------------------------------------------------------------
@@ -567,6 +631,321 @@ class TemperatureSampler:
         return logits
 
 
+class DynamicTemperatureSampler:
+    """Dynamic temperature (KoboldCpp's ``dynatemp_range``/``dynatemp_exponent``).
+
+    The temperature used is picked per step from the entropy of the current
+    distribution: with ``n`` unmasked tokens, entropy ``H`` and the bounds
+    ``low = max(0, temperature - range)``, ``high = temperature + range``::
+
+        T = low + (high - low) * (H / ln n) ** exponent
+
+    so a peaked distribution (``H`` near 0) gets ``low`` and a flat one
+    (``H = ln n``) gets ``high``. ``H / ln n`` is clamped to [0, 1] against
+    rounding. ``T = 0`` keeps only the most likely token(s), like
+    :class:`TemperatureSampler`. With fewer than two tokens left nothing
+    happens. ``n`` counts the tokens still unmasked (KoboldCpp counts its
+    candidates, which it pre-trims to the top 3,000, so on an untruncated
+    distribution its ``ln n`` is ``ln 3000``).
+    """
+
+    def __init__(self, temperature: float, dynatemp_range: float, exponent: float = 1.0) -> None:
+        temperature = _require_at_least("temperature", temperature, 0.0)
+        spread = _require_at_least("dynatemp_range", dynatemp_range, 0.0)
+        self.exponent = _require_at_least("dynatemp_exponent", exponent, 0.0)
+        self.low = max(0.0, temperature - spread)
+        self.high = temperature + spread
+
+    def temperature_for(self, values: np.ndarray) -> float:
+        """The temperature this sampler uses for the given unmasked logits."""
+        shifted = values - values.max()
+        weights = np.exp(shifted)
+        total = float(weights.sum(dtype=np.float64))
+        # H = ln Z - sum(w * shifted) / Z, with w = exp(shifted) and Z = sum(w).
+        entropy = math.log(total) - float((weights * shifted).sum(dtype=np.float64)) / total
+        normalized = min(max(entropy / math.log(values.size), 0.0), 1.0)
+        return self.low + (self.high - self.low) * normalized**self.exponent
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size <= 1:
+            return logits
+        temperature = self.temperature_for(values)
+        if temperature <= 0.0:
+            logits[logits < values.max()] = NEG_INF
+            return logits
+        np.divide(logits, np.float32(temperature), out=logits)
+        return logits
+
+
+class SmoothingSampler:
+    """Quadratic sampling (``smoothing_factor``, with ``smoothing_curve``).
+
+    KoboldCpp applies it in the temperature step, after the division by the
+    temperature. With ``m`` the largest logit, ``d = l - m <= 0``,
+    ``f = smoothing_factor`` and ``c = smoothing_curve``::
+
+        l' = m - k f d^2 + s f d^3,   k = (3 - c) / 2,   s = (c - 1) / 2
+
+    (text-generation-webui's curve). ``c = 1`` is KoboldCpp's plain quadratic
+    ``l' = m - f d^2``: the top token keeps its logit, the others fall by the
+    square of their gap, so the order is kept and gaps above 1/f widen
+    (below it they shrink: near-ties get closer). For ``1 <= c <= 3`` the map
+    is monotonic; above 3 tokens just below the top can overtake it, as in
+    text-generation-webui. Curves below 1 are rejected: they would lift the
+    far tail above the top token. Logits that fall below the float32 range
+    become ``-inf``.
+    """
+
+    def __init__(self, smoothing_factor: float, smoothing_curve: float = 1.0) -> None:
+        self.factor = _require_at_least("smoothing_factor", smoothing_factor, 0.0)
+        self.curve = _require_at_least("smoothing_curve", smoothing_curve, 1.0)
+        self.square = self.factor * (3.0 - self.curve) / 2.0
+        self.cube = self.factor * (self.curve - 1.0) / 2.0
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size <= 1:
+            return logits
+        top = values.max()
+        # l' = m - ((k f - s f d) * d) * d, one factor at a time: d is finite,
+        # so a step can overflow to +-inf but never meet 0 * inf (no NaN), and
+        # a token pushed below the float32 range ends at -inf. In-place
+        # float32 steps: temporaries of this size are slow to allocate.
+        gap = np.subtract(values, top)
+        with np.errstate(over="ignore"):
+            bend = np.multiply(gap, np.float32(-self.cube))
+            bend += np.float32(self.square)
+            bend *= gap
+            bend *= gap
+            np.subtract(top, bend, out=bend)
+        if indices is None:
+            logits[:] = bend
+        else:
+            logits[indices] = bend
+        return logits
+
+
+class XTCSampler:
+    """Exclude Top Choices (``xtc_threshold``, ``xtc_probability``).
+
+    On each step, with probability ``xtc_probability`` (one uniform drawn
+    from the request's generator, every step, so seeded runs replay), every
+    token whose probability is ``>= xtc_threshold`` is removed except the
+    least likely of them; if fewer than two tokens reach the threshold
+    nothing happens. Ties with that least likely token stay too (cut by
+    value). Probabilities are those of the distribution the chain has left.
+    Removed tokens are masked (KoboldCpp subtracts 999 from their logits).
+    """
+
+    def __init__(
+        self, threshold: float, probability: float, rng: np.random.Generator
+    ) -> None:
+        self.threshold = _require_between("xtc_threshold", threshold, 0.0, 1.0)
+        self.probability = _require_between("xtc_probability", probability, 0.0, 1.0)
+        self.rng = rng
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        if not self.rng.random() < self.probability:
+            return logits
+        indices, values = _unmasked(logits)
+        if values.size < 2:
+            return logits
+        weights = np.exp(values - values.max())
+        total = float(weights.sum(dtype=np.float64))
+        above = weights >= self.threshold * total
+        if np.count_nonzero(above) < 2:
+            return logits
+        least = values[above].min()
+        removed = np.flatnonzero(above & (values > least))
+        # Few tokens go, so mask them in place (ties with the least likely one stay).
+        logits[removed if indices is None else indices[removed]] = NEG_INF
+        return logits
+
+
+class MirostatSampler:
+    """Mirostat v1 and v2 (Basu et al. 2021), with state kept per request.
+
+    ``mu`` starts at ``2 * tau``. After each draw :meth:`observe` measures the
+    surprise ``S = -log2 p(token)`` under the distribution the token was drawn
+    from (after truncation, renormalised) and sets ``mu -= eta * (S - tau)``,
+    steering the observed surprise towards ``tau``.
+
+    v2 keeps the tokens whose surprise ``-log2 p`` is at most ``mu`` (at least
+    the most likely one). v1 estimates the Zipf exponent ``s`` from the top
+    ``m = 100`` tokens, ``s = sum(t_i b_i) / sum(t_i^2)`` with
+    ``t_i = ln((i + 2) / (i + 1))`` and ``b_i = ln(p_i / p_(i+1))``, then
+    keeps the top ``k = (e 2^mu / (1 - N^-e))^(1 / s)`` tokens, ``e = s - 1``,
+    where ``N`` is the vocabulary size (the logits' length). For ``e = 0`` the
+    limit ``2^mu / ln N`` is used; a flat top (``s = 0``) keeps everything or
+    only the top token depending on the sign of the numerator's log.
+
+    An instance belongs to one request (:class:`TokenSampler` builds one per
+    request), so concurrent requests never share ``mu``.
+    """
+
+    M = 100
+
+    def __init__(self, version: int, tau: float = 5.0, eta: float = 0.1) -> None:
+        self.version = _mirostat_mode(version)
+        if self.version == 0:
+            raise ValueError("mirostat must be 1 or 2 to build a Mirostat sampler")
+        self.tau = _require_at_least("mirostat_tau", tau, 0.0)
+        self.eta = _require_at_least("mirostat_eta", eta, 0.0)
+        self.mu = 2.0 * self.tau
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size <= 1:
+            return logits
+        if self.version == 2:
+            top = float(values.max())
+            total = float(np.exp(values - np.float32(top)).sum(dtype=np.float64))
+            # -log2(w / Z) <= mu  <=>  l >= max + ln Z - mu ln 2.
+            floor = min(top + math.log(total) - self.mu * math.log(2.0), top)
+            return _keep(logits, indices, values >= np.float32(floor))
+        k = self._top_k(values, logits.size)
+        if k >= values.size:
+            return logits
+        kth_largest = np.partition(values, values.size - k)[values.size - k]
+        return _keep(logits, indices, values >= kth_largest)
+
+    def _top_k(self, values: np.ndarray, vocab_size: int) -> int:
+        m = min(self.M, values.size)
+        top = np.sort(np.partition(values, values.size - m)[values.size - m :])[::-1]
+        ranks = np.arange(1, m, dtype=np.float64)
+        t = np.log((ranks + 1.0) / ranks)
+        b = -np.diff(top.astype(np.float64))  # ln(p_i / p_(i+1)) = l_i - l_(i+1)
+        s_hat = float((t * b).sum() / (t * t).sum())
+        epsilon = s_hat - 1.0
+        log_n = math.log(max(vocab_size, 2))
+        # e / (1 - N^-e), which tends to 1 / ln N as e -> 0.
+        ratio = 1.0 / log_n if epsilon == 0.0 else epsilon / -math.expm1(-epsilon * log_n)
+        numerator = math.log(ratio) + self.mu * math.log(2.0)
+        if s_hat <= 0.0:
+            log_k = math.inf if numerator > 0 else -math.inf
+        else:
+            log_k = numerator / s_hat
+        if log_k >= math.log(values.size):
+            return values.size
+        return max(1, int(math.exp(log_k)))
+
+    def observe(self, scores: np.ndarray, token: int) -> float:
+        """Update ``mu`` from the token drawn from ``scores``; returns the surprise (bits)."""
+        _, values = _unmasked(scores)
+        top = values.max()
+        total = float(np.exp(values - top).sum(dtype=np.float64))
+        log_p = float(scores[token]) - float(top) - math.log(total)
+        surprise = -log_p / math.log(2.0)
+        self.mu -= self.eta * (surprise - self.tau)
+        return surprise
+
+
+class DryPenaltySampler:
+    """DRY, "Don't Repeat Yourself" (``dry_multiplier``, ``_base``, ``_allowed_length``...).
+
+    Within the last ``dry_penalty_last_n`` context tokens (0 or -1: all of
+    them), for each candidate token ``t`` find the longest ``n`` such that the
+    last ``n`` context tokens followed by ``t`` occur earlier in that window.
+    If ``n >= dry_allowed_length``, ``t``'s logit drops by
+    ``multiplier * base ** (n - allowed_length)``.
+
+    Sequence breakers: the repeated sequence (the last ``n`` tokens) may not
+    contain a breaker token, so a match stops at the most recent breaker and
+    a context ending in a breaker is never penalised. As in KoboldCpp and
+    llama.cpp, the candidate token itself may be a breaker. Breakers are
+    token ids here (see :func:`build_processors` for how strings map to ids).
+
+    Cost bound: match lengths are counted up to ``allowed_length + 50`` (so
+    the exponent is capped at 50; KoboldCpp caps it so the power stays a
+    finite float), and the penalty is capped at 1e30. Only positions where
+    the last token (and, for ``allowed_length >= 2``, the last two) recur are
+    examined, in one vectorised gather, so a step costs well under a
+    millisecond for a 1,000-token window.
+    """
+
+    MAX_EXPONENT = 50
+    MAX_PENALTY = 1e30
+
+    def __init__(
+        self,
+        multiplier: float,
+        base: float = 1.75,
+        allowed_length: int = 2,
+        penalty_last_n: int = 320,
+        sequence_breaker_ids: Iterable[object] = (),
+    ) -> None:
+        self.multiplier = _require_at_least("dry_multiplier", multiplier, 0.0)
+        self.base = _require_at_least("dry_base", base, 1.0)
+        self.allowed_length = _require_int("dry_allowed_length", allowed_length, 1)
+        self.penalty_last_n = _require_int("dry_penalty_last_n", penalty_last_n, -1)
+        self.breaker_ids = np.unique(_token_id_array("dry_sequence_breakers", sequence_breaker_ids))
+        self.max_match = self.allowed_length + self.MAX_EXPONENT
+        # Penalty by match length n = 0 .. max_match (0 below allowed_length).
+        lengths = np.arange(self.max_match + 1, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            penalty = self.multiplier * self.base ** np.maximum(lengths - self.allowed_length, 0)
+        penalty[: self.allowed_length] = 0.0
+        self.penalty = np.minimum(penalty, self.MAX_PENALTY).astype(np.float32)
+
+    def match_lengths(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, longest match length) of the penalised candidates, ids unique."""
+        empty = np.zeros(0, dtype=np.int64)
+        window = _window(context, max(self.penalty_last_n, 0)).astype(np.int64, copy=False)
+        size = window.size
+        # An earlier occurrence ends at i <= size - 2, so it has at most size - 1 tokens.
+        limit = min(size - 1, self.max_match)
+        if self.breaker_ids.size and limit > 0:
+            tail = window[size - limit :]
+            breaks = np.flatnonzero(np.isin(tail, self.breaker_ids))
+            if breaks.size:
+                limit = limit - 1 - int(breaks[-1])  # tokens after the latest breaker
+        if limit < self.allowed_length:
+            return empty, empty
+        # Positions i whose token equals the last one (and whose previous token
+        # equals the one before the last, when a match must be 2+ long).
+        recur = window[:-1] == window[-1]
+        if self.allowed_length >= 2:
+            recur[1:] &= window[:-2] == window[-2]
+            recur[0] = False
+        ends = np.flatnonzero(recur)
+        if ends.size == 0:
+            return empty, empty
+        # same[r, k]: the k-th token before end r equals the k-th before the
+        # last token. A left pad of a value below every token makes positions
+        # before the window mismatch. (ufunc calls, not operators, and int32
+        # positions: large temporaries are slow.)
+        steps = np.arange(limit, dtype=np.int32)
+        suffix = window[size - 1 - steps]
+        padded = np.empty(size + limit, dtype=window.dtype)
+        padded[:limit] = window.min() - 1
+        padded[limit:] = window
+        positions = np.add(ends.astype(np.int32)[:, None], limit - steps)
+        same = np.equal(padded[positions], suffix)
+        # Column 0 always matches (ends were chosen so), so an argmin of 0
+        # means the whole row matched.
+        lengths = np.argmin(same, axis=1)
+        lengths[lengths == 0] = limit
+        hit = lengths >= self.allowed_length
+        tokens, lengths = window[ends[hit] + 1], lengths[hit]
+        if tokens.size == 0:
+            return empty, empty
+        # Longest match per token: sort by (token, length), keep each token's last entry.
+        order = np.lexsort((lengths, tokens))
+        tokens, lengths = tokens[order], lengths[order]
+        last = np.ones(tokens.size, dtype=bool)
+        last[:-1] = tokens[1:] != tokens[:-1]
+        return tokens[last], lengths[last]
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        if context.size < 2:
+            return logits
+        tokens, lengths = self.match_lengths(context)
+        in_vocab = (tokens >= 0) & (tokens < logits.size)
+        logits[tokens[in_vocab]] -= self.penalty[lengths[in_vocab]]
+        return logits
+
+
 # --------------------------------------------------------------------------
 # Building the chain.
 # --------------------------------------------------------------------------
@@ -593,18 +972,48 @@ def normalize_sampler_order(sampler_order: Sequence[object]) -> list[int]:
     return order
 
 
-def build_processors(params: SamplingParams) -> list[LogitsProcessor]:
+def build_processors(
+    params: SamplingParams,
+    tokenize: Callable[[str], list[int]] | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[LogitsProcessor]:
     """Turn ``params`` into the ordered chain, skipping neutral samplers.
 
     Bias and bans come first; then ``sampler_order`` decides the rest. min_p
-    rides with top_p (id 2) and presence/frequency with rep_pen (id 6).
-    ``rep_pen`` 0 counts as "off" like 1, since clients send 0 for a disabled
-    penalty and a factor of 0 would divide by zero.
+    rides with top_p (id 2); dynamic temperature replaces the temperature and
+    smoothing follows it (id 5); DRY, rep_pen and presence/frequency share id
+    6, in that order (KoboldCpp applies DRY right after the bias, so before
+    rep_pen; here it moves with id 6 instead). XTC comes after the ordered
+    chain. With ``mirostat`` on, the chain is instead: bias,
+    bans, the id-6 penalties, plain temperature, smoothing, Mirostat, whatever
+    ``sampler_order`` says (see the module docstring). ``rep_pen`` 0 counts
+    as "off" like 1, since clients send 0 for a disabled penalty and a factor
+    of 0 would divide by zero.
+
+    ``tokenize`` turns a DRY sequence breaker into token ids (it must not add
+    special tokens such as BOS). Every token id in a breaker's tokenization
+    is treated as a breaker on its own: a simplification of KoboldCpp, which
+    matches multi-token breakers as sequences, and which also treats tokens
+    that merely contain the breaker text as breakers. Without ``tokenize``,
+    DRY runs with no breakers.
+
+    ``rng`` is the request's generator, which XTC draws its per-step roll
+    from; :class:`TokenSampler` passes the one it draws tokens with. Without
+    it a generator is made from ``params.seed``.
+
+    Settings of a sampler that is off are not checked, except the switches
+    themselves (``mirostat``, ``dynatemp_range``, ``smoothing_factor``,
+    ``xtc_probability``, ``dry_multiplier``) and the two rep_pen fields.
     """
     order = normalize_sampler_order(params.sampler_order)
     # These two are shared by two samplers; check them even if neither is built.
     _require_int("rep_pen_range", params.rep_pen_range, 0)
     _require_at_least("rep_pen_slope", params.rep_pen_slope, 0.0)
+    mirostat = _mirostat_mode(params.mirostat)
+    dynatemp_range = _require_at_least("dynatemp_range", params.dynatemp_range, 0.0)
+    smoothing_factor = _require_at_least("smoothing_factor", params.smoothing_factor, 0.0)
+    xtc_probability = _require_between("xtc_probability", params.xtc_probability, 0.0, 1.0)
+    dry_multiplier = _require_at_least("dry_multiplier", params.dry_multiplier, 0.0)
 
     chain: list[LogitsProcessor] = []
     if params.logit_bias:
@@ -625,8 +1034,37 @@ def build_processors(params: SamplingParams) -> list[LogitsProcessor]:
         by_id[SamplerId.TFS].append(TailFreeSampler(params.tfs))
     if params.typical != 1:
         by_id[SamplerId.TYPICAL].append(TypicalSampler(params.typical))
+
+    plain_temperature: list[LogitsProcessor] = []
     if params.temperature != 1:
-        by_id[SamplerId.TEMPERATURE].append(TemperatureSampler(params.temperature))
+        plain_temperature.append(TemperatureSampler(params.temperature))
+    smoothing: list[LogitsProcessor] = []
+    if smoothing_factor != 0:
+        smoothing.append(SmoothingSampler(smoothing_factor, params.smoothing_curve))
+    if dynatemp_range != 0:
+        by_id[SamplerId.TEMPERATURE].append(
+            DynamicTemperatureSampler(params.temperature, dynatemp_range, params.dynatemp_exponent)
+        )
+    else:
+        by_id[SamplerId.TEMPERATURE].extend(plain_temperature)
+    by_id[SamplerId.TEMPERATURE].extend(smoothing)
+
+    if dry_multiplier != 0:
+        breakers = _string_list("dry_sequence_breakers", params.dry_sequence_breakers)
+        breaker_ids: list[int] = []
+        if tokenize is not None:
+            for breaker in breakers:
+                if breaker:
+                    breaker_ids.extend(tokenize(breaker))
+        by_id[SamplerId.REP_PEN].append(
+            DryPenaltySampler(
+                dry_multiplier,
+                params.dry_base,
+                params.dry_allowed_length,
+                params.dry_penalty_last_n,
+                breaker_ids,
+            )
+        )
     if params.rep_pen not in (0, 1):
         by_id[SamplerId.REP_PEN].append(
             RepetitionPenaltySampler(params.rep_pen, params.rep_pen_range, params.rep_pen_slope)
@@ -637,34 +1075,59 @@ def build_processors(params: SamplingParams) -> list[LogitsProcessor]:
                 params.presence_penalty, params.frequency_penalty, params.rep_pen_range
             )
         )
+
+    if mirostat:
+        chain.extend(by_id[SamplerId.REP_PEN])
+        chain.extend(plain_temperature)
+        chain.extend(smoothing)
+        chain.append(MirostatSampler(mirostat, params.mirostat_tau, params.mirostat_eta))
+        return chain
+
     for sampler_id in order:
         chain.extend(by_id[sampler_id])
+    if xtc_probability != 0:
+        threshold = _require_between("xtc_threshold", params.xtc_threshold, 0.0, 1.0)
+        # Above 0.5 at most one token can reach the threshold: XTC never acts.
+        if threshold <= 0.5:
+            if rng is None:
+                rng = _request_rng(params.seed)
+            chain.append(XTCSampler(threshold, xtc_probability, rng))
     return chain
 
 
 # Processors that still matter when decoding greedily: they can change which
-# token is the argmax, whereas truncation never removes the argmax.
+# token is the argmax, whereas truncation never removes the argmax. (XTC would,
+# but it is a sampling device and does not apply to greedy decoding; nor do
+# Mirostat, dynamic temperature and smoothing.)
 _ARGMAX_CHANGING = (
     LogitBiasSampler,
     TokenBanSampler,
+    DryPenaltySampler,
     RepetitionPenaltySampler,
     PresenceFrequencyPenaltySampler,
 )
 
 
 class TokenSampler:
-    """Built once per request: validates params once, then picks one token per step."""
+    """Built once per request: validates params once, then picks one token per step.
 
-    def __init__(self, params: SamplingParams) -> None:
-        self._processors = tuple(build_processors(params))
+    It owns the request's state: the random generator (token draws and XTC's
+    rolls) and the Mirostat sampler's ``mu``. ``tokenize`` is passed on to
+    :func:`build_processors` for the DRY sequence breakers.
+    """
+
+    def __init__(
+        self, params: SamplingParams, tokenize: Callable[[str], list[int]] | None = None
+    ) -> None:
+        self._rng = _request_rng(params.seed)
+        self._processors = tuple(build_processors(params, tokenize, self._rng))
         self._greedy = _require_at_least("temperature", params.temperature, 0.0) == 0.0
         self._greedy_processors = tuple(
             processor for processor in self._processors if isinstance(processor, _ARGMAX_CHANGING)
         )
-        seed = params.seed
-        if seed is not None:
-            seed = _require_int("seed", seed, -(2**63))
-        self._rng = np.random.default_rng(seed if seed is not None and seed >= 0 else None)
+        self._mirostat = next(
+            (p for p in self._processors if isinstance(p, MirostatSampler)), None
+        )
 
     @property
     def greedy(self) -> bool:
@@ -689,7 +1152,10 @@ class TokenSampler:
             return choice
         for processor in self._processors:
             scores = processor(scores, token_ids)
-        return self._draw(scores)
+        choice = self._draw(scores)
+        if self._mirostat is not None:
+            self._mirostat.observe(scores, choice)
+        return choice
 
     def _draw(self, scores: np.ndarray) -> int:
         """Inverse-CDF draw: one uniform per step keeps seeded runs reproducible."""

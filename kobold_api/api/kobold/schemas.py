@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ...engine.generation import GenerationRequest
-from ...engine.sampling import SamplingParams, normalize_sampler_order
+from ...engine.sampling import (
+    DEFAULT_DRY_SEQUENCE_BREAKERS, SamplingParams, TokenSampler, normalize_sampler_order,
+)
 from ...settings import GenerationDefaults
 from ..fields import FieldReader
 
@@ -48,13 +50,13 @@ class KoboldGenerationInput:
 
 
 def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> SamplingParams:
-    """The sampler fields shared by the Kobold, chat and OpenAI routes."""
+    """The sampler fields shared by the Kobold, chat and OpenAI routes (KoboldCpp's extras included)."""
     rep_pen_values = [
         reader.number(name, default=1.0, minimum=0.0)
         for name in ("rep_pen", "repetition_penalty", "repeat_penalty") if reader.has(name)
     ]
     seed = reader.integer("sampler_seed", "seed", default=-1, minimum=-1, maximum=2**64 - 1)
-    return SamplingParams(
+    params = SamplingParams(
         temperature=reader.number("temperature", default=defaults.temperature, minimum=0.0),
         top_k=reader.integer("top_k", default=defaults.top_k, minimum=0),
         top_a=reader.number("top_a", default=defaults.top_a, minimum=0.0),
@@ -72,7 +74,37 @@ def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> Sampling
         seed=seed if seed >= 0 else None,
         logit_bias=reader.token_bias("logit_bias"),
         banned_token_ids=_custom_token_bans(reader),
+        mirostat=reader.integer("mirostat", "mirostat_mode", default=0, minimum=0, maximum=2),
+        mirostat_tau=reader.number("mirostat_tau", default=5.0),
+        mirostat_eta=reader.number("mirostat_eta", default=0.1),
+        dynatemp_range=reader.number("dynatemp_range", default=0.0, minimum=0.0),
+        dynatemp_exponent=reader.number("dynatemp_exponent", default=1.0),
+        smoothing_factor=reader.number("smoothing_factor", default=0.0, minimum=0.0),
+        smoothing_curve=reader.number("smoothing_curve", default=1.0),
+        xtc_threshold=reader.number("xtc_threshold", default=0.2),
+        xtc_probability=reader.number("xtc_probability", default=0.0, minimum=0.0, maximum=1.0),
+        dry_multiplier=reader.number("dry_multiplier", default=0.0, minimum=0.0),
+        dry_base=reader.number("dry_base", default=1.75),
+        dry_allowed_length=reader.integer("dry_allowed_length", default=2),
+        dry_penalty_last_n=reader.integer("dry_penalty_last_n", default=320),
+        # SillyTavern sends the breakers as a JSON-encoded string
+        dry_sequence_breakers=reader.string_list("dry_sequence_breakers") if reader.has("dry_sequence_breakers")
+        else list(DEFAULT_DRY_SEQUENCE_BREAKERS),
     )
+    if not reader.errors:
+        _check_combination(reader, params)
+    return params
+
+
+def _check_combination(reader: FieldReader, params: SamplingParams) -> None:
+    """Settings checked only when their sampler is on (a client may leave stale values for one it
+    turned off) are the engine's to judge: build the chain once and report what it refuses under
+    the field its message names."""
+    try:
+        TokenSampler(params)
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        reader.errors.setdefault(name if hasattr(params, name) else "sampler", []).append(str(exc))
 
 
 def parse_generation_input(
