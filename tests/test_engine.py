@@ -459,3 +459,55 @@ def test_shutdown_ends_queued_jobs_instead_of_leaving_them_waiting(tiny_model_di
     assert all(o in (STOP_ABORT, "server is shutting down") for o in outcomes), outcomes
     with pytest.raises(QueueFullError):
         engine.submit(request(max_new_tokens=5))
+
+
+# --- phrase bans ------------------------------------------------------------------------
+
+
+def _greedy_text(generator: TextGenerator, prompt: str, **kwargs) -> str:
+    return generator.generate(request(prompt=prompt, max_new_tokens=60, ban_eos=True, **kwargs)).text
+
+
+@pytest.mark.parametrize("prompt", ["abc abc abc abc abc", "The quick brown fox"])
+def test_banned_phrase_is_never_written_and_the_text_before_it_stays(generator: TextGenerator, prompt: str) -> None:
+    plain = _greedy_text(generator, prompt)
+    phrase = plain[10:14]  # something the model writes (and, looping, writes again)
+    assert phrase.strip() and phrase in plain
+    banned = generator.generate(request(prompt=prompt, max_new_tokens=60, ban_eos=True, logprobs=1,
+                                        banned_phrases=[phrase.upper() if phrase.upper() != phrase else phrase]))
+    assert phrase.lower() not in banned.text.lower()
+    first = plain.lower().find(phrase.lower())
+    assert banned.text[:first] == plain[:first]  # only the tokens from the phrase on were redrawn
+    assert len(banned.token_logprobs) == banned.completion_tokens == 60
+
+
+def test_phrase_ban_at_the_first_token_and_streaming_never_shows_it(generator: TextGenerator) -> None:
+    plain = _greedy_text(generator, PROMPT)
+    phrase = plain[:3]
+    chunks = list(generator.stream(request(prompt=PROMPT, max_new_tokens=60, ban_eos=True,
+                                           banned_phrases=[phrase])))
+    streamed = "".join(chunk.text for chunk in chunks)
+    assert chunks[-1].result is not None and streamed == chunks[-1].result.text
+    assert phrase not in streamed and streamed != plain
+
+
+def test_phrase_bans_in_a_batch_match_the_single_stream(tiny_model_dir: Path) -> None:
+    """Rewinds cut a row's cache inside a running batch; the other rows must not notice."""
+    from conftest import make_engine
+
+    single = TextGenerator(OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir))
+    prompts = ["abc abc abc abc abc", "The quick brown fox", "Hello there, how are you doing today?"]
+    requests = []
+    for index, prompt in enumerate(prompts):
+        plain = _greedy_text(single, prompt)
+        bans = [plain[8:11], plain[25:28]] if index != 1 else []
+        requests.append(request(prompt=prompt, max_new_tokens=60, ban_eos=True, banned_phrases=bans))
+    expected = [single.generate(r).text for r in requests]
+    engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0)
+    try:
+        jobs = [engine.submit(r) for r in requests]
+        assert [job.wait().text for job in jobs] == expected
+    finally:
+        engine.shutdown()
+    for r, text in zip(requests, expected):
+        assert not any(phrase.lower() in text.lower() for phrase in r.banned_phrases)

@@ -653,6 +653,20 @@ def test_koboldcpp_samplers_take_effect_and_replay(server: Any, extra: dict[str,
     assert changed > 0, f"{extra} made no difference"
 
 
+def test_banned_strings_are_never_written_nor_streamed(server: Any) -> None:
+    """KoboldCpp's phrase bans (SillyTavern's "Banned strings"), in both of its spellings."""
+    body = greedy(prompt="abc abc abc abc abc", max_length=40)
+    plain = generate(server, **body)["text"]
+    phrase = plain[6:10]
+    for key, value in (("banned_strings", [phrase.upper()]), ("banned_tokens", json.dumps([phrase]))):
+        text = generate(server, **body, **{key: value})["text"]
+        assert phrase.lower() not in text.lower() and text[:plain.find(phrase)] == plain[:plain.find(phrase)]
+        _, events, _, _ = stream(server, {**body, key: value})
+        assert check_kobold_events(events) == text
+    openai = server.post("/v1/completions", json={**body, "banned_strings": [phrase]})
+    assert openai.status_code == 200 and phrase not in openai.json()["choices"][0]["text"]
+
+
 def test_sampler_settings_checked_only_when_on(server: Any) -> None:
     """A stale value for a sampler that is off is accepted; the same value with it on is a 422
     naming the field."""

@@ -51,6 +51,7 @@ GENERATION_INPUT: dict[str, Any] = {
         "use_default_badwordsids": _BOOLEAN, "ban_eos_token": _BOOLEAN,
         "logit_bias": {"type": "object", "additionalProperties": _NUMBER},
         "custom_token_bans": {"description": "comma list of token ids"},
+        "banned_strings": {"description": "phrases never written (list or JSON list; alias banned_tokens)"},
         "n": {**_INTEGER, "minimum": 1, "maximum": 5}, "genkey": _STRING, "quiet": _BOOLEAN,
     },
 }

@@ -47,6 +47,11 @@ class DecodeBatch(ABC):
     def step(self, tokens: list[int]) -> np.ndarray:
         """Feed one token per row; return logits [rows, vocab]."""
 
+    def truncate(self, row: int, length: int) -> None:
+        """Forget ``row``'s positions from ``length`` on (tokens taken back by a phrase ban):
+        the next token is written at ``length``, as the attention mask's row sum says."""
+        del self.token_ids[row][length:]
+
     @abstractmethod
     def release(self, row: int) -> KVCache:
         """Remove ``row`` (the last row takes its place) and return its cache."""
@@ -184,6 +189,13 @@ class SharedBufferBatch(DecodeBatch):
 
 class ConcatBatch(DecodeBatch):
     """``present`` outputs (concatenated past + new) become the next ``past`` inputs."""
+
+    def truncate(self, row: int, length: int) -> None:
+        if length >= len(self.token_ids[row]):
+            return
+        super().truncate(row, length)
+        if self.size == 1:  # graphs without GQA place keys by width, so the tensors are cut too
+            self._tensors = [owned_ortvalue(t.numpy()[:, :, :length], self.model.device) for t in self._tensors]
 
     def __init__(self, model: OnnxCausalLM) -> None:
         super().__init__(model)

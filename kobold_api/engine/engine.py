@@ -391,6 +391,7 @@ class Engine:
                 _swap_remove(rows, row)
                 _swap_remove(pending, row)
             else:
+                batch.truncate(row, sequence.cache_length)
                 pending[row] = token
 
     def _start(self, job: Job, batch: DecodeBatch) -> tuple[Sequence, int] | None:

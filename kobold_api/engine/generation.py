@@ -17,6 +17,7 @@ import numpy as np
 
 from .decode_batch import DecodeBatch, new_decode_batch
 from .onnx_model import KVCache, OnnxCausalLM
+from .phrase_bans import HeldToken, PhraseBanGuard, Rewind
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenSampler
 from .stopping import StopMatcher
@@ -44,6 +45,8 @@ class GenerationRequest:
     add_special_tokens: bool = True
     #: Record the chosen token's log-probability and this many alternatives (None = off).
     logprobs: int | None = None
+    #: Text the model may never write (KoboldCpp's ``banned_strings``; case-insensitive).
+    banned_phrases: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -148,6 +151,7 @@ class TextGenerator:
             yield from chunks
             if token is None:
                 break
+            batch.truncate(0, sequence.cache_length)
             logits = batch.step([token])[0]
         if batch.size:
             self.release(batch.release(0))
@@ -191,6 +195,7 @@ class Sequence:
         self.max_new = max(0, min(request.max_new_tokens, context_length - len(self.prompt_ids)))
         self.eos_ids = set(info.eos_token_ids)
         self.matcher = StopMatcher(request.stop_strings, request.trim_stop)
+        self.bans = PhraseBanGuard(request.banned_phrases)
         self.decoder = IncrementalDecoder(generator.tokenizer)
         self.context = np.empty(len(self.prompt_ids) + self.max_new, dtype=np.int64)
         self.context[: len(self.prompt_ids)] = self.prompt_ids
@@ -221,26 +226,60 @@ class Sequence:
         """Pick the next token from ``logits``; return the chunks to emit and the token to feed.
 
         The token is ``None`` once the sequence has finished (its last chunk has the result).
+        With phrase bans a step may take tokens back (see :mod:`.phrase_bans`); the caller then
+        cuts its cache to :attr:`cache_length` before feeding the token.
         """
         if self.cancel.cancelled or logits is None:
             return self._finish(STOP_ABORT), None
         if self.generated >= self.max_new:
             return self._finish(STOP_LENGTH), None
         token = self.sampler(logits, self.context[: self.length])
-        if token in self.eos_ids:
-            return self._finish(STOP_EOS), None
-        if self.top_logprobs is not None:
-            self.token_logprobs.append(_logprob_of(logits, token, self.top_logprobs))
-        self.context[self.length] = token
-        self.length += 1
-        self.generated += 1
-        match = self.matcher.feed(self.decoder.add(token))
+        banned: set[int] = set()
+        while True:
+            if token in self.eos_ids:
+                return self._finish(STOP_EOS), None
+            decoder_state = self.decoder.snapshot()
+            delta = self._append(token, logits)
+            if not self.bans.phrases:
+                break
+            rewind = self.bans.add(HeldToken(token, delta, np.array(logits, copy=True), decoder_state, banned))
+            if rewind is None:
+                delta = self.bans.release()
+                break
+            logits, banned = self._take_back(rewind)
+            token = self.sampler(_without(logits, banned), self.context[: self.length])
+        match = self.matcher.feed(delta)
         chunks = self._emit(match.text)
         if match.stop_string is not None:
             return chunks + self._finish(STOP_STRING, flush=False), None
         if self.generated >= self.max_new:
             return chunks + self._finish(STOP_LENGTH), None
         return chunks, token
+
+    @property
+    def cache_length(self) -> int:
+        """Positions whose keys the cache should hold: all but the token about to be fed."""
+        return self.length - 1
+
+    def _append(self, token: int, logits: np.ndarray) -> str:
+        """Make ``token`` part of the sequence; return its new text."""
+        if self.top_logprobs is not None:
+            self.token_logprobs.append(_logprob_of(logits, token, self.top_logprobs))
+        self.context[self.length] = token
+        self.length += 1
+        self.generated += 1
+        return self.decoder.add(token)
+
+    def _take_back(self, rewind: Rewind) -> tuple[np.ndarray, set[int]]:
+        """Undo the held tokens from ``rewind.index`` on; return the logits to redraw from and
+        the tokens banned there."""
+        count = len(self.bans.held) - rewind.index
+        first = self.bans.take_back(rewind.index)
+        self.length -= count
+        self.generated -= count
+        del self.token_logprobs[self.generated:]
+        self.decoder.restore(first.decoder_state)
+        return first.logits, rewind.banned
 
     def _emit(self, text: str) -> list[GenerationChunk]:
         if not text:
@@ -251,7 +290,7 @@ class Sequence:
     def _finish(self, stop_reason: str, flush: bool = True) -> list[GenerationChunk]:
         chunks: list[GenerationChunk] = []
         if flush:  # held-back text (an unfinished character, a possible stop-string start) is output after all
-            tail = self.matcher.feed(self.decoder.flush())
+            tail = self.matcher.feed(self.bans.release(final=True) + self.decoder.flush())
             if tail.stop_string is not None:
                 stop_reason = STOP_STRING
                 chunks = self._emit(tail.text)
@@ -271,6 +310,12 @@ class Sequence:
             token_logprobs=self.token_logprobs,
         )
         return chunks + [GenerationChunk("", self.result)]
+
+
+def _without(logits: np.ndarray, banned: set[int]) -> np.ndarray:
+    scores = np.array(logits, dtype=np.float32, copy=True)
+    scores[list(banned)] = -np.inf
+    return scores
 
 
 def _logprob_of(logits: np.ndarray, token: int, top: int) -> TokenLogprob:

@@ -41,7 +41,7 @@ class StopMatcher:
             self._held = ""
             end = hit_at if self.trim_stop else hit_at + len(hit)
             return StopMatch(buffer[:end], hit)
-        keep = self._longest_partial_suffix(buffer)
+        keep = partial_suffix_length(buffer, self.stop_strings)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return StopMatch(buffer[: len(buffer) - keep])
 
@@ -58,12 +58,14 @@ class StopMatcher:
                 best_at, best = at, stop
         return best_at, best
 
-    def _longest_partial_suffix(self, buffer: str) -> int:
-        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self.stop_strings:
-            for length in range(min(len(stop) - 1, len(buffer)), longest, -1):
-                if buffer.endswith(stop[:length]):
-                    longest = length
-                    break
-        return longest
+
+def partial_suffix_length(text: str, strings: list[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of one of ``strings``:
+    text that must be withheld because it may still grow into one of them."""
+    longest = 0
+    for string in strings:
+        for length in range(min(len(string) - 1, len(text)), longest, -1):
+            if text.endswith(string[:length]):
+                longest = length
+                break
+    return longest

@@ -78,6 +78,14 @@ class IncrementalDecoder:
             return full_text[len(prefix_text):]
         return ""
 
+    def snapshot(self) -> tuple[int, int, int]:
+        """The decoder's position, to :meth:`restore` when tokens are taken back."""
+        return len(self._ids), self._prefix_offset, self._read_offset
+
+    def restore(self, state: tuple[int, int, int]) -> None:
+        count, self._prefix_offset, self._read_offset = state
+        del self._ids[count:]
+
     def flush(self) -> str:
         """Whatever is still held at the end (an incomplete character becomes U+FFFD)."""
         decode = self._tokenizer.decode

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..fields import FieldReader
-from ..kobold.schemas import read_sampling
+from ..kobold.schemas import read_banned_phrases, read_sampling
 
 DEFAULT_CHARACTER = "Assistant"
 DEFAULT_USER = "You"
@@ -35,6 +35,7 @@ class ChatInput:
     chat_instruct_command: str | None
     sampling: SamplingParams
     ban_eos: bool
+    banned_phrases: list[str]
 
 
 def parse_chat_input(body: Mapping[str, Any], defaults: GenerationDefaults) -> ChatInput:
@@ -64,6 +65,7 @@ def parse_chat_input(body: Mapping[str, Any], defaults: GenerationDefaults) -> C
         chat_instruct_command=reader.string("chat_instruct_command", "chat-instruct_command"),
         sampling=read_sampling(reader, defaults),
         ban_eos=reader.boolean("ban_eos_token", default=False),
+        banned_phrases=read_banned_phrases(reader),
     )
     if sum([parsed.regenerate, parsed.continue_last, parsed.impersonate]) > 1:
         reader.errors["regenerate"] = ["Use at most one of regenerate, _continue and impersonate."]

@@ -309,7 +309,7 @@ class ChatService:
         request = GenerationRequest(
             prompt=prompt.text, max_new_tokens=parsed.max_new_tokens, max_context_length=context,
             sampling=parsed.sampling, stop_strings=prompt.stop_strings, trim_stop=True,
-            ban_eos=parsed.ban_eos,
+            ban_eos=parsed.ban_eos, banned_phrases=parsed.banned_phrases,
         )
         return prompt, request
 

@@ -34,6 +34,7 @@ class KoboldGenerationInput:
     ban_eos: bool
     n: int
     genkey: str
+    banned_phrases: list[str]
 
     def to_request(self, copy: int = 0) -> GenerationRequest:
         """The engine request for result number ``copy`` of ``n``."""
@@ -46,6 +47,7 @@ class KoboldGenerationInput:
             stop_strings=self.stop_strings,
             trim_stop=self.trim_stop,
             ban_eos=self.ban_eos,
+            banned_phrases=self.banned_phrases,
         )
 
 
@@ -96,6 +98,12 @@ def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> Sampling
     return params
 
 
+def read_banned_phrases(reader: FieldReader) -> list[str]:
+    """KoboldCpp's phrase bans (``banned_strings``, alias ``banned_tokens``): a list, or a
+    JSON-encoded list, of text the model may never write."""
+    return reader.string_list("banned_strings", "banned_tokens")
+
+
 def _check_combination(reader: FieldReader, params: SamplingParams) -> None:
     """Settings checked only when their sampler is on (a client may leave stale values for one it
     turned off) are the engine's to judge: build the chain once and report what it refuses under
@@ -132,6 +140,7 @@ def parse_generation_input(
         or reader.boolean("ban_eos_token", default=False) or reader.boolean("bypass_eos", default=False),
         n=reader.integer("n", default=1, minimum=1, maximum=5),
         genkey=reader.string("genkey", default="") or "",
+        banned_phrases=read_banned_phrases(reader),
     )
     # Validated for the shape of a 422, otherwise without effect here (memory/world info are client-side).
     for flag in ("quiet", "use_story", "use_memory", "use_authors_note", "use_world_info", "use_userscripts",

@@ -13,7 +13,7 @@ from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..errors import ValidationError
 from ..fields import FieldReader
-from ..kobold.schemas import read_sampling
+from ..kobold.schemas import read_banned_phrases, read_sampling
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,6 +33,7 @@ class OpenAIInput:
     logprobs: int | None = None
     #: text-generation-webui / SillyTavern: the client's context size (None = the server's).
     truncation_length: int | None = None
+    banned_phrases: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +70,7 @@ def _common(reader: FieldReader, defaults: GenerationDefaults) -> dict[str, Any]
         "stream": reader.boolean("stream", default=False),
         "include_usage": bool((stream_options or {}).get("include_usage", False)),
         "ban_eos": reader.boolean("ban_eos_token", "ignore_eos", default=False),
+        "banned_phrases": read_banned_phrases(reader),
         "truncation_length": reader.integer("truncation_length", "max_context_length", "num_ctx", default=0,
                                             minimum=1) or None,
     }

@@ -182,7 +182,8 @@ class OpenAIService:
         return GenerationRequest(prompt_ids=ids, max_new_tokens=self._max_tokens(parsed),
                                  max_context_length=self._context(parsed),
                                  sampling=parsed.sampling.for_copy(copy), stop_strings=parsed.stop,
-                                 trim_stop=True, ban_eos=parsed.ban_eos, logprobs=parsed.logprobs)
+                                 trim_stop=True, ban_eos=parsed.ban_eos, logprobs=parsed.logprobs,
+                                 banned_phrases=parsed.banned_phrases)
 
     def _submit_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]]) -> list[Job]:
         """Every choice is queued at once (they decode as one batch); if the queue fills part
