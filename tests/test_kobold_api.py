@@ -675,6 +675,13 @@ def test_sampler_settings_checked_only_when_on(server: Any) -> None:
     assert response.status_code == 422 and "dry_base" in response.json()["detail"], response.text
     response = server.post("/api/v1/generate", json=greedy(max_length=2, mirostat=3))
     assert response.status_code == 422 and "mirostat" in response.json()["detail"], response.text
+    # values that would overflow the maths mid-generation (a 500) or allocate without bound: 422s
+    for field, extra in (("smoothing_factor", {"smoothing_factor": 1e39}),
+                         ("mirostat_eta", {"mirostat": 1, "mirostat_eta": 1e308}),
+                         ("dry_allowed_length", {"dry_multiplier": 0.8, "dry_allowed_length": 10**12}),
+                         ("banned_strings", {"banned_strings": ["x" * 1000]})):
+        response = server.post("/api/v1/generate", json=greedy(max_length=2, temperature=1, **extra))
+        assert response.status_code == 422 and field in response.json()["detail"], response.text
 
 
 def test_sampler_order_changes_output(server: Any) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .decode_batch import DecodeBatch, new_decode_batch
 from .onnx_model import KVCache, OnnxCausalLM
-from .phrase_bans import HeldToken, PhraseBanGuard, Rewind
+from .phrase_bans import HeldToken, PhraseBanGuard
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenSampler
 from .stopping import StopMatcher
@@ -244,9 +244,12 @@ class Sequence:
                 break
             rewind = self.bans.add(HeldToken(token, delta, np.array(logits, copy=True), decoder_state, banned))
             if rewind is None:
-                delta = self.bans.release()
+                stop_at = self.bans.stop_token(self.matcher.stop_strings)
+                if stop_at is not None:  # generation ends there: later tokens were never returned
+                    self._take_back(stop_at + 1)
+                delta = self.bans.release(final=stop_at is not None)
                 break
-            logits, banned = self._take_back(rewind)
+            logits, banned = self._take_back(rewind.index).logits, rewind.banned
             token = self.sampler(_without(logits, banned), self.context[: self.length])
         match = self.matcher.feed(delta)
         chunks = self._emit(match.text)
@@ -270,16 +273,17 @@ class Sequence:
         self.generated += 1
         return self.decoder.add(token)
 
-    def _take_back(self, rewind: Rewind) -> tuple[np.ndarray, set[int]]:
-        """Undo the held tokens from ``rewind.index`` on; return the logits to redraw from and
-        the tokens banned there."""
-        count = len(self.bans.held) - rewind.index
-        first = self.bans.take_back(rewind.index)
+    def _take_back(self, index: int) -> HeldToken | None:
+        """Undo the held tokens from ``index`` on; return the first of them (None if none)."""
+        count = len(self.bans.held) - index
+        if count <= 0:
+            return None
+        first = self.bans.take_back(index)
         self.length -= count
         self.generated -= count
         del self.token_logprobs[self.generated:]
         self.decoder.restore(first.decoder_state)
-        return first.logits, rewind.banned
+        return first
 
     def _emit(self, text: str) -> list[GenerationChunk]:
         if not text:

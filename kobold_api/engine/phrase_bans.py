@@ -7,7 +7,9 @@ position, and a different token is drawn there from the logits saved for it. Tex
 could still turn into a banned phrase is withheld until it cannot, so a client never sees
 words that are later taken back.
 
-Matching ignores case (``"Shivers"`` also bans ``"shivers"``), as KoboldCpp's does.
+Matching ignores case (``"Shivers"`` also bans ``"shivers"``), as KoboldCpp's does. All
+offsets are taken in the lower-cased text, token by token, since lower-casing can change a
+string's length (``"İ"`` becomes two characters).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class HeldToken:
     decoder_state: tuple[int, int, int]
     banned: set[int] = field(default_factory=set)
 
+    @property
+    def folded(self) -> str:
+        return self.text.lower()
+
 
 @dataclass
 class Rewind:
@@ -50,24 +56,45 @@ class PhraseBanGuard:
         self.phrases = [phrase.lower() for phrase in dict.fromkeys(phrases) if phrase.strip()]
         self.held: list[HeldToken] = []
         self.rewinds = 0
+        #: The end of the released text, as long as a phrase could reach back into it.
+        self._released_tail = ""
+        self._tail_length = max((len(phrase) for phrase in self.phrases), default=1) - 1
 
     @property
     def active(self) -> bool:
         return bool(self.phrases) and self.rewinds < MAX_REWINDS
 
     def add(self, token: HeldToken) -> Rewind | None:
-        """Hold ``token``; a :class:`Rewind` when the held text now contains a banned phrase."""
+        """Hold ``token``; a :class:`Rewind` when the text now contains a banned phrase.
+
+        A phrase that begins in text already released cannot be taken back there, so the
+        first held token (the first one that is still ours to change) is redrawn instead.
+        """
         self.held.append(token)
         if not self.active:
             return None
-        text = "".join(held.text for held in self.held).lower()
+        text = self._released_tail + "".join(held.folded for held in self.held)
         starts = [at for at in (text.find(phrase) for phrase in self.phrases) if at != -1]
         if not starts:
             return None
-        index = self._token_at(min(starts))
+        index = self._token_at(max(min(starts) - len(self._released_tail), 0))
         self.rewinds += 1
         culprit = self.held[index]
         return Rewind(index, culprit.banned | {culprit.token_id})
+
+    def stop_token(self, stop_strings: list[str]) -> int | None:
+        """Index of the held token where the earliest of ``stop_strings`` starts, if any: the
+        tokens after it will never be returned, and are not to be counted either."""
+        text = "".join(held.text for held in self.held)
+        starts = [at for at in (text.find(stop) for stop in stop_strings if stop) if at != -1]
+        if not starts:
+            return None
+        position, offset = 0, min(starts)
+        for index, held in enumerate(self.held):
+            position += len(held.text)
+            if position > offset:
+                return index
+        return len(self.held) - 1
 
     def take_back(self, index: int) -> HeldToken:
         """Drop the held tokens from ``index`` on; return the first of them (its logits and
@@ -79,30 +106,35 @@ class PhraseBanGuard:
     def release(self, final: bool = False) -> str:
         """Text that can no longer become part of a banned phrase (everything when ``final``).
 
-        Only whole tokens are released, so a later rewind never takes back text already sent.
+        Only whole tokens are released, never one whose text is still empty (the first bytes
+        of a character: the token that completes it may yet be taken back), so a later rewind
+        never takes back text already sent.
         """
         if final or not self.active:
             text, self.held = "".join(held.text for held in self.held), []
             return text
-        text = "".join(held.text for held in self.held).lower()
-        keep_from = len(text) - partial_suffix_length(text, self.phrases)
-        released = 0
-        position = 0
+        folded = self._released_tail + "".join(held.folded for held in self.held)
+        keep_from = len(folded) - partial_suffix_length(folded, self.phrases) - len(self._released_tail)
+        released, position = 0, 0
         for held in self.held:
-            if position + len(held.text) > keep_from:
+            if position + len(held.folded) > keep_from:
                 break
-            position += len(held.text)
+            position += len(held.folded)
             released += 1
-        out = "".join(held.text for held in self.held[:released])
+        while released and not self.held[released - 1].text:
+            released -= 1
+        out = self.held[:released]
         del self.held[:released]
-        return out
+        tail = self._released_tail + "".join(held.folded for held in out)
+        self._released_tail = tail[-self._tail_length:] if self._tail_length else ""
+        return "".join(held.text for held in out)
 
     def _token_at(self, offset: int) -> int:
-        """Index of the held token whose text covers character ``offset`` (a token with no text
-        of its own, an unfinished UTF-8 character, belongs with the token that completes it)."""
+        """Index of the held token whose (folded) text covers ``offset`` (a token with no text
+        of its own, an unfinished character, belongs with the token that completes it)."""
         position = 0
         for index, held in enumerate(self.held):
-            position += len(held.text)
+            position += len(held.folded)
             if position > offset:
                 start = index
                 while start > 0 and not self.held[start - 1].text:

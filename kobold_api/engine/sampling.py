@@ -785,6 +785,8 @@ class MirostatSampler:
     """
 
     M = 100
+    #: No distribution over a vocabulary needs more surprise than this (2^1000 tokens).
+    MU_LIMIT = 1000.0
 
     def __init__(self, version: int, tau: float = 5.0, eta: float = 0.1) -> None:
         self.version = _mirostat_mode(version)
@@ -837,7 +839,8 @@ class MirostatSampler:
         total = float(np.exp(values - top).sum(dtype=np.float64))
         log_p = float(scores[token]) - float(top) - math.log(total)
         surprise = -log_p / math.log(2.0)
-        self.mu -= self.eta * (surprise - self.tau)
+        # Kept in [0, MU_LIMIT] bits: a huge eta must not drive mu to +-inf (then NaN).
+        self.mu = min(max(self.mu - self.eta * (surprise - self.tau), 0.0), self.MU_LIMIT)
         return surprise
 
 
@@ -881,11 +884,10 @@ class DryPenaltySampler:
         self.penalty_last_n = _require_int("dry_penalty_last_n", penalty_last_n, -1)
         self.breaker_ids = np.unique(_token_id_array("dry_sequence_breakers", sequence_breaker_ids))
         self.max_match = self.allowed_length + self.MAX_EXPONENT
-        # Penalty by match length n = 0 .. max_match (0 below allowed_length).
-        lengths = np.arange(self.max_match + 1, dtype=np.float64)
+        # Penalty by how far a match exceeds allowed_length (0 .. MAX_EXPONENT): a table whose
+        # size does not depend on the client's allowed_length.
         with np.errstate(over="ignore"):
-            penalty = self.multiplier * self.base ** np.maximum(lengths - self.allowed_length, 0)
-        penalty[: self.allowed_length] = 0.0
+            penalty = self.multiplier * self.base ** np.arange(self.MAX_EXPONENT + 1, dtype=np.float64)
         self.penalty = np.minimum(penalty, self.MAX_PENALTY).astype(np.float32)
 
     def match_lengths(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -942,7 +944,8 @@ class DryPenaltySampler:
             return logits
         tokens, lengths = self.match_lengths(context)
         in_vocab = (tokens >= 0) & (tokens < logits.size)
-        logits[tokens[in_vocab]] -= self.penalty[lengths[in_vocab]]
+        excess = np.minimum(lengths[in_vocab] - self.allowed_length, self.MAX_EXPONENT)
+        logits[tokens[in_vocab]] -= self.penalty[excess]
         return logits
 
 

@@ -18,6 +18,8 @@ from ...settings import GenerationDefaults
 from ..fields import FieldReader
 
 MAX_STOP_STRINGS = 256
+MAX_BANNED_PHRASES = 256
+MAX_BANNED_PHRASE_CHARS = 200
 
 
 @dataclass
@@ -76,19 +78,21 @@ def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> Sampling
         seed=seed if seed >= 0 else None,
         logit_bias=reader.token_bias("logit_bias"),
         banned_token_ids=_custom_token_bans(reader),
+        # Upper bounds far above any useful setting keep a request from overflowing the maths
+        # (a 500 mid-generation) or allocating without limit.
         mirostat=reader.integer("mirostat", "mirostat_mode", default=0, minimum=0, maximum=2),
-        mirostat_tau=reader.number("mirostat_tau", default=5.0),
-        mirostat_eta=reader.number("mirostat_eta", default=0.1),
-        dynatemp_range=reader.number("dynatemp_range", default=0.0, minimum=0.0),
-        dynatemp_exponent=reader.number("dynatemp_exponent", default=1.0),
-        smoothing_factor=reader.number("smoothing_factor", default=0.0, minimum=0.0),
-        smoothing_curve=reader.number("smoothing_curve", default=1.0),
-        xtc_threshold=reader.number("xtc_threshold", default=0.2),
+        mirostat_tau=reader.number("mirostat_tau", default=5.0, minimum=0.0, maximum=100.0),
+        mirostat_eta=reader.number("mirostat_eta", default=0.1, minimum=0.0, maximum=1.0),
+        dynatemp_range=reader.number("dynatemp_range", default=0.0, minimum=0.0, maximum=100.0),
+        dynatemp_exponent=reader.number("dynatemp_exponent", default=1.0, minimum=0.0, maximum=100.0),
+        smoothing_factor=reader.number("smoothing_factor", default=0.0, minimum=0.0, maximum=100.0),
+        smoothing_curve=reader.number("smoothing_curve", default=1.0, maximum=10.0),
+        xtc_threshold=reader.number("xtc_threshold", default=0.2, maximum=1.0),
         xtc_probability=reader.number("xtc_probability", default=0.0, minimum=0.0, maximum=1.0),
-        dry_multiplier=reader.number("dry_multiplier", default=0.0, minimum=0.0),
-        dry_base=reader.number("dry_base", default=1.75),
-        dry_allowed_length=reader.integer("dry_allowed_length", default=2),
-        dry_penalty_last_n=reader.integer("dry_penalty_last_n", default=320),
+        dry_multiplier=reader.number("dry_multiplier", default=0.0, minimum=0.0, maximum=100.0),
+        dry_base=reader.number("dry_base", default=1.75, maximum=100.0),
+        dry_allowed_length=reader.integer("dry_allowed_length", default=2, maximum=1000),
+        dry_penalty_last_n=reader.integer("dry_penalty_last_n", default=320, minimum=-1),
         # SillyTavern sends the breakers as a JSON-encoded string
         dry_sequence_breakers=reader.string_list("dry_sequence_breakers") if reader.has("dry_sequence_breakers")
         else list(DEFAULT_DRY_SEQUENCE_BREAKERS),
@@ -100,8 +104,14 @@ def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> Sampling
 
 def read_banned_phrases(reader: FieldReader) -> list[str]:
     """KoboldCpp's phrase bans (``banned_strings``, alias ``banned_tokens``): a list, or a
-    JSON-encoded list, of text the model may never write."""
-    return reader.string_list("banned_strings", "banned_tokens")
+    JSON-encoded list, of text the model may never write. Bounded, since every token that may
+    start a phrase keeps a copy of its logits until the phrase is ruled out."""
+    phrases = reader.string_list("banned_strings", "banned_tokens")
+    if len(phrases) > MAX_BANNED_PHRASES or any(len(phrase) > MAX_BANNED_PHRASE_CHARS for phrase in phrases):
+        reader.errors.setdefault("banned_strings", []).append(
+            f"At most {MAX_BANNED_PHRASES} phrases of at most {MAX_BANNED_PHRASE_CHARS} characters.")
+        return []
+    return phrases
 
 
 def _check_combination(reader: FieldReader, params: SamplingParams) -> None:
