@@ -577,6 +577,30 @@ def test_chat_completion_with_server_side_conversation(client: openai.OpenAI, mo
     assert stored[4]["text"] == chat.choices[0].message.content
 
 
+def test_streamed_server_side_turn_ends_at_the_stored_reply(client: openai.OpenAI, model_id: str,
+                                                            server: Any) -> None:
+    """Extension, streamed: the chunks join to exactly what was stored, and the last names the
+    conversation; a plain-character stream stores nothing."""
+    created = server.post("/api/v1/conversations", json={"character": "Assistant", "user_name": "Ann"}).json()
+    conversation_id = created["result"]["id"]
+    chunks = list(client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Tell me something."}], max_tokens=12,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"conversation_id": conversation_id}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].delta.model_extra["conversation_id"] == conversation_id
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    stored = server.get(f"/api/v1/conversations/{conversation_id}").json()["result"]["messages"]
+    assert stored[-1]["role"] == "character" and stored[-1]["text"] == text
+    before = server.get("/api/v1/conversations").json()["results"]
+    raw = requests.post(server.url + "/v1/chat/completions", timeout=30, stream=True,
+                        json={"messages": [{"role": "user", "content": "Hi"}], "character": "Mira Vance",
+                              "stream": True, "max_tokens": 5, "temperature": 0}).content
+    assert raw.rstrip().endswith(b"data: [DONE]") and b'"content"' in raw
+    assert server.get("/api/v1/conversations").json()["results"] == before
+
+
 def test_chat_completion_with_character_is_stateless(client: openai.OpenAI, model_id: str, server: Any) -> None:
     messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
                 {"role": "user", "content": "How are you?"}]
@@ -586,9 +610,6 @@ def test_chat_completion_with_character_is_stateless(client: openai.OpenAI, mode
                                            extra_body={"character": "Mira Vance"})
     assert chat.usage.prompt_tokens > short.usage.prompt_tokens  # earlier messages became the history
     assert server.get("/api/v1/conversations").json()["results"] == []
-    response = requests.post(server.url + "/v1/chat/completions", timeout=30,
-                             json={"messages": messages, "character": "Mira Vance", "stream": True})
-    assert_openai_error(response, 400, param="stream")
     response = requests.post(server.url + "/v1/chat/completions", timeout=30,
                              json={"messages": messages, "character": "Nobody Here"})
     assert response.status_code == 404 and "error" in response.json()

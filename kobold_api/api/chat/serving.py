@@ -60,6 +60,27 @@ class TurnPlan:
         return self.clean(raw)
 
 
+@dataclass
+class TurnEvent:
+    """One step of a streamed turn: new text, the stored result (last), or an error (last)."""
+
+    text: str = ""
+    result: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def _kobold_events(events: Iterator[TurnEvent]) -> Iterator[bytes]:
+    """KoboldCpp's SSE shape; the final event also carries the turn's stored result."""
+    for event in events:
+        if event.error is not None:
+            yield sse_event({"token": "", "finish_reason": "error", "error": event.error}, "message")
+        elif event.result is not None:
+            yield sse_event({"token": "", "finish_reason": event.finish_reason, **event.result}, "message")
+        else:
+            yield sse_event({"token": event.text, "finish_reason": None}, "message")
+
+
 class ChatService:
     def __init__(self, engine: Engine, settings: Settings, characters: CharacterStore,
                  conversations: ConversationStore) -> None:
@@ -200,10 +221,17 @@ class ChatService:
             release()
 
     def chat_stream(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> EventStream:
-        """SSE: ``{"token"}`` deltas, then a final event with the stored/updated history.
+        """SSE: ``{"token"}`` deltas, then a final event with the stored/updated history."""
+        events, close = self.stream_turn(parsed, disconnected)
+        return EventStream(_kobold_events(events), on_close=close)
 
-        The conversation stays locked until the stream is closed, however it ends (even if
-        the response is never read), so the turn is stored before the next one starts.
+    def stream_turn(self, parsed: ChatInput,
+                    disconnected: Callable[[], bool]) -> tuple[Iterator[TurnEvent], Callable[[], None]]:
+        """A turn as it happens (text deltas, then the stored result), and the ``close`` to call
+        when the response ends, however it ends.
+
+        The conversation stays locked until ``close`` (even if the events are never read), so
+        the turn is stored before the next one starts.
         """
         release = self._turn_lock(parsed.conversation_id, disconnected)
         try:
@@ -217,7 +245,7 @@ class ChatService:
             jobs.cancel_unfinished([job])
             release()
 
-        return EventStream(self._stream_events(plan, job, disconnected), on_close=close)
+        return self._turn_events(plan, job, disconnected), close
 
     def _turn_lock(self, conversation_id: str | None, disconnected: Callable[[], bool]) -> Callable[[], None]:
         """Serialize turns (and edits) on one conversation; returns the (idempotent) release.
@@ -246,7 +274,8 @@ class ChatService:
 
         return release
 
-    def _stream_events(self, plan: TurnPlan, job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+    def _turn_events(self, plan: TurnPlan, job: Job, disconnected: Callable[[], bool]) -> Iterator[TurnEvent]:
+        """Text as it forms (cleaned as the stored reply will be), ending exactly at the stored text."""
         raw, sent = "", ""
         try:
             for chunk in job.chunks(disconnected):
@@ -254,16 +283,16 @@ class ChatService:
                     body = self._finish(plan, chunk.result)
                     final = body["results"][0]["text"]
                     if final.startswith(sent) and len(final) > len(sent):
-                        yield sse_event({"token": final[len(sent):], "finish_reason": None}, "message")
-                    yield sse_event({"token": "", "finish_reason": chunk.result.finish_reason, **body}, "message")
+                        yield TurnEvent(text=final[len(sent):])
+                    yield TurnEvent(result=body, finish_reason=chunk.result.finish_reason)
                 elif chunk.text:
                     raw += chunk.text
                     preview = plan.stream_preview(raw)
                     if preview.startswith(sent) and len(preview) > len(sent):
-                        yield sse_event({"token": preview[len(sent):], "finish_reason": None}, "message")
+                        yield TurnEvent(text=preview[len(sent):])
                         sent = preview
         except (GenerationFailed, ApiError) as exc:  # headers are sent: report it in the stream
-            yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
+            yield TurnEvent(error=str(exc))
 
     def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:

@@ -17,7 +17,7 @@ from ..sse import EventStream, sse_event
 from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
 
 if TYPE_CHECKING:
-    from ..chat.serving import ChatService
+    from ..chat.serving import ChatService, TurnEvent
 
 
 class OpenAIService:
@@ -98,16 +98,13 @@ class OpenAIService:
                 "model": model, "choices": choices, "usage": usage.as_dict()}
 
     def character_chat_completion(self, body: dict[str, Any], chat: "ChatService",
-                                  disconnected: Callable[[], bool]) -> dict[str, Any]:
+                                  disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         """Extension: ``character`` and/or ``conversation_id`` route the turn through the server-side chat.
 
         The last user message is the new input; with ``conversation_id`` the stored history
         is used (and the turn stored), otherwise earlier messages become the history.
         """
         model = self._response_model()
-        if body.get("stream"):
-            raise ApiError(400, {"msg": "stream is not supported together with character/conversation_id; "
-                                        "use POST /api/v1/chat/stream.", "type": "unsupported"}, param="stream")
         parsed = parse_chat_completion(body, self.settings.generation)
         turns = [m for m in parsed.messages if m["role"] in ("user", "assistant")]
         if not turns or turns[-1]["role"] != "user":
@@ -122,6 +119,9 @@ class OpenAIService:
                      "stopping_strings": parsed.stop}
         if parsed.max_tokens:
             chat_body["max_new_tokens"] = parsed.max_tokens
+        if parsed.stream:
+            events, close = chat.stream_turn(chat.parse(chat_body), disconnected)
+            return EventStream(self._turn_chunks(events, model, parsed.include_usage), on_close=close)
         result = chat.chat(chat.parse(chat_body), disconnected)["results"][0]
         message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
         if "conversation_id" in result:
@@ -129,8 +129,34 @@ class OpenAIService:
         return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": [{"index": 0, "message": message, "logprobs": None,
                                              "finish_reason": result["finish_reason"]}],
-                "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                          "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}}
+                "usage": _turn_usage(result)}
+
+    def _turn_chunks(self, events: Iterator["TurnEvent"], model: str, include_usage: bool) -> Iterator[bytes]:
+        """A server-side chat turn as ``chat.completion.chunk`` events; the last chunk's delta
+        names the ``conversation_id`` the turn was stored in."""
+        stream_id, created = _new_id("chatcmpl"), int(time.time())
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
+            return sse_event({"id": stream_id, "object": "chat.completion.chunk", "created": created,
+                              "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                           "finish_reason": finish_reason}], **extra})
+
+        yield chunk({"role": "assistant", "content": ""})
+        for event in events:
+            if event.error is not None:
+                yield sse_event({"error": {"message": event.error, "type": "server_error", "param": None,
+                                           "code": None}})
+                return
+            if event.result is None:
+                yield chunk({"content": event.text})
+                continue
+            result = event.result["results"][0]
+            delta = {"conversation_id": result["conversation_id"]} if "conversation_id" in result else {}
+            yield chunk(delta, event.finish_reason)
+            if include_usage:
+                yield sse_event({"id": stream_id, "object": "chat.completion.chunk", "created": created,
+                                 "model": model, "choices": [], "usage": _turn_usage(result)})
+        yield sse_event("[DONE]")
 
     # --- shared -----------------------------------------------------------------------
     def _max_tokens(self, parsed: OpenAIInput) -> int:
@@ -263,6 +289,11 @@ class _Usage:
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _turn_usage(result: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
 
 
 def _new_id(prefix: str) -> str:
