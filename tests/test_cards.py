@@ -323,7 +323,7 @@ def test_wrong_types(card: dict[str, Any], fragment: str) -> None:
         (b"just some prose", "not valid JSON or YAML"),
         (b"[1, 2]", "must be an object"),
         (b"\xff\xfe\x00garbage", "not UTF-8"),
-        (b"PK\x03\x04rest", "CHARX"),
+        (b"PK\x03\x04rest", "CHARX file is not a valid zip"),
         (b'{"spec": "lorebook_v3", "data": {}}', "lorebook"),
     ],
 )
@@ -331,6 +331,30 @@ def test_unreadable_input(data: bytes, fragment: str) -> None:
     with pytest.raises(CardError) as info:
         parse_card(data)
     assert fragment in str(info.value)
+
+
+def _charx(files: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def test_charx_reads_card_json_and_ignores_assets() -> None:
+    card = {"spec": "chara_card_v3", "spec_version": "3.0",
+            "data": {"name": "Zip", "description": "{{char}} lives in an archive.", "first_mes": "Hi!",
+                     "assets": [{"type": "icon", "uri": "embeded://assets/icon.png", "name": "main", "ext": "png"}]}}
+    character = parse_card(_charx({"card.json": json.dumps(card).encode(), "assets/icon.png": b"\x89PNG..."}))
+    assert character.name == "Zip" and character.first_mes == "Hi!"
+    assert "lives in an archive" in character.description
+    with pytest.raises(CardError, match="no card.json"):
+        parse_card(_charx({"other.json": b"{}"}))
+    with pytest.raises(CardError, match="not a card object"):
+        parse_card(_charx({"card.json": b"[1]"}))
 
 
 def test_json_hint_gives_json_error() -> None:

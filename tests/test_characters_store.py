@@ -63,6 +63,21 @@ def test_yaml_and_v1_are_stored_as_v2_json(tmp_path: Path) -> None:
     assert store.get("Chi").first_mes == "hey"
 
 
+def test_charx_in_the_folder_is_listed_and_an_upload_is_stored_as_json(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("card.json", card_bytes("Zed"))
+        archive.writestr("assets/icon.png", b"not really a png")
+    (tmp_path / "zed.charx").write_bytes(buffer.getvalue())
+    store = CharacterStore(tmp_path)
+    assert [c.name for c in store.list()] == ["Zed"] and store.get("zed").first_mes == "Hi, I am Zed."
+    store.save(buffer.getvalue(), "Zed Two")
+    assert json.loads((tmp_path / "Zed Two.json").read_text(encoding="utf-8"))["data"]["name"] == "Zed"
+
+
 def test_no_overwrite_without_flag(tmp_path: Path) -> None:
     store = CharacterStore(tmp_path)
     store.save(card_bytes("Bob", description="one"), None)

@@ -219,7 +219,7 @@ def test_upload_png_card_with_explicit_name(server: Any, characters_dir: Path) -
         (b"", "empty"),
         (make_placeholder_png(), "chunk"),
         (write_png_card(Character(name="Cut", first_mes="hi"))[:120], "truncated"),
-        (b"PK\x03\x04not really a zip", "not supported"),
+        (b"PK\x03\x04not really a zip", "not a valid zip"),
         (json.dumps({"spec": "chara_card_v2", "data": {"name": ""}}).encode(), "name"),
     ],
     ids=["bad-json", "empty", "png-without-chunk", "truncated-png", "zip", "no-name"],

@@ -635,10 +635,34 @@ def character_to_v3_dict(character: Character) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def read_charx_card_json(data: bytes) -> dict[str, Any]:
+    """The ``card.json`` at the root of a CHARX file (a zip; V3 spec). Its assets (images,
+    ``embeded://`` references) are not used: the card's text is what builds prompts."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            try:
+                info = archive.getinfo("card.json")
+            except KeyError:
+                raise CardError("CHARX file has no card.json at its root") from None
+            if info.file_size > MAX_DECOMPRESSED_TEXT:
+                raise CardError("card.json in the CHARX file is too large")
+            raw = archive.read(info)
+    except zipfile.BadZipFile as exc:
+        raise CardError(f"CHARX file is not a valid zip archive ({exc})") from exc
+    try:
+        obj = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CardError(f"card.json in the CHARX file is not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise CardError(f"card.json in the CHARX file holds {_type_name(obj)}, not a card object")
+    return obj
+
+
 def _sniff_unsupported(data: bytes) -> str | None:
     """Name container formats we recognise but do not read, so the error says what to do."""
-    if data.startswith(b"PK\x03\x04"):
-        return "CHARX/zip cards are not supported; export the card as PNG or JSON"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP cards are not supported; export the card as PNG or JSON"
     if data.startswith(b"\xff\xd8\xff"):
@@ -657,7 +681,7 @@ def _load_yaml(text: str) -> Any:
 
 
 def parse_card(data: bytes, filename_hint: str | None = None) -> Character:
-    """Read a card from raw bytes: PNG (by signature), else JSON, else YAML.
+    """Read a card from raw bytes: PNG or CHARX (by signature), else JSON, else YAML.
 
     ``filename_hint`` only sharpens error messages (a ``.json`` file that fails to parse is
     reported as bad JSON rather than as bad YAML).
@@ -668,6 +692,8 @@ def parse_card(data: bytes, filename_hint: str | None = None) -> Character:
     hint = (filename_hint or "").lower()
     if data.startswith(PNG_SIGNATURE):
         return parse_card_dict(read_png_card_json(data), "JSON")
+    if data.startswith(b"PK\x03\x04"):
+        return parse_card_dict(read_charx_card_json(data), "CHARX")
     unsupported = _sniff_unsupported(data)
     if unsupported:
         raise CardError(unsupported)

@@ -25,7 +25,7 @@ from kobold_api.chat.character import Character
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CARD_BYTES = 8 * 1024 * 1024
-CARD_SUFFIXES = (".json", ".png", ".yaml", ".yml")
+CARD_SUFFIXES = (".json", ".png", ".charx", ".yaml", ".yml")
 MAX_NAME_LENGTH = 128
 _FORBIDDEN_NAME_CHARS = frozenset('/\\:\0<>"|?*')
 _TEMP_PREFIX = ".tmp-"
