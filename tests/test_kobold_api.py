@@ -351,7 +351,7 @@ def test_put_soft_prompt_empty_is_accepted(server: Any) -> None:
 def test_perf_reports_the_last_run(server: Any) -> None:
     before = perf(server)
     for key in ("last_process", "last_eval", "last_token_count", "last_seed", "total_gens", "stop_reason",
-                "queue", "idle"):
+                "total_img_gens", "queue", "idle", "hordeexitcounter", "uptime", "idletime", "quiet"):
         assert key in before, key
     result = generate(server, **seeded(max_length=9, sampler_seed=987654))
     after = perf(server)

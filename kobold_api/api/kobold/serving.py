@@ -59,6 +59,7 @@ class KoboldService:
             "last_token_count": perf.last_token_count, "last_input_count": perf.last_input_count,
             "last_reused_count": perf.last_reused_count,
             "last_seed": perf.last_seed, "total_gens": perf.total_gens, "stop_reason": perf.stop_reason,
+            "total_img_gens": 0,  # KoboldCpp's image generations: none here
             "last_process_speed": round(perf.last_input_count / perf.last_process, 2) if perf.last_process else 0,
             "last_eval_speed": round(speed, 2), "queue": self.engine.queued, "idle": 0 if self.engine.busy else 1,
             "hordeexitcounter": 0, "uptime": round(now - self.started_at, 1),
