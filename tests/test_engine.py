@@ -511,3 +511,18 @@ def test_phrase_bans_in_a_batch_match_the_single_stream(tiny_model_dir: Path) ->
         engine.shutdown()
     for r, text in zip(requests, expected):
         assert not any(phrase.lower() in text.lower() for phrase in r.banned_phrases)
+
+
+def test_stop_string_inside_withheld_text_ends_like_without_bans(generator: TextGenerator) -> None:
+    """A stop string that completes while a possible banned phrase holds the text back: the same
+    text and token count as without the ban (tokens after the stop are neither sent nor counted)."""
+    plain = _greedy_text(generator, PROMPT)
+    at = next(i for i in range(5, len(plain) - 2) if plain[i:i + 2].isascii() and plain[i:i + 2].strip()
+              and plain.find(plain[i:i + 2]) == i)
+    stop = plain[at:at + 2]
+    common = {"prompt": PROMPT, "max_new_tokens": 60, "ban_eos": True, "stop_strings": [stop]}
+    without = generator.generate(request(**common))
+    held = generator.generate(request(**common, banned_phrases=[stop[0] + "\u2603never"]))
+    assert without.stop_reason == held.stop_reason == STOP_STRING
+    assert held.text == without.text == plain[:at]
+    assert held.completion_tokens == without.completion_tokens

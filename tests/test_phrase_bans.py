@@ -52,11 +52,13 @@ def test_the_first_bytes_of_a_character_stay_with_it() -> None:
     assert rewind is not None and rewind.index == 0 and rewind.banned == {2}
 
 
-def test_stop_token_is_where_the_stop_string_starts() -> None:
+def test_stop_token_is_the_one_that_completes_the_stop_string() -> None:
     guard = PhraseBanGuard(["XYZ"])
     for token_id, text in enumerate(["a", "X", "Y", "Q"]):
         guard.add(held(token_id, text))
     assert guard.stop_token(["Y"]) == 2 and guard.stop_token(["nope"]) is None
+    assert guard.stop_token(["XY"]) == 2  # spans two tokens: both are kept
+    assert guard.stop_token(["YQ", "aXY"]) == 2  # the earliest start wins
 
 
 def test_rewinds_are_bounded() -> None:

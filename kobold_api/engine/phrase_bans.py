@@ -83,16 +83,17 @@ class PhraseBanGuard:
         return Rewind(index, culprit.banned | {culprit.token_id})
 
     def stop_token(self, stop_strings: list[str]) -> int | None:
-        """Index of the held token where the earliest of ``stop_strings`` starts, if any: the
-        tokens after it will never be returned, and are not to be counted either."""
+        """Index of the held token that completes the first of ``stop_strings`` in the held text,
+        if any: generation ends there, so the tokens after it are never returned (nor counted)."""
         text = "".join(held.text for held in self.held)
-        starts = [at for at in (text.find(stop) for stop in stop_strings if stop) if at != -1]
-        if not starts:
+        found = [(at, -len(stop)) for stop in stop_strings if stop and (at := text.find(stop)) != -1]
+        if not found:
             return None
-        position, offset = 0, min(starts)
+        start, negative_length = min(found)
+        position, last_char = 0, start - negative_length - 1
         for index, held in enumerate(self.held):
             position += len(held.text)
-            if position > offset:
+            if position > last_char:
                 return index
         return len(self.held) - 1
 
