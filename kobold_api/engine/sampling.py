@@ -987,9 +987,9 @@ def build_processors(
     smoothing follows it (id 5); DRY, rep_pen and presence/frequency share id
     6, in that order (KoboldCpp applies DRY right after the bias, so before
     rep_pen; here it moves with id 6 instead). XTC comes after the ordered
-    chain. With ``mirostat`` on, the chain is instead: bias,
-    bans, the id-6 penalties, plain temperature, smoothing, Mirostat, whatever
-    ``sampler_order`` says (see the module docstring). ``rep_pen`` 0 counts
+    chain. With ``mirostat`` on, the chain is instead: bias, bans, the id-6
+    penalties, plain temperature, smoothing, Mirostat; ``sampler_order`` is
+    ignored then (see the module docstring). ``rep_pen`` 0 counts
     as "off" like 1, since clients send 0 for a disabled penalty and a factor
     of 0 would divide by zero.
 
