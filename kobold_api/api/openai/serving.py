@@ -163,7 +163,7 @@ class OpenAIService:
         """``max_tokens`` (or the default), kept below the context so some prompt always fits
         (KoboldCpp's rule: at most context - min(context - 4, 16))."""
         context = self._context(parsed)
-        return min(parsed.max_tokens or self.settings.generation.max_length, context - min(context - 4, 16))
+        return min(parsed.max_tokens or self.settings.generation.max_length, context - min(max(context - 4, 0), 16))
 
     def _context(self, parsed: OpenAIInput) -> int:
         """The server's context, or less where the client's ``truncation_length`` asks for less."""
