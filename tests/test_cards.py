@@ -355,6 +355,12 @@ def test_charx_reads_card_json_and_ignores_assets() -> None:
         parse_card(_charx({"other.json": b"{}"}))
     with pytest.raises(CardError, match="not a card object"):
         parse_card(_charx({"card.json": b"[1]"}))
+    # a damaged compressed stream is a CardError (so a broken file never breaks the listing)
+    damaged = bytearray(_charx({"card.json": json.dumps(card).encode() * 50}))
+    start = damaged.index(b"card.json") + len(b"card.json")
+    damaged[start:start + 40] = bytes(40)
+    with pytest.raises(CardError, match="not a valid zip"):
+        parse_card(bytes(damaged))
 
 
 def test_json_hint_gives_json_error() -> None:

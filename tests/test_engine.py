@@ -182,6 +182,15 @@ def test_resent_prompt_gives_the_same_logprobs_as_a_fresh_one(tiny_model_dir: Pa
             [(t.token_id, t.logprob) for t in fresh.token_logprobs]
 
 
+def test_left_truncation_keeps_a_leading_bos() -> None:
+    from kobold_api.engine.generation import keep_tail
+
+    assert keep_tail([1, 5, 6, 7, 8], 3, bos=1) == ([1, 7, 8], 2)  # the BOS stays in front
+    assert keep_tail([5, 6, 7, 8], 2, bos=1) == ([7, 8], 2)  # no BOS to keep
+    assert keep_tail([1, 5, 6], 1, bos=1) == ([6], 2)  # no room for it
+    assert keep_tail([1, 5], 5, bos=1) == ([1, 5], 0)
+
+
 def test_incremental_decoder_never_splits_utf8(tiny_model_dir: Path) -> None:
     tokenizer = Tokenizer(tiny_model_dir)
     text = "héllo wörld → 日本語 🎉 done"

@@ -756,6 +756,13 @@ def test_memory_survives_left_truncation(server: Any) -> None:
     expected = memory + prompt[-(64 - 8 - len(memory)):]
     same = generate(server, **greedy(prompt=expected, max_length=8, max_context_length=2048))
     assert same["prompt_tokens"] == 64 - 8 and same["text"] == result["text"]
+    # a memory longer than the room still leaves the prompt's last few tokens (as KoboldCpp does)
+    long_memory = "".join(chr(65 + (i * 5) % 26) for i in range(200))
+    result = generate(server, **greedy(prompt="\nQ: and the answer?\nA:", memory=long_memory,
+                                       max_context_length=64, max_length=8))
+    expected = long_memory[-(64 - 8 - 4):] + "?\nA:"
+    same = generate(server, **greedy(prompt=expected, max_length=8, max_context_length=2048))
+    assert result["prompt_tokens"] == same["prompt_tokens"] == 64 - 8 and same["text"] == result["text"]
 
 
 # --------------------------------------------------------------------------------------

@@ -650,7 +650,8 @@ def read_charx_card_json(data: bytes) -> dict[str, Any]:
             if info.file_size > MAX_DECOMPRESSED_TEXT:
                 raise CardError("card.json in the CHARX file is too large")
             raw = archive.read(info)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError) as exc:
+        # damaged or truncated data, encrypted entries, compression methods zipfile lacks
         raise CardError(f"CHARX file is not a valid zip archive ({exc})") from exc
     try:
         obj = json.loads(raw.decode("utf-8-sig"))

@@ -23,6 +23,9 @@ from .sampling import SamplingParams, TokenSampler
 from .stopping import StopMatcher
 from .tokenizer import IncrementalDecoder, Tokenizer
 
+#: Prompt tokens kept after the longest ``memory`` (KoboldCpp keeps a few too).
+MIN_PROMPT_TOKENS = 4
+
 #: Why a generation ended. ``finish_reason`` on the wire is derived from these.
 STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ABORT = "eos", "stop_string", "length", "abort"
 
@@ -112,26 +115,27 @@ class TextGenerator:
     def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Tokenize and left-truncate to ``max_context_length - max_new_tokens``; return (ids, cut).
 
-        ``memory`` is kept whole (it and the prompt are then tokenized apart; a memory longer
-        than the budget keeps its own end).
+        A leading BOS survives the cut (the model expects it first). ``memory`` survives too,
+        up to all but the last ``MIN_PROMPT_TOKENS`` of the room (it and the prompt are then
+        tokenized apart), as KoboldCpp keeps a few prompt tokens after even the longest memory.
         """
         context = min(request.max_context_length, self.model.info.context_length)
         budget = max(1, context - request.max_new_tokens)
+        bos = self.model.info.bos_token_id
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
         else:
             ids = self._encode(request.memory + (request.prompt or ""), request.add_special_tokens)
             if len(ids) > budget and request.memory:
-                memory = self._encode(request.memory, request.add_special_tokens)
+                memory_ids = self._encode(request.memory, request.add_special_tokens)
                 rest = self.tokenizer.encode(request.prompt or "", add_special_tokens=False)
-                keep = max(0, budget - len(memory))
-                kept = memory[-budget:] + (rest[len(rest) - keep:] if keep else [])
-                return kept, len(memory) + len(rest) - len(kept)
-        cut = max(0, len(ids) - budget)
-        ids = ids[cut:]
+                memory_kept, _ = keep_tail(memory_ids, budget - min(MIN_PROMPT_TOKENS, budget - 1), bos)
+                room = budget - len(memory_kept)
+                kept = memory_kept + rest[max(0, len(rest) - room):]
+                return kept, len(memory_ids) + len(rest) - len(kept)
+        ids, cut = keep_tail(ids, budget, bos)
         if not ids:  # an empty prompt still needs one position to predict from
-            fallback = self.model.info.bos_token_id
-            ids = [fallback if fallback is not None else (self.model.info.eos_token_ids or [0])[0]]
+            ids = [bos if bos is not None else (self.model.info.eos_token_ids or [0])[0]]
         return ids, cut
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -314,6 +318,17 @@ class Sequence:
             token_logprobs=self.token_logprobs,
         )
         return chunks + [GenerationChunk("", self.result)]
+
+
+def keep_tail(ids: list[int], budget: int, bos: int | None) -> tuple[list[int], int]:
+    """The last ``budget`` ids and how many were cut; a leading ``bos`` stays in front."""
+    if len(ids) <= budget:
+        return ids, 0
+    if bos is not None and ids and ids[0] == bos and budget >= 2:
+        kept = [bos, *ids[len(ids) - (budget - 1):]]
+    else:
+        kept = ids[len(ids) - budget:] if budget > 0 else []
+    return kept, len(ids) - len(kept)
 
 
 def _without(logits: np.ndarray, banned: set[int]) -> np.ndarray:
