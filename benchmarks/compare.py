@@ -483,10 +483,14 @@ class SerialEngine:
     tok/s instead of ~165. Running everything on one worker thread avoids charging that to it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spec: dict) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor.submit(self._load, spec).result()  # loaded on the thread that will run it
+
+    def _load(self, spec: dict) -> None:
+        raise NotImplementedError
 
     def stream(self, prompt: str, max_tokens: int, mode: str) -> StreamRecord:
         rec = StreamRecord(time.perf_counter())  # queueing behind other clients counts in their TTFT
@@ -501,10 +505,6 @@ class LlamaEngine(SerialEngine):
     """Like llama-cpp-python's own server: one Llama object, one request at a time."""
 
     name = "llama.cpp"
-
-    def __init__(self, spec: dict) -> None:
-        super().__init__()
-        self._executor.submit(self._load, spec).result()
 
     def _load(self, spec: dict) -> None:
         import llama_cpp
@@ -582,10 +582,6 @@ class OptimumEngine(SerialEngine):
     """transformers' generate() over optimum's ORT model; one request at a time."""
 
     name = "optimum"
-
-    def __init__(self, spec: dict) -> None:
-        super().__init__()
-        self._executor.submit(self._load, spec).result()
 
     def _load(self, spec: dict) -> None:
         import onnxruntime as ort

@@ -113,7 +113,7 @@ ROUTES += [
     ("/api/extra/generate/stream", "post", "KoboldCpp", "SSE: event: message / data: {\"token\", \"finish_reason\"}", GENERATION_INPUT),
     ("/api/extra/generate/check", "get", "KoboldCpp", "Partial text of a running generation (?genkey=)", None),
     ("/api/extra/generate/check", "post", "KoboldCpp", "Partial text of a running generation", GENKEY),
-    ("/api/extra/abort", "post", "KoboldCpp", "Abort by genkey, or without one every running generation; an empty body is fine", GENKEY),
+    ("/api/extra/abort", "post", "KoboldCpp", "Abort by genkey, or without one the caller's running and waiting generations; an empty body is fine", GENKEY),
     ("/api/extra/tokencount", "post", "KoboldCpp", "{\"value\": count, \"ids\": [...]}", TOKENCOUNT),
     ("/api/extra/tokenize", "post", "KoboldCpp", "Alias of tokencount", TOKENCOUNT),
     ("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", {"type": "object", "properties": {"ids": {"type": "array", "items": _INTEGER}}}),

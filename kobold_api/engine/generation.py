@@ -242,10 +242,11 @@ class Sequence:
         while True:
             if token in self.eos_ids:
                 return self._finish(STOP_EOS), None
+            if not self.bans.phrases:
+                delta = self._append(token, logits)
+                break
             decoder_state = self.decoder.snapshot()
             delta = self._append(token, logits)
-            if not self.bans.phrases:
-                break
             rewind = self.bans.add(HeldToken(token, delta, np.array(logits, copy=True), decoder_state, banned))
             if rewind is None:
                 stop_at = self.bans.stop_token(self.matcher.stop_strings)
