@@ -130,6 +130,9 @@ class PromptBuilder:
 def build_spec(client: "KoboldClient", args: argparse.Namespace) -> dict:
     builder = PromptBuilder(client, SEED)
     reps = 1 if args.quick else 3
+    # the concurrency rows are short (about a second each for us) and the shared machine drifts
+    # by +-15%, so they get more repetitions than the TTFT rows
+    concurrency_reps = 2 if args.quick else 7
     n_overhead = 10 if args.quick else 30
     followups = []
     for _ in range(reps):
@@ -148,7 +151,8 @@ def build_spec(client: "KoboldClient", args: argparse.Namespace) -> dict:
         # one list of prompts per repetition and level, none sent twice: a repeat must not be a
         # prefix-cache hit where the first run was a cold prefill
         "concurrency_prompts": {str(n): [[f"<|im_start|>user\n{_text(builder.rng, 12)}<|im_end|>\n"
-                                          f"<|im_start|>assistant\n" for _ in range(n)] for _ in range(reps)]
+                                          f"<|im_start|>assistant\n" for _ in range(n)]
+                                         for _ in range(concurrency_reps)]
                                 for n in levels},
         # all different, starting differently, so no engine's prefix reuse turns a request into a no-op
         "overhead_prompts": [f"{i}. {_text(builder.rng, 6)}\n{OVERHEAD_PROMPT}" for i in range(n_overhead + 3)],
@@ -265,6 +269,9 @@ def measure_all(engine, spec: dict, log) -> dict:
     one = out["concurrency"].get("1", {}).get("agg_tok_s")
     for level, figures in out["concurrency"].items():
         figures["over_one_stream"] = figures["agg_tok_s"] / one if one else None
+        # the same ratio within each repetition (the levels ran seconds apart), for the notes
+        figures["over_one_stream_per_rep"] = [run["agg_tok_s"] / first["agg_tok_s"]
+                                              for run, first in zip(runs[level], runs.get("1", []))]
 
     # 5. per-request overhead of a 1-token generation: wall minus the engine's own compute time
     walls, engine_times = [], []
@@ -818,6 +825,11 @@ def _counts(results: dict, key: str) -> list:
     return list((results.get("ours") or {}).get(key, {}).get("prompt_tokens") or [])
 
 
+def _per_rep(results: dict, level: str) -> str:
+    ratios = ((results.get("ours") or {}).get("concurrency", {}).get(level, {}).get("over_one_stream_per_rep") or [])
+    return ", ".join(f"{ratio:.2f}" for ratio in ratios) or "n/a"
+
+
 def markdown_table(rows: list[dict], results: dict) -> str:
     def cell(value, fmt):
         return fmt.format(value) if value is not None else "n/a"
@@ -1035,7 +1047,8 @@ def main() -> int:
         "llama.cpp and optimum serve one request at a time, as their servers do: their clients queue for one "
         "engine thread (a single-worker executor), so the 4- and 8-client figures are their 1-client rate. "
         f"Concurrency figures are the median of {len(spec['concurrency_prompts']['1'])} repetitions (the levels "
-        "take turns), each with prompts never sent before, so every client pays a cold prefill.",
+        "take turns), each with prompts never sent before, so every client pays a cold prefill. "
+        f"kobold_api's 8-client / 1-client ratio within each repetition: {_per_rep(results, '8')}.",
         "TTFT: time from sending the request to its first streamed event (max_length 1). llama-cpp-python reuses "
         "the KV cache of its previous prompt's common prefix (as KoboldCpp does); optimum has no prefix reuse.",
         f"Shared 2-core machine: 1-minute load average {load_start[0]:.2f} at start, "

@@ -73,6 +73,18 @@ def test_graph_returns_only_last_position_logits(tiny_model_dir: Path) -> None:
     np.testing.assert_allclose(step_logits, logits, rtol=1e-3, atol=1e-3)
 
 
+def test_int4_graph_keeps_the_output_matrix_in_8_bits(tiny_model_dir: Path) -> None:
+    """The GGUF layout: the output matrix (Q8_0 in the default GGUF) 8-bit, the rest int4 in
+    blocks of 32; all-int4 cost the default model 25.2 against 22.5 perplexity."""
+    graph = onnx.load(str(tiny_model_dir / "model.onnx"), load_external_data=False).graph
+    bits = {node.name: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for node in graph.node if node.op_type == "MatMulNBits"}
+    lm_head = [name for name in bits if "lm_head" in name]
+    assert len(lm_head) == 1 and bits[lm_head[0]]["bits"] == 8
+    others = [attrs for name, attrs in bits.items() if name not in lm_head]
+    assert others and all(attrs["bits"] == 4 and attrs["block_size"] == 32 for attrs in others)
+
+
 def test_failed_build_says_what_to_do(tmp_path: Path) -> None:
     hf = tmp_path / "broken"
     hf.mkdir()

@@ -616,6 +616,8 @@ def test_strict_templates_get_system_folded_and_same_role_turns_merged() -> None
         ("Hello\nBob", "Hello"),
         ("Hello\nBo", "Hello"),
         ("Hello\nAli", "Hello"),
+        ("Hello\nBob\nBob", "Hello"),
+        ("Hello\nBob\n\nAlice\nBo", "Hello"),
         ("Hello\nThe end", "Hello\nThe end"),
         ("Then Alice: no.", "Then Alice: no."),
         ("Bob: what?", "Bob: what?"),

@@ -130,8 +130,9 @@ def clean_reply(text: str, char_name: str, user_name: str, *, speaker: str | Non
 
     Strips a leading ``"{speaker}:"`` (default: the character) that models like to
     repeat, fills ``{{user}}``/``{{char}}``-style placeholders, and removes a trailing
-    half-written turn marker (``"\\nBob"`` when generation stopped at the length limit:
-    text the stop-string matcher rightly released, since it was not a full stop string).
+    half-written turn marker and any lone name lines before it (``"\\nBob"`` when generation
+    stopped at the length limit: text the stop-string matcher rightly released, since it was not
+    a full stop string).
     The cut at a whole ``"\\n{name}:"`` is a safety net: those are stop strings already.
     """
     speaker = char_name if speaker is None else speaker
@@ -145,8 +146,11 @@ def clean_reply(text: str, char_name: str, user_name: str, *, speaker: str | Non
         if position >= 0:
             cleaned = cleaned[:position]
     cleaned = cleaned.rstrip()
-    cleaned = _strip_partial_marker(cleaned, markers).rstrip()
-    return cleaned
+    while True:  # "...\nBob\nBo": a lone name line before the half marker is the same dangling turn
+        shorter = _strip_partial_marker(cleaned, markers).rstrip()
+        if shorter == cleaned:
+            return cleaned
+        cleaned = shorter
 
 
 def _strip_partial_marker(text: str, markers: list[str]) -> str:
