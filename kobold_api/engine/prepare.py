@@ -39,7 +39,7 @@ PREPARE_VERSION = 4
 #: The builder's int4 options. Its default (symmetric round-to-nearest everywhere) raised the
 #: default model's perplexity from 18.9 (float) to 25.2; llama.cpp on the same GGUF, whose
 #: output matrix is Q8_0 and the rest Q4_1, gives 19.1. k-quant rounding with the output matrix
-#: in 8 bits (the GGUF's own layout) gives 22.5 at about 10% of single-stream decode speed.
+#: in 8 bits (the GGUF's own layout) gives 22.5 and costs a lone stream 10-15% of its speed.
 #: Blocks of 32 match the GGUF's.
 INT4_BUILDER_OPTIONS = ("int4_algo_config=k_quant_last", "int4_block_size=32")
 
