@@ -13,6 +13,7 @@ Prints microseconds per layer for each (rows, cached positions); the step's shar
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -34,7 +35,7 @@ def _session(nodes: list, inputs: list, outputs: list, threads: int) -> ort.Infe
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _tensor(name: str, shape: list[int], dtype: int = TensorProto.FLOAT):
+def _tensor(name: str, shape: list[int] | None, dtype: int = TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
@@ -108,8 +109,6 @@ def plain_op_attention(rows: int, positions: int, threads: int) -> float:
 
 
 def main() -> None:
-    import os
-
     threads = os.cpu_count() or 1
     print(f"attention per layer, {threads} threads, {HEADS}/{KV_HEADS} heads x {HEAD_SIZE}, buffer {BUFFER} positions")
     print(f"{'rows':>4} {'positions':>9} {'GQA in place (us)':>18} {'plain ops (us)':>15}")
