@@ -19,6 +19,7 @@ from typing import Callable, Literal
 from kobold_api.chat.character import Character
 from kobold_api.chat.lorebook import activate_entries
 from kobold_api.chat.templates import ChatTemplate, ChatTemplateError, render_open_turn
+from kobold_api.engine.stopping import partial_suffix_length
 
 __all__ = [
     "BuiltPrompt",
@@ -146,20 +147,10 @@ def clean_reply(text: str, char_name: str, user_name: str, *, speaker: str | Non
         if position >= 0:
             cleaned = cleaned[:position]
     cleaned = cleaned.rstrip()
-    while True:  # "...\nBob\nBo": a lone name line before the half marker is the same dangling turn
-        shorter = _strip_partial_marker(cleaned, markers).rstrip()
-        if shorter == cleaned:
-            return cleaned
-        cleaned = shorter
-
-
-def _strip_partial_marker(text: str, markers: list[str]) -> str:
-    """Remove the longest tail of ``text`` that is the start of a marker (newline + ≥1 char)."""
-    for length in range(max((len(m) for m in markers), default=0), 1, -1):
-        tail = text[-length:]
-        if len(tail) == length and any(marker.startswith(tail) for marker in markers):
-            return text[:-length]
-    return text
+    # "...\nBob\nBo": a lone name line before the half marker is the same dangling turn
+    while partial := partial_suffix_length(cleaned, markers):
+        cleaned = cleaned[: len(cleaned) - partial].rstrip()
+    return cleaned
 
 
 def _dedupe(strings: list[str]) -> list[str]:

@@ -119,10 +119,11 @@ class OpenAIService:
                      "stopping_strings": parsed.stop}
         if parsed.max_tokens:
             chat_body["max_new_tokens"] = parsed.max_tokens
+        chat_input = chat.parse(chat_body)
         if parsed.stream:
-            events, close = chat.stream_turn(chat.parse(chat_body), disconnected)
+            events, close = chat.stream_turn(chat_input, disconnected)
             return EventStream(self._turn_chunks(events, model, parsed.include_usage), on_close=close)
-        result = chat.chat(chat.parse(chat_body), disconnected)["results"][0]
+        result = chat.chat(chat_input, disconnected)["results"][0]
         message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
         if "conversation_id" in result:
             message["conversation_id"] = result["conversation_id"]
@@ -161,7 +162,7 @@ class OpenAIService:
     # --- shared -----------------------------------------------------------------------
     def _max_tokens(self, parsed: OpenAIInput) -> int:
         """``max_tokens`` (or the default), kept below the context so some prompt always fits
-        (KoboldCpp's rule: at most context - min(context - 4, 16))."""
+        (KoboldCpp's rule: at most context - min(max(context - 4, 0), 16))."""
         context = self._context(parsed)
         return min(parsed.max_tokens or self.settings.generation.max_length, context - min(max(context - 4, 0), 16))
 
@@ -292,8 +293,9 @@ class _Usage:
 
 
 def _turn_usage(result: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+    usage = _Usage()
+    usage.prompt_tokens, usage.completion_tokens = result["prompt_tokens"], result["completion_tokens"]
+    return usage.as_dict()
 
 
 def _new_id(prefix: str) -> str:
