@@ -135,18 +135,15 @@ class OpenAIService:
     def _turn_chunks(self, events: Iterator["TurnEvent"], model: str, include_usage: bool) -> Iterator[bytes]:
         """A server-side chat turn as ``chat.completion.chunk`` events; the last chunk's delta
         names the ``conversation_id`` the turn was stored in."""
-        stream_id, created = _new_id("chatcmpl"), int(time.time())
+        writer = _ChunkWriter("chat.completion.chunk", model, include_usage)
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
-            return sse_event({"id": stream_id, "object": "chat.completion.chunk", "created": created,
-                              "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                           "finish_reason": finish_reason}], **extra})
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            return writer.choice({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason})
 
         yield chunk({"role": "assistant", "content": ""})
         for event in events:
             if event.error is not None:
-                yield sse_event({"error": {"message": event.error, "type": "server_error", "param": None,
-                                           "code": None}})
+                yield writer.error(event.error)
                 return
             if event.result is None:
                 yield chunk({"content": event.text})
@@ -155,8 +152,7 @@ class OpenAIService:
             delta = {"conversation_id": result["conversation_id"]} if "conversation_id" in result else {}
             yield chunk(delta, event.finish_reason)
             if include_usage:
-                yield sse_event({"id": stream_id, "object": "chat.completion.chunk", "created": created,
-                                 "model": model, "choices": [], "usage": _turn_usage(result)})
+                yield writer.usage(_turn_usage(result))
         yield sse_event("[DONE]")
 
     # --- shared -----------------------------------------------------------------------
@@ -244,13 +240,8 @@ class OpenAIService:
     def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], submitted: list[Job],
                 model: str, kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
                 first: Callable[[int], dict] | None, echo: list[str] | None) -> Iterator[bytes]:
-        stream_id, created, usage = _new_id("chatcmpl" if "chat" in kind else "cmpl"), int(time.time()), _Usage()
-
-        def envelope(choice: dict) -> bytes:
-            body = {"id": stream_id, "object": kind, "created": created, "model": model, "choices": [choice]}
-            if parsed.include_usage:
-                body["usage"] = None
-            return sse_event(body)
+        writer, usage = _ChunkWriter(kind, model, parsed.include_usage), _Usage()
+        envelope = writer.choice
 
         try:
             for index, ((_, _, copy), job) in enumerate(zip(plans, submitted)):
@@ -269,12 +260,36 @@ class OpenAIService:
                     elif chunk.text:
                         yield envelope(piece(index, chunk.text))
             if parsed.include_usage:
-                yield sse_event({"id": stream_id, "object": kind, "created": created, "model": model,
-                                 "choices": [], "usage": usage.as_dict()})
+                yield writer.usage(usage.as_dict())
             yield sse_event("[DONE]")
         except GenerationFailed as exc:  # headers are sent: report it in the stream
-            yield sse_event({"error": {"message": f"Generation failed: {exc}", "type": "server_error",
-                                       "param": None, "code": None}})
+            yield writer.error(f"Generation failed: {exc}")
+
+
+class _ChunkWriter:
+    """One OpenAI stream's SSE events: choice chunks sharing an id, the usage chunk, an error."""
+
+    def __init__(self, kind: str, model: str, include_usage: bool) -> None:
+        self.kind, self.model, self.include_usage = kind, model, include_usage
+        self.id = _new_id("chatcmpl" if "chat" in kind else "cmpl")
+        self.created = int(time.time())
+
+    def _body(self, choices: list[dict], usage: dict[str, int] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                                "choices": choices}
+        if self.include_usage:  # OpenAI: null on every chunk but the last
+            body["usage"] = usage
+        return body
+
+    def choice(self, choice: dict) -> bytes:
+        return sse_event(self._body([choice], None))
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return sse_event(self._body([], usage))
+
+    @staticmethod
+    def error(message: str) -> bytes:
+        return sse_event({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
 class _Usage:
