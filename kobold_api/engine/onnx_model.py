@@ -1,8 +1,10 @@
 """One ONNX Runtime session for a decoder-only model with a KV cache.
 
-Works with both graph layouts we produce: the genai builder's (input_ids,
-attention_mask, past_key_values.*; positions come from the mask) and optimum's
-(same plus position_ids). The KV cache stays as ``OrtValue`` objects between steps,
+A folder our importer built carries a manifest (``kobold_api_model.json``) that states
+the graph's contract: KV-cache layout, EOS/BOS ids, context length. Folders made
+elsewhere (the genai builder's fallback, optimum, a user's ONNX folder) are read by
+looking at the graph: the builder's layout (input_ids, attention_mask,
+past_key_values.*; positions come from the mask) or optimum's (plus position_ids). The KV cache stays as ``OrtValue`` objects between steps,
 so on CUDA it never leaves the device and on the CPU it is never converted to numpy.
 """
 
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from .prepare import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +123,23 @@ class OnnxCausalLM:
                 ", ".join(ort.get_available_providers()),
             )
         log.info("ONNX Runtime session on %s (%s)", self.provider, ", ".join(self.session.get_providers()))
-        self.info = _read_model_info(self.model_dir)
+        manifest = read_manifest(self.model_dir)
+        self.info = _read_model_info(self.model_dir, manifest)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._uses_position_ids = "position_ids" in inputs
         self._past_names = sorted(
             (n for n in inputs if n.startswith("past_key_values.")), key=_layer_sort_key
         )
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
-        first_past = inputs[self._past_names[0]]
-        self._kv_heads = int(first_past.shape[1])
-        self._head_dim = int(first_past.shape[3])
-        self._kv_dtype = _ORT_TO_NUMPY[first_past.type]
+        kv = manifest.get("kv_cache")
+        if kv:
+            self._kv_heads, self._head_dim = int(kv["kv_heads"]), int(kv["head_dim"])
+            self._kv_dtype = np.dtype(kv["dtype"]).type
+        else:
+            first_past = inputs[self._past_names[0]]
+            self._kv_heads = int(first_past.shape[1])
+            self._head_dim = int(first_past.shape[3])
+            self._kv_dtype = _ORT_TO_NUMPY[first_past.type]
         self._output_names = ["logits", *self._present_names]
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.device = "cuda" if self.provider == "cuda" else "cpu"
@@ -216,8 +226,12 @@ def _layer_sort_key(name: str) -> tuple[int, int]:
     return int(parts[1]), 0 if parts[2] == "key" else 1
 
 
-def _read_model_info(model_dir: Path) -> ModelInfo:
-    """EOS ids and context length from genai_config.json, config.json and generation_config.json."""
+def _read_model_info(model_dir: Path, manifest: dict) -> ModelInfo:
+    """EOS ids and context length from the manifest, else genai_config.json, config.json
+    and generation_config.json."""
+    if "eos_token_ids" in manifest:
+        return ModelInfo(model_dir.name, list(manifest["eos_token_ids"]), manifest.get("bos_token_id"),
+                         int(manifest["context_length"]), int(manifest["vocab_size"]))
     eos: list[int] = []
     bos: int | None = None
     context_length = 2048

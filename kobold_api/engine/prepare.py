@@ -1,14 +1,17 @@
 """Turn a model spec (default / HF folder / GGUF / ONNX folder / hub id) into a runnable ONNX folder.
 
-Why the builder: on this project's 2-core CPU the onnxruntime-genai model builder's
-fused graph (GroupQueryAttention, MatMulNBits, fused norms: ~340 nodes) decoded 2.3x
-faster than an optimum export with the same int4 quantization (~7,400 nodes), because
-small models pay per graph node, not per FLOP. optimum stays as the exporter for
-architectures the builder does not know.
+GGUF files and Hugging Face folders of the architectures in ``importer.REGISTRY`` go
+through our own importer (:mod:`.importer`): tensors are read one at a time from the
+mapped file and written straight into the fused graph, so preparing needs about one
+tensor's memory whatever the model's size, and Q4_0/Q8_0 blocks are kept exactly.
+Other architectures fall back to the onnxruntime-genai model builder (Hugging Face
+folders; a GGUF is first de-quantized through transformers, which holds the whole
+model in memory), and to optimum's exporter if the builder refuses.
 
-Results are cached under ``cache_dir`` keyed by source + target, and a folder only
-counts as built once its manifest is written (the last step), so an interrupted build
-is redone rather than half-used.
+Results are cached under ``cache_dir`` keyed by source + quant + device, and a folder
+only counts as built once its manifest is written (the last step), so an interrupted
+build is redone rather than half-used. The manifest is the contract the runtime reads
+(:func:`read_manifest`): graph inputs, KV-cache layout, importer and version.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import importer
+from .importer.sources import GGUFSource, SourceError, UnsupportedArchitecture
+
 log = logging.getLogger(__name__)
 
 #: The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel.
@@ -35,13 +41,12 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "kobold_api_model.json"
 #: Bump when the preparation steps change, so old caches are rebuilt.
-PREPARE_VERSION = 4
-#: The builder's int4 options. Its default (symmetric round-to-nearest everywhere) raised the
-#: default model's perplexity from 18.9 (float) to 25.2; llama.cpp on the same GGUF, whose
-#: output matrix is Q8_0 and the rest Q4_1, gives 19.1. k-quant rounding with the output matrix
-#: in 8 bits (the GGUF's own layout) gives 22.5 and costs a lone stream 10-15% of its speed.
-#: Blocks of 32 match the GGUF's.
+PREPARE_VERSION = 5
+#: The builder's int4 options (fallback path). k-quant rounding with the output matrix in
+#: 8 bits (the GGUF's own layout); blocks of 32 match the GGUF's.
 INT4_BUILDER_OPTIONS = ("int4_algo_config=k_quant_last", "int4_block_size=32")
+#: What the fallback builder can make of each quant.
+_BUILDER_PRECISIONS = {"int4": "int4", "fp16": "fp16", "fp32": "fp32"}
 
 Progress = Callable[[str], None]
 
@@ -92,20 +97,28 @@ def resolve_source(spec: str) -> ModelSource:
     )
 
 
-def target_for(provider: str) -> str:
-    """int4 on CPU (MatMulNBits is fastest there), fp16 on CUDA (fp16 is slow on the CPU EP)."""
-    return "fp16-cuda" if provider == "cuda" else "int4-cpu"
+def target_for(device: str, quant: str = "auto") -> str:
+    """``{quant}-{device}``: auto is int4 on the CPU (MatMulNBits is fastest there) and fp16
+    on CUDA; a combination that cannot run is refused with a PrepareError."""
+    try:
+        return f"{importer.resolve_quant(quant, device)}-{device}"
+    except SourceError as exc:
+        raise PrepareError(str(exc)) from exc
 
 
 def prepare_model(
-    spec: str, provider: str, cache_dir: Path, progress: Progress | None = None
+    spec: str, provider: str, cache_dir: Path, progress: Progress | None = None, quant: str = "auto"
 ) -> Path:
-    """Return a folder with ``model.onnx`` + tokenizer for ``spec``, building it if needed."""
+    """Return a folder with ``model.onnx`` + tokenizer for ``spec``, building it if needed.
+
+    ``provider`` is the device the model will run on (``cpu`` or ``cuda``).
+    """
     say = progress or (lambda message: log.info("%s", message))
     source = resolve_source(spec)
     if source.kind == "onnx_dir":
         return Path(source.location)
-    target = target_for(provider)
+    target = target_for(provider, quant)
+    quant, device = target.split("-")
     out_dir = cache_dir / source.cache_key(target)
     if (out_dir / MANIFEST).is_file():
         return out_dir
@@ -114,23 +127,53 @@ def prepare_model(
     say(f"Preparing {source.name} for {target} (one time, cached in {out_dir}) ...")
     with tempfile.TemporaryDirectory(prefix="prep-", dir=cache_dir) as work:
         work_dir = Path(work)
-        if source.kind == "default":
-            hf_dir = _gguf_to_hf(_fetch_default_gguf(cache_dir, say), work_dir / "hf", say)
-        elif source.kind == "gguf":
-            hf_dir = _gguf_to_hf(Path(source.location), work_dir / "hf", say)
-        elif source.kind == "hf_dir":
-            hf_dir = Path(source.location)
-        else:  # hub: needs internet; the builder downloads by name
-            hf_dir = None
         staging = work_dir / "onnx"
-        build_onnx(hf_dir, staging, target, say, hub_id=source.location if hf_dir is None else None)
+        if source.kind == "hub":  # needs internet; the builder downloads by name
+            build_onnx(None, staging, target, say, hub_id=source.location)
+            contract: dict = {"importer": "onnxruntime-genai builder"}
+        else:
+            path = _fetch_default_gguf(cache_dir, say) if source.kind == "default" else Path(source.location)
+            contract = _import_or_fall_back(path, work_dir, staging, quant, device, say)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.move(str(staging), out_dir)
-    manifest = {"source": source.__dict__, "target": target, "prepare_version": PREPARE_VERSION}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = {**contract, "source": source.__dict__, "target": target, "prepare_version": PREPARE_VERSION}
+    partial = out_dir / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, out_dir / MANIFEST)
     say(f"Model ready in {time.monotonic() - started:.0f} s: {out_dir}")
     return out_dir
+
+
+def read_manifest(model_dir: Path) -> dict:
+    """The manifest of a prepared folder ({} for a folder made elsewhere)."""
+    path = Path(model_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _import_or_fall_back(path: Path, work_dir: Path, staging: Path, quant: str, device: str,
+                         say: Progress) -> dict:
+    """Our streaming importer where it knows the architecture, else the genai builder."""
+    try:
+        return importer.import_model(path, staging, quant, device, say)
+    except UnsupportedArchitecture as exc:
+        unsupported = exc
+    except SourceError as exc:
+        raise PrepareError(str(exc)) from exc
+    if quant not in _BUILDER_PRECISIONS:
+        raise PrepareError(f"{unsupported}; the fallback builder makes {', '.join(_BUILDER_PRECISIONS)} only")
+    shutil.rmtree(staging, ignore_errors=True)
+    say(f"{unsupported}: falling back to the onnxruntime-genai builder")
+    if path.is_file():
+        log.warning("de-quantizing %s through transformers: this holds the whole model in memory", path.name)
+        hf_dir = _gguf_to_hf(path, work_dir / "hf", say)
+    else:
+        hf_dir = path
+    build_onnx(hf_dir, staging, f"{_BUILDER_PRECISIONS[quant]}-{device}", say)
+    return {"importer": "onnxruntime-genai builder"}
 
 
 def _fetch_default_gguf(cache_dir: Path, say: Progress) -> Path:
@@ -179,36 +222,8 @@ def _gguf_to_hf(gguf_path: Path, hf_dir: Path, say: Progress) -> Path:
         ) from exc
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
-    _apply_gguf_special_tokens(gguf_path, hf_dir)
+    importer.apply_gguf_special_tokens(GGUFSource(gguf_path), hf_dir)
     return hf_dir
-
-
-def _apply_gguf_special_tokens(gguf_path: Path, hf_dir: Path) -> None:
-    """Make the converted tokenizer follow the GGUF's own BOS/EOS metadata.
-
-    transformers' conversion always adds a BOS-prepending post-processor and can name the
-    wrong EOS; llama.cpp (so KoboldCpp) follows ``tokenizer.ggml.add_bos_token`` and
-    ``eos_token_id``, and so must we, or raw Kobold prompts get a token KoboldCpp never adds.
-    """
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(gguf_path)).fields
-
-    def scalar(key: str) -> object:
-        field = fields.get(key)
-        return field.parts[field.data[0]][0].item() if field is not None and field.data else None
-
-    tokenizer_path, config_path = hf_dir / "tokenizer.json", hf_dir / "tokenizer_config.json"
-    tokenizer_json, config = json.loads(tokenizer_path.read_text()), json.loads(config_path.read_text())
-    vocab = {token["id"]: token["content"] for token in tokenizer_json.get("added_tokens", [])}
-    if scalar("tokenizer.ggml.add_bos_token") is False or scalar("tokenizer.ggml.add_bos_token") == 0:
-        tokenizer_json["post_processor"] = None
-        config["add_bos_token"] = False
-    eos_id = scalar("tokenizer.ggml.eos_token_id")
-    if isinstance(eos_id, int) and eos_id in vocab:
-        config["eos_token"] = vocab[eos_id]
-    tokenizer_path.write_text(json.dumps(tokenizer_json, ensure_ascii=False))
-    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
 
 def build_onnx(
@@ -227,7 +242,8 @@ def build_onnx(
         result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == 0 and (out_dir / "model.onnx").is_file():
         keep_last_logits_only(out_dir / "model.onnx")
-        _copy_tokenizer_files(hf_dir, out_dir)
+        if hf_dir is not None:
+            importer.copy_tokenizer_files(hf_dir, out_dir, "config.json")
         return
     log.warning("onnxruntime-genai builder failed, trying optimum: %s", result.stderr.strip()[-2000:])
     if hf_dir is None:
@@ -269,15 +285,6 @@ def keep_last_logits_only(model_path: Path) -> None:
     onnx.save(model, str(model_path))
 
 
-def _copy_tokenizer_files(hf_dir: Path | None, out_dir: Path) -> None:
-    if hf_dir is None:
-        return
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json", "config.json"):
-        if (hf_dir / name).is_file() and not (out_dir / name).is_file():
-            shutil.copy2(hf_dir / name, out_dir / name)
-
-
 def _export_with_optimum(hf_dir: Path, out_dir: Path, say: Progress) -> None:
     say("Exporting with optimum (architecture not covered by the builder) ...")
     try:
@@ -286,4 +293,4 @@ def _export_with_optimum(hf_dir: Path, out_dir: Path, say: Progress) -> None:
         main_export(str(hf_dir), output=str(out_dir), task="text-generation-with-past", no_post_process=True)
     except Exception as exc:
         raise PrepareError(f"neither the builder nor optimum could export {hf_dir}: {exc}") from exc
-    _copy_tokenizer_files(hf_dir, out_dir)
+    importer.copy_tokenizer_files(hf_dir, out_dir, "config.json")

@@ -1,0 +1,301 @@
+"""One importer class per architecture family, registered by the names GGUF files and
+Hugging Face configs use, each writing the same fused graph the engine runs:
+GroupQueryAttention (rotary inside, KV cache in place), MatMulNBits for block-quantized
+weights, SkipSimplifiedLayerNormalization joining each residual add to the next norm,
+and logits for the last position only.
+
+Graph interface (the manifest repeats it): inputs ``input_ids`` [batch, seq] and
+``attention_mask`` [batch, total] (int64), ``past_key_values.{i}.key/value``
+[batch, kv_heads, past, head_dim]; outputs ``logits`` [batch, 1, vocab] (float32) and
+``present.{i}.key/value``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from .onnx_writer import MS, GraphWriter
+from .precision import Precision
+from .sources import ModelConfig, SourceError, Tensor, TensorSource, UnsupportedArchitecture
+
+#: Called after each tensor written: (tensors done, tensors in all, bytes written).
+Tick = Callable[[int, int, int], None]
+
+REGISTRY: dict[str, type["DecoderImporter"]] = {}
+
+
+def register(cls: type["DecoderImporter"]) -> type["DecoderImporter"]:
+    for name in cls.architectures:
+        REGISTRY[name] = cls
+    return cls
+
+
+def importer_for(config: ModelConfig) -> type["DecoderImporter"]:
+    """The class for ``config.architecture``, or a SourceError naming it (before any long work)."""
+    cls = REGISTRY.get(config.architecture)
+    if cls is None:
+        raise UnsupportedArchitecture(
+            f"architecture {config.architecture!r} cannot be imported yet "
+            f"(supported: {', '.join(sorted(REGISTRY))})"
+        )
+    return cls
+
+
+class DecoderImporter:
+    """A pre-norm decoder with SwiGLU MLP and rotary attention (the Llama family)."""
+
+    architectures: tuple[str, ...] = ()
+    version = 1
+    #: llama.cpp's converter reorders the query/key rows of these families so that rotary
+    #: pairs are adjacent (its "normal" rope); Hugging Face folders keep the halves layout.
+    gguf_rotary_interleaved = False
+
+    def __init__(self, source: TensorSource, precision: Precision, writer: GraphWriter, tick: Tick) -> None:
+        self.source, self.precision, self.w, self.tick = source, precision, writer, tick
+        self.c = source.config
+        self._done = 0
+        self._total = self.count_tensors()
+
+    # ------------------------------------------------------------------ helpers
+
+    def count_tensors(self) -> int:
+        per_layer = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down",
+                     "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+        layers = sum(self.source.get(f"layers.0.{p}") is not None for p in per_layer) * self.c.num_layers
+        return layers + 2 + (0 if self.c.tied_embeddings else 1)
+
+    def _advance(self, count: int = 1) -> None:
+        self._done += count
+        self.tick(self._done, self._total, self.w.bytes_written)
+
+    def tensor(self, name: str) -> Tensor | None:
+        return self.source.get(name)
+
+    def vector(self, name: str, offset: float = 0.0) -> str:
+        """A norm weight or bias as a graph initializer in the graph's float type."""
+        values = self.source.require(name).to_float() + offset
+        self._advance()
+        return self.w.float_weight(name, values)
+
+    def linear(self, x: str, names: list[str], node: str, bias: list[str] | None = None,
+               output: str | None = None) -> str:
+        """``x`` times the matrices ``names`` stacked along their rows (one fused MatMul)."""
+        tensors = [self.source.require(n) for n in names]
+        k = tensors[0].shape[1]
+        bias_name = ""
+        if bias and all(self.source.get(b) is not None for b in bias):
+            bias_values = np.concatenate([self.source.require(b).to_float() for b in bias])
+            bias_name = self.w.float_weight(f"{node}.bias", bias_values)
+            self._advance(len(bias))
+        blocks = self.precision.blocks(tensors, is_output=node == "lm_head")
+        self._advance(len(names))
+        if blocks is None:
+            weight = np.concatenate([t.float_rows(0, t.shape[0]) for t in tensors])
+            return self.w.matmul_float(x, weight, node, bias_name, output)
+        return self.w.matmul_nbits(x, blocks, node, k, bias_name, output)
+
+    def rotary_caches(self) -> tuple[str, str]:
+        """cos/sin tables [positions, head_dim/2] for GroupQueryAttention."""
+        c = self.c
+        dim = c.head_dim
+        inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        freqs = self.source.get("rope_freqs")
+        scaling = c.rope_scaling
+        kind = scaling.get("rope_type", "default") if scaling else "default"
+        if freqs is not None:  # llama.cpp stores Llama 3's frequency factors as a tensor
+            inv_freq = inv_freq / freqs.to_float().astype(np.float64)
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif kind == "linear":
+            inv_freq = inv_freq / float(scaling.get("factor", 1.0))
+        elif kind not in ("default", "dynamic", "none"):
+            raise SourceError(f"rope scaling {kind!r} is not supported yet")
+        positions = np.arange(c.context_length, dtype=np.float64)
+        angles = np.outer(positions, inv_freq)
+        return (self.w.float_weight("cos_cache", np.cos(angles)),
+                self.w.float_weight("sin_cache", np.sin(angles)))
+
+    # ------------------------------------------------------------------ graph
+
+    def build(self) -> None:
+        c, w = self.c, self.w
+        fp = w.onnx_float
+        w.graph_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        w.graph_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        for i in range(c.num_layers):
+            for kind in ("key", "value"):
+                w.graph_input(f"past_key_values.{i}.{kind}", fp,
+                              ["batch_size", c.num_kv_heads, "past_sequence_length", c.head_dim])
+        one = w.constant("const/one", [1])
+        mask_sum = w.op("ReduceSum", ["attention_mask", one], "mask/sum", keepdims=1)
+        seqlens = w.op("Cast", [w.op("Sub", [mask_sum, one], "mask/sub")], "mask/seqlens", to=TensorProto.INT32)
+        total = w.op("Gather", [w.op("Shape", ["attention_mask"], "mask/shape"), w.constant("const/one_scalar", 1)],
+                     "mask/total", axis=0)
+        total = w.op("Cast", [total], "mask/total_int32", to=TensorProto.INT32)
+        self.seqlens, self.total = seqlens, total
+        self.cos, self.sin = self.rotary_caches()
+
+        hidden = self.embeddings()
+        residual, normed = hidden, None
+        for i in range(c.num_layers):
+            residual, normed = self.layer(i, residual, normed)
+        logits = self.head(residual, normed)
+        if w.float_type != np.float32:
+            logits = w.op("Cast", [logits], "logits/cast", to=TensorProto.FLOAT)
+        w.nodes[-1].output[0] = "logits"
+        w.graph_output("logits", TensorProto.FLOAT, ["batch_size", "one", c.vocab_size])
+        for i in range(c.num_layers):
+            for kind in ("key", "value"):
+                w.graph_output(f"present.{i}.{kind}", fp,
+                               ["batch_size", c.num_kv_heads, "total_sequence_length", c.head_dim])
+
+    def embeddings(self) -> str:
+        c, w = self.c, self.w
+        embed = self.source.require("embed")
+        gathered = self.precision.embedding(embed)
+        if gathered is None:
+            table = w.float_weight("embed.weight", embed.float_rows(0, embed.shape[0]))
+            out = w.op("Gather", [table, "input_ids"], "embed", axis=0)
+        else:
+            self.shared_embedding = gathered
+            # Stored as MatMulNBits wants it ([rows, blocks, bytes]) so a tied output matrix can
+            # read the same codes; the gather sees them as [rows, hidden].
+            codes = w.op("Reshape", [w.weight("embed.codes", gathered.codes),
+                                     w.constant("embed/shape", [gathered.rows, -1])], "embed/codes2d")
+            scales = w.float_weight("embed.scales", gathered.scales)
+            zero_points = w.weight("embed.zp", gathered.zero_points)
+            out = w.op("GatherBlockQuantized", [codes, "input_ids", scales, zero_points], "embed",
+                       domain=MS, bits=gathered.bits, block_size=32)
+        self._advance()
+        if c.embedding_multiplier != 1.0:
+            out = w.op("Mul", [out, w.float_weight("embed.multiplier", np.array(c.embedding_multiplier))],
+                       "embed/scale")
+        return out
+
+    def norm(self, residual: str, added: str | None, weight_name: str, node: str) -> tuple[str, str]:
+        """RMS-normalize ``residual + added`` (or ``residual`` alone); return (sum, normed)."""
+        weight = self.vector(weight_name)
+        if added is None:
+            return residual, self.w.op("SimplifiedLayerNormalization", [residual, weight], node,
+                                       epsilon=self.c.rms_eps, axis=-1, stash_type=1)
+        if self.c.residual_multiplier != 1.0:
+            added = self.w.op("Mul", [added, self.w.constant(f"{node}/res_scale",
+                                                             np.array(self.c.residual_multiplier, self.w.float_type),
+                                                             self.w.float_type)], f"{node}/res_mul")
+        outs = self.w.node("SkipSimplifiedLayerNormalization", [residual, added, weight], node,
+                           [f"{node}/out", "", "", f"{node}/sum"], domain=MS, epsilon=self.c.rms_eps)
+        return outs[3], outs[0]
+
+    def layer(self, i: int, residual: str, pending: str | None) -> tuple[str, str]:
+        """One decoder layer; ``pending`` is the previous layer's MLP output, not yet added."""
+        p = f"layers.{i}"
+        residual, normed = self.norm(residual, pending, f"{p}.attn_norm", f"{p}/attn_norm")
+        attention = self.attention(i, normed)
+        residual, normed = self.norm(residual, attention, f"{p}.ffn_norm", f"{p}/ffn_norm")
+        return residual, self.mlp(i, normed)
+
+    def attention(self, i: int, x: str) -> str:
+        c, w, p = self.c, self.w, f"layers.{i}"
+        qkv = self.linear(x, [f"{p}.q", f"{p}.k", f"{p}.v"], f"{p}/qkv",
+                          bias=[f"{p}.q_bias", f"{p}.k_bias", f"{p}.v_bias"])
+        q, k, v = self.split_qkv(i, qkv)
+        scale = c.attention_scale if c.attention_scale is not None else 1.0 / math.sqrt(c.head_dim)
+        interleaved = int(self.source.kind == "gguf" and self.gguf_rotary_interleaved)
+        out = w.node("GroupQueryAttention",
+                     [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens, self.total,
+                      self.cos, self.sin],
+                     f"{p}/attention", [f"{p}/attention/out", f"present.{i}.key", f"present.{i}.value"],
+                     domain=MS, num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=float(scale),
+                     do_rotary=1, rotary_interleaved=interleaved, local_window_size=-1, softcap=0.0)[0]
+        return self.linear(out, [f"{p}.o"], f"{p}/o")
+
+    def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
+        """Packed QKV goes to GroupQueryAttention as one input (key and value left empty)."""
+        return qkv, "", ""
+
+    def mlp(self, i: int, x: str) -> str:
+        w, p = self.w, f"layers.{i}"
+        gate = self.linear(x, [f"{p}.gate"], f"{p}/gate")
+        up = self.linear(x, [f"{p}.up"], f"{p}/up")
+        activated = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"{p}/silu/sigmoid")], f"{p}/silu")
+        return self.linear(w.op("Mul", [activated, up], f"{p}/swiglu"), [f"{p}.down"], f"{p}/down")
+
+    def head(self, residual: str, pending: str) -> str:
+        c, w = self.c, self.w
+        _, normed = self.norm(residual, pending, "final_norm", "final_norm")
+        starts, ends, axes = (w.constant("last/starts", [-1]), w.constant("last/ends", [2**62]),
+                              w.constant("last/axes", [1]))
+        last = w.op("Slice", [normed, starts, ends, axes], "last_position_slice")
+        shared = getattr(self, "shared_embedding", None)
+        if c.tied_embeddings and shared is not None and self.precision.output_bits() == shared.bits:
+            # The output matrix is the embedding: MatMulNBits reads the same stored codes.
+            self._advance()
+            logits = w.node("MatMulNBits", [last, "embed.codes", "embed.scales", "embed.zp"], "lm_head",
+                            domain=MS, K=c.hidden_size, N=shared.rows, bits=shared.bits, block_size=32,
+                            accuracy_level=w.accuracy_level)[0]
+        else:
+            logits = self.linear(last, ["embed" if c.tied_embeddings else "lm_head"], "lm_head")
+        if c.logits_scaling != 1.0:
+            logits = w.op("Mul", [logits, w.float_weight("logits.scale", np.array(1.0 / c.logits_scaling))],
+                          "logits/scale")
+        return logits
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rotary scaling (long wavelengths slowed by ``factor``)."""
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelength <= original / low) & (wavelength >= original / high)
+    return np.where(middle, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+@register
+class LlamaImporter(DecoderImporter):
+    """Llama 1/2/3, Mistral and Mixtral-free Mistral-Nemo, SmolLM and the many Llama-shaped models."""
+
+    architectures = ("llama",)
+    gguf_rotary_interleaved = True
+
+
+@register
+class GraniteImporter(LlamaImporter):
+    """IBM Granite 3: Llama with embedding, residual, attention and logits multipliers."""
+
+    architectures = ("granite",)
+
+
+@register
+class Qwen2Importer(DecoderImporter):
+    """Qwen 2 / 2.5: biases on the query, key and value projections."""
+
+    architectures = ("qwen2",)
+
+
+@register
+class Qwen3Importer(DecoderImporter):
+    """Qwen 3: an RMS norm over each head of the queries and keys, before the rotary."""
+
+    architectures = ("qwen3",)
+
+    def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
+        c, w, p = self.c, self.w, f"layers.{i}"
+        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        q, k, v = w.node("Split", [qkv, w.constant(f"{p}/qkv_sizes", sizes)], f"{p}/qkv_split", 3, axis=-1)
+        return self.head_norm(q, f"{p}.q_norm", c.num_heads), self.head_norm(k, f"{p}.k_norm", c.num_kv_heads), v
+
+    def head_norm(self, x: str, weight_name: str, heads: int) -> str:
+        w = self.w
+        node = weight_name.replace(".", "/")
+        split = w.op("Reshape", [x, w.constant(f"{node}/heads", [0, 0, heads, self.c.head_dim])], f"{node}/split")
+        normed = w.op("SimplifiedLayerNormalization", [split, self.vector(weight_name)], node,
+                      epsilon=self.c.rms_eps, axis=-1, stash_type=1)
+        return w.op("Reshape", [normed, w.constant(f"{node}/merge", [0, 0, heads * self.c.head_dim])],
+                    f"{node}/merged")

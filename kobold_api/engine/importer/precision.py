@@ -1,0 +1,110 @@
+"""The precision the user picks (``--quant``), turned into a decision per tensor.
+
+| quant | CPU | CUDA | matrices | output matrix / embedding |
+|---|---|---|---|---|
+| auto | int4 | fp16 | | |
+| int4 | yes | yes | 4-bit blocks of 32; Q4_0 copied exactly | 8-bit (as llama.cpp keeps it) |
+| int8 | yes | yes | 8-bit blocks of 32; Q8_0 and Q4_0 copied exactly | 8-bit |
+| fp16 | no (no fast fp16 kernels on the CPU) | yes | float16 | float16 |
+| fp32 | yes | no (GroupQueryAttention on CUDA takes fp16) | float32 | float32 |
+
+Under int4 a GGUF tensor the file stores with 6.5 or more bits per weight while most of
+the file has fewer (Q6_K ``attn_v`` in a Q4_K_M file, a Q8_0 output matrix) keeps 8 bits:
+the file's author spent bits there on purpose, and llama.cpp's own mixes do the same.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from . import quantize
+from .quantize import Blocks
+from .sources import SourceError, Tensor, TensorSource
+
+QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
+_REFUSED = {("cpu", "fp16"): "fp16 runs only on CUDA; on the CPU pick fp32, int8 or int4",
+            ("cuda", "fp32"): "fp32 is not built for CUDA (its attention kernel takes fp16); pick fp16, int8 or int4"}
+_HIGH_BITS = 6.5
+
+
+def resolve_quant(quant: str, device: str) -> str:
+    """``auto`` -> int4 on the CPU, fp16 on CUDA; refuse combinations that cannot run."""
+    quant = (quant or "auto").lower()
+    if quant not in QUANTS:
+        raise SourceError(f"unknown quant {quant!r}: pick one of {', '.join(QUANTS)}")
+    if quant == "auto":
+        return "fp16" if device == "cuda" else "int4"
+    if (device, quant) in _REFUSED:
+        raise SourceError(_REFUSED[(device, quant)])
+    return quant
+
+
+def bits_per_weight(dtype: str) -> float:
+    if dtype in ("F32",):
+        return 32.0
+    if dtype in ("F16", "BF16"):
+        return 16.0
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
+    return size * 8 / block
+
+
+class Precision:
+    """Decides, tensor by tensor, how a matrix is stored in the graph."""
+
+    def __init__(self, quant: str, device: str, source: TensorSource) -> None:
+        self.quant = resolve_quant(quant, device)
+        self.device = device
+        self.float_type = np.dtype(np.float16 if device == "cuda" else np.float32)
+        self.quantized = self.quant in ("int4", "int8")
+        self._dominant_bits = _dominant_bits(source)
+
+    def output_bits(self) -> int:
+        return 8
+
+    def blocks(self, tensors: list[Tensor], is_output: bool = False) -> Blocks | None:
+        """The stacked matrices in block layout, or None to store them as floats."""
+        if not self.quantized:
+            return None
+        return quantize.concat([self._one(t, 8 if is_output else None) for t in tensors])
+
+    def embedding(self, tensor: Tensor) -> Blocks | None:
+        """8-bit blocks for GatherBlockQuantized on the CPU (a float table on CUDA or for float builds)."""
+        if not self.quantized or self.device == "cuda" or tensor.shape[1] % quantize.BLOCK:
+            return None
+        return self._one(tensor, 8)
+
+    def _one(self, tensor: Tensor, bits: int | None) -> Blocks:
+        """One matrix, converted ``quantize.ROW_CHUNK`` rows at a time."""
+        if bits is None:
+            bits = 8 if self.quant == "int8" or self._keeps_8_bits(tensor) else 4
+        rows = tensor.shape[0]
+        return quantize.concat([self._rows(tensor, start, min(start + quantize.ROW_CHUNK, rows), bits)
+                                for start in range(0, rows, quantize.ROW_CHUNK)])
+
+    @staticmethod
+    def _rows(tensor: Tensor, start: int, stop: int, bits: int) -> Blocks:
+        exact = quantize.EXACT.get(tensor.dtype)
+        if exact is not None:
+            blocks = exact(tensor.raw_rows(start, stop))
+            if blocks.bits <= bits:
+                return quantize.to_8bit(blocks) if bits == 8 else blocks
+        return quantize.QUANTIZERS[bits](tensor.float_rows(start, stop))
+
+    def _keeps_8_bits(self, tensor: Tensor) -> bool:
+        return bits_per_weight(tensor.dtype) >= _HIGH_BITS > self._dominant_bits
+
+
+def _dominant_bits(source: TensorSource) -> float:
+    """Bits per weight of the type holding most of the file's matrix bytes."""
+    if source.kind != "gguf":
+        return 16.0
+    weights: Counter[str] = Counter()
+    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        tensor = source.get(f"layers.0.{name}")
+        if tensor is not None:
+            weights[tensor.dtype] += tensor.nbytes
+    return bits_per_weight(weights.most_common(1)[0][0]) if weights else 16.0

@@ -1,0 +1,156 @@
+"""Weights in ONNX Runtime's block-quantized layout (MatMulNBits / GatherBlockQuantized).
+
+The layout: a weight [N, K] (a Linear's [out, in]) is cut along K into blocks of 32;
+each block stores ``bits``-wide unsigned codes ``u`` with one scale ``s`` and one zero
+point ``z``, and means ``s * (u - z)``. Four-bit codes pack two to a byte, the even
+element in the low nibble.
+
+Two GGUF block types are this layout already and are copied without a second rounding:
+Q4_0 (``d * (q - 8)``, 4-bit codes in blocks of 32: z = 8) and Q8_0 (``d * q``, signed
+8-bit: u = q + 128, z = 128). A Q4_0 block is also exactly an 8-bit block (u = q + 120),
+so a fused matrix whose parts mix the two goes 8-bit without loss. Everything else is
+de-quantized a few rows at a time and quantized here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+#: Rows quantized per chunk: bounds the float32 working set to ROW_CHUNK x K values.
+ROW_CHUNK = 1024
+#: Candidate divisors for the symmetric int4 scale search (amax / divisor); 8 is plain
+#: round-to-nearest with the largest magnitude on the -8 end, as llama.cpp's Q4_0 does.
+INT4_DIVISORS = (-8.0, 7.0, 7.5, -7.5, 7.25, -7.75, 6.75)
+
+
+@dataclass
+class Blocks:
+    """One matrix in block layout: ``codes`` [N, K/32, 32*bits/8] uint8, ``scales`` and
+    ``zero_points`` [N, K/32] (float32 and uint8; zero points unpacked)."""
+
+    bits: int
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.codes.shape[0])
+
+    def packed_zero_points(self) -> np.ndarray:
+        """MatMulNBits' zero point input: 4-bit ones two to a byte, [N, ceil(blocks/2)]."""
+        if self.bits == 8:
+            return self.zero_points
+        zp = self.zero_points
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+    def dequantize(self) -> np.ndarray:
+        """Back to float32 [N, K] (tests and quality checks)."""
+        codes = _unpack4(self.codes) if self.bits == 4 else self.codes
+        values = codes.astype(np.float32) - self.zero_points[..., None]
+        return (values * self.scales[..., None]).reshape(self.rows, -1)
+
+
+def concat(parts: list[Blocks]) -> Blocks:
+    """Stack matrices along N (fused QKV, gate+up); all parts go to the widest bits."""
+    bits = max(p.bits for p in parts)
+    parts = [to_8bit(p) if p.bits != bits else p for p in parts]
+    return Blocks(bits, np.concatenate([p.codes for p in parts]),
+                  np.concatenate([p.scales for p in parts]), np.concatenate([p.zero_points for p in parts]))
+
+
+def to_8bit(blocks: Blocks) -> Blocks:
+    """A 4-bit matrix as 8-bit codes with the same values (u8 = u4 - z4 + 128)."""
+    if blocks.bits == 8:
+        return blocks
+    codes = _unpack4(blocks.codes).astype(np.int16) - blocks.zero_points[..., None] + 128
+    return Blocks(8, codes.astype(np.uint8), blocks.scales, np.full_like(blocks.zero_points, 128))
+
+
+def _unpack4(codes: np.ndarray) -> np.ndarray:
+    out = np.empty(codes.shape[:-1] + (codes.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = codes & 0x0F
+    out[..., 1::2] = codes >> 4
+    return out
+
+
+def _pack4(codes: np.ndarray) -> np.ndarray:
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- exact GGUF blocks
+
+
+def from_q4_0(raw: np.ndarray) -> Blocks:
+    """GGUF Q4_0 rows (each block: fp16 d, then 16 bytes holding elements 0-15 in the low
+    nibbles and 16-31 in the high ones) as 4-bit blocks, bit for bit."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 18)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    quads = blocks[..., 2:]
+    codes = np.concatenate([quads & 0x0F, quads >> 4], axis=-1)  # element order 0..31
+    return Blocks(4, _pack4(codes), scales, np.full(scales.shape, 8, np.uint8))
+
+
+def from_q8_0(raw: np.ndarray) -> Blocks:
+    """GGUF Q8_0 rows (each block: fp16 d, then 32 signed bytes) as 8-bit blocks, bit for bit."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 34)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return Blocks(8, codes, scales, np.full(scales.shape, 128, np.uint8))
+
+
+EXACT = {"Q4_0": from_q4_0, "Q8_0": from_q8_0}
+
+
+# --------------------------------------------------------------------------- from float
+
+
+def _blocked(weights: np.ndarray) -> np.ndarray:
+    """[N, K] float -> [N, K/32, 32], zero-padding K to a whole block."""
+    rows, cols = weights.shape
+    pad = (-cols) % BLOCK
+    if pad:
+        weights = np.concatenate([weights, np.zeros((rows, pad), weights.dtype)], axis=1)
+    return weights.reshape(rows, -1, BLOCK)
+
+
+def quantize_int8(weights: np.ndarray) -> Blocks:
+    """Symmetric 8-bit, round to nearest (8 bits leave nothing worth searching for)."""
+    blocks = _blocked(np.asarray(weights, np.float32))
+    amax = np.abs(blocks).max(axis=-1)
+    scales = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+    return Blocks(8, codes.astype(np.uint8), scales, np.full(scales.shape, 128, np.uint8))
+
+
+def quantize_int4(weights: np.ndarray) -> Blocks:
+    """Symmetric 4-bit (codes -8..7 around zero point 8) with a small scale search per block.
+
+    Each block tries a few scales around its largest magnitude (``INT4_DIVISORS``) and
+    keeps the one with the least squared error: a calibration-free search in the spirit of
+    llama.cpp's k-quants, cheap enough to run on every block of a large model.
+    """
+    blocks = _blocked(np.asarray(weights, np.float32))
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    best_err = np.full(signed_max.shape, np.inf, np.float32)
+    best_scale = np.zeros(signed_max.shape, np.float32)
+    for divisor in INT4_DIVISORS:
+        scale = signed_max / divisor if divisor < 0 else np.abs(signed_max) / divisor
+        safe = np.where(scale != 0, scale, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(blocks / safe[..., None]), -8, 7)
+        err = np.square(codes * safe[..., None] - blocks).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, safe, best_scale)
+    codes = (np.clip(np.rint(blocks / best_scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    return Blocks(4, _pack4(codes), best_scale, np.full(best_scale.shape, 8, np.uint8))
+
+
+QUANTIZERS = {4: quantize_int4, 8: quantize_int8}
