@@ -27,8 +27,8 @@ CHAT_PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.
 
 
 def run_benchmark(model: str, provider: str, cache_dir: Path, new_tokens: int = 200, repeats: int = 3,
-                  cpu_threads: int = 0) -> dict[str, float]:
-    model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress=print)
+                  cpu_threads: int = 0, quant: str = "auto") -> dict[str, float]:
+    model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress=print, quant=quant)
     onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
     generator = TextGenerator(onnx_model, Tokenizer(model_dir))
     results: dict[str, float] = {}
@@ -91,8 +91,9 @@ def run_benchmark(model: str, provider: str, cache_dir: Path, new_tokens: int = 
     return results
 
 
-def main(model: str, provider: str, cache_dir: Path, new_tokens: int, repeats: int, cpu_threads: int) -> None:
-    results = run_benchmark(model, provider, cache_dir, new_tokens, repeats, cpu_threads)
+def main(model: str, provider: str, cache_dir: Path, new_tokens: int, repeats: int, cpu_threads: int,
+         quant: str = "auto") -> None:
+    results = run_benchmark(model, provider, cache_dir, new_tokens, repeats, cpu_threads, quant)
     device = "CUDA" if results.pop("provider_cuda") else "CPU"
     print(f"\nkobold_api engine benchmark ({device}, median of {repeats})")
     print(f"  decode, greedy:                {results['decode_tok_s_greedy']:8.1f} tok/s ({new_tokens} new tokens)")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .settings import SettingsError, load_settings
+from .settings import QUANTS, SettingsError, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,16 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="'default', a HF model folder, a .gguf file, an ONNX folder or a hub id")
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    serve.add_argument("--quant", choices=QUANTS, help="precision of the prepared model (auto: int4 on CPU, fp16 on CUDA)")
     serve.add_argument("--api-key", dest="api_key")
     serve.add_argument("--settings", dest="sub_settings", help=argparse.SUPPRESS)
     prepare = commands.add_parser("prepare", help="download and build a model into the cache, then exit")
     prepare.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
     prepare.add_argument("--data-dir", dest="data_dir")
     prepare.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    prepare.add_argument("--quant", choices=QUANTS, help="as for serve --quant")
     bench = commands.add_parser("bench", help="print decode tok/s and prefill time of the engine")
     bench.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
     bench.add_argument("--data-dir", dest="data_dir")
     bench.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    bench.add_argument("--quant", choices=QUANTS, help="as for serve --quant")
     bench.add_argument("--tokens", type=int, default=200, help="new tokens per decode run")
     bench.add_argument("--repeats", type=int, default=3)
     return parser
@@ -36,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {key: getattr(args, key, None) for key in ("host", "port", "model", "data_dir", "provider", "api_key")}
+    overrides = {key: getattr(args, key, None) for key in ("host", "port", "model", "data_dir", "provider", "quant",
+                                                 "api_key")}
     try:
         settings = load_settings(getattr(args, "sub_settings", None) or args.settings, overrides=overrides)
     except SettingsError as exc:
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = args.model or settings.model
         try:
-            path = prepare_model(model, resolved_device(settings.provider), settings.cache_path, progress=print)
+            path = prepare_model(model, resolved_device(settings.provider), settings.cache_path, progress=print,
+                                 quant=settings.quant)
         except PrepareError as exc:
             print(f"kobold-api: {exc}", file=sys.stderr)
             return 1
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from .benchmark import main as bench_main
 
         bench_main(args.model or settings.model, settings.provider, settings.cache_path, args.tokens, args.repeats,
-                   settings.cpu_threads)
+                   settings.cpu_threads, settings.quant)
         return 0
     from .server import serve
 

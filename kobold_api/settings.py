@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .engine.importer.precision import QUANTS
+
 ENV_PREFIX = "KOBOLD_API_"
 DEFAULT_SETTINGS_FILE = "settings.json"
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -52,6 +54,8 @@ class Settings:
     threads: int = 8
     model: str = "default"
     provider: str = "auto"
+    #: Precision of the prepared model: auto (int4 on the CPU, fp16 on CUDA), int4, int8, fp16, fp32.
+    quant: str = "auto"
     data_dir: str = "data"
     cache_dir: str = ""
     characters_dir: str = "characters"
@@ -131,6 +135,8 @@ def _apply(base: Any, values: Mapping[str, Any], origin: str) -> Any:
 def _validate(settings: Settings) -> Settings:
     if settings.provider not in PROVIDERS:
         raise SettingsError(f"provider must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
+    if settings.quant not in QUANTS:
+        raise SettingsError(f"quant must be one of {', '.join(QUANTS)}, got {settings.quant!r}")
     if not 0 < settings.port < 65536:
         raise SettingsError(f"port must be 1-65535, got {settings.port}")
     for name in ("threads", "queue_size", "max_batch_size", "context_size"):

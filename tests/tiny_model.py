@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -38,27 +40,60 @@ def build_tokenizer(out_dir: Path) -> dict[str, int]:
     return vocab
 
 
-def build_tiny_hf_model(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with random weights, saved as a Hugging Face folder."""
+#: Tiny configurations of each family the importer covers (Hugging Face class names).
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {
+        "embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+        "logits_scaling": 2.0}),
+}
+
+
+def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tied: bool = False,
+                        hidden_size: int = 64, layers: int = 2) -> Path:
+    """A 2-layer model of ``family`` with random weights, saved as a Hugging Face folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out_dir)
     vocab_size = len(vocab)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied, **extra,
     )
-    model = LlamaForCausalLM(config)
+    model = getattr(transformers, model_name)(config)
     # Favour printable ASCII, space and newline (byte-level symbols 'Ġ' and 'Ċ'): outputs then
     # look like text, so tests can pick stop strings from them; other bytes stay possible.
     printable = [vocab[chr(c)] for c in range(33, 127)] + [vocab["Ġ"], vocab["Ċ"]]
     scale = torch.full((vocab_size, 1), 0.5)
     scale[printable] = 8.0
     with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
+        if family == "qwen2":  # give the projection biases something to do
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+        if family == "qwen3":
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        if not tied:
+            model.lm_head.weight.mul_(scale)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def reference_logits(hf_dir: Path, token_ids: list[int]) -> "np.ndarray":
+    """transformers' float32 logits for the last position of ``token_ids``."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0, -1].numpy()

@@ -251,9 +251,10 @@ class Engine:
         prefix_cache_mb: int = 256,
         max_batch_size: int = 8,
         progress: Callable[[str], None] | None = None,
+        quant: str = "auto",
     ) -> "Engine":
         """Prepare (or find in the cache) the model, then open it."""
-        model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress)
+        model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress, quant)
         onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
         tokenizer = Tokenizer(model_dir)
         prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None

@@ -265,6 +265,7 @@ class SafetensorsSource(TensorSource):
             raise SourceError(f"{self.path} has no config.json")
         self.hf_config = json.loads(config_path.read_text())
         self._index: dict[str, tuple[Path, dict]] = {}
+        self._architecture()  # an unknown architecture fails before the weights are looked at
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise SourceError(
@@ -278,15 +279,8 @@ class SafetensorsSource(TensorSource):
         self.config = self._read_config()
 
     def _read_config(self) -> ModelConfig:
-        config = self.hf_config.get("text_config", self.hf_config) if "text_config" in self.hf_config \
-            else self.hf_config
-        names = self.hf_config.get("architectures") or []
-        arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), "")
-        if not arch:
-            raise UnsupportedArchitecture(
-                f"{self.path.name}: architecture {', '.join(names) or self.hf_config.get('model_type')!r} "
-                "is not one this project can build"
-            )
+        config = self.hf_config.get("text_config", self.hf_config)
+        arch = self._architecture()
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         eos = config.get("eos_token_id", self.hf_config.get("eos_token_id"))
         eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
@@ -318,6 +312,14 @@ class SafetensorsSource(TensorSource):
             bos_token_id=int(bos) if isinstance(bos, int) else None,
             eos_token_ids=list(dict.fromkeys(eos_ids)),
         )
+
+    def _architecture(self) -> str:
+        names = self.hf_config.get("architectures") or []
+        arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), "")
+        if not arch:
+            named = ", ".join(names) or self.hf_config.get("model_type")
+            raise UnsupportedArchitecture(f"{self.path.name}: architecture {named!r} is not one the importer knows")
+        return arch
 
     def _map(self, file: Path) -> np.memmap:
         if file not in self._maps:

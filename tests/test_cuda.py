@@ -1,0 +1,88 @@
+"""The CUDA path: graphs built for the GPU (fp16, int8, int4) against transformers, and the
+KV-on-device decode batch. Skipped without an NVIDIA GPU; `benchmarks/gpu_check.sh` runs
+this file on a GPU machine. It needs no conftest (the GPU machine has no web packages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kobold_api.engine.decode_batch import ConcatBatch, new_decode_batch
+from kobold_api.engine.engine import Engine
+from kobold_api.engine.generation import GenerationRequest, TextGenerator
+from kobold_api.engine.onnx_model import OnnxCausalLM, resolved_device
+from kobold_api.engine.prepare import prepare_model
+from kobold_api.engine.sampling import SamplingParams
+from kobold_api.engine.tokenizer import Tokenizer
+
+from tiny_model import build_tiny_hf_model, reference_logits
+
+pytestmark = pytest.mark.skipif(
+    resolved_device("cuda") != "cuda",
+    reason="needs an NVIDIA GPU and onnxruntime-gpu's CUDA provider (benchmarks/gpu_check.sh runs it there)",
+)
+
+#: Largest logit error allowed, as a fraction of the largest reference logit.
+TOLERANCE = {"fp16": 0.02, "int8": 0.04, "int4": 0.15}
+PROMPT = list(range(5, 45))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_hf_model(tmp_path_factory.mktemp("cuda") / "hf", family="qwen2")
+
+
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4"])
+def test_cuda_build_matches_transformers(hf_dir: Path, tmp_path: Path, quant: str) -> None:
+    model_dir = prepare_model(str(hf_dir), "cuda", tmp_path / "cache", quant=quant)
+    model = OnnxCausalLM(model_dir, "cuda")
+    assert model.provider == "cuda"
+    reference = reference_logits(hf_dir, PROMPT)
+    cache = model.new_cache()
+    logits = model.forward(PROMPT, cache)
+    error = float(np.abs(logits - reference).max()) / float(np.abs(reference).max())
+    assert error < TOLERANCE[quant], f"{quant}: relative logit error {error:.4f}"
+    assert int(logits.argmax()) == int(reference.argmax())
+    # Token by token through the device-resident cache gives the same last logits.
+    step_cache = model.new_cache()
+    for token in PROMPT:
+        step_logits = model.forward([token], step_cache)
+    assert float(np.abs(step_logits - logits).max()) / float(np.abs(logits).max()) < TOLERANCE["fp16"]
+
+
+def test_cuda_decode_batch_rows_match_single_sequences(hf_dir: Path, tmp_path: Path) -> None:
+    model = OnnxCausalLM(prepare_model(str(hf_dir), "cuda", tmp_path / "cache", quant="fp16"), "cuda")
+    batch = new_decode_batch(model, 4)
+    assert isinstance(batch, ConcatBatch)
+    prompts = [PROMPT[:12], PROMPT[:30], PROMPT[5:9]]  # rows of different lengths
+    for prompt in prompts:
+        batch.admit(prompt, None, 0)
+    next_tokens = [7, 8, 9]
+    batched = batch.step(next_tokens)
+    batch.release(1)  # the last row moves into the freed slot; the rest keep decoding
+    after_release = batch.step([10, 11])
+    for row, (prompt, token) in enumerate(zip(prompts, next_tokens)):
+        alone = model.forward(prompt + [token], model.new_cache())
+        assert np.abs(batched[row] - alone).max() / np.abs(alone).max() < TOLERANCE["fp16"]
+    for row, prompt, tokens in ((0, prompts[0], [7, 10]), (1, prompts[2], [9, 11])):
+        alone = model.forward(prompt + tokens, model.new_cache())
+        assert np.abs(after_release[row] - alone).max() / np.abs(alone).max() < TOLERANCE["fp16"]
+
+
+def test_cuda_engine_serves_concurrent_requests(hf_dir: Path, tmp_path: Path) -> None:
+    model_dir = prepare_model(str(hf_dir), "cuda", tmp_path / "cache", quant="int4")
+    model = OnnxCausalLM(model_dir, "cuda")
+    engine = Engine(TextGenerator(model, Tokenizer(model_dir)), "cuda-test", queue_size=8, max_batch_size=4)
+    try:
+        jobs = [engine.submit(GenerationRequest(prompt=f"Story {i}:", max_new_tokens=24, ban_eos=True,
+                                                sampling=SamplingParams(temperature=0)))
+                for i in range(4)]
+        results = [job.wait() for job in jobs]
+    finally:
+        engine.shutdown()
+    assert [r.completion_tokens for r in results] == [24] * 4
+    alone = TextGenerator(model, Tokenizer(model_dir)).generate(
+        GenerationRequest(prompt="Story 0:", max_new_tokens=24, ban_eos=True, sampling=SamplingParams(temperature=0)))
+    assert results[0].text[:8] == alone.text[:8]
