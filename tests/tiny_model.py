@@ -19,14 +19,21 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(out_dir: Path) -> dict[str, int]:
-    """Write tokenizer.json/tokenizer_config.json; return the vocabulary."""
+#: Merges for :func:`build_tokenizer`'s ``merges`` (a GGUF "gpt2" vocabulary needs some).
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+
+
+def build_tokenizer(out_dir: Path, merges: int = 0) -> dict[str, int]:
+    """Write tokenizer.json/tokenizer_config.json; return the vocabulary. Byte-level tokens,
+    plus the first ``merges`` of :data:`MERGES`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for left, right in MERGES[:merges]:
+        vocab[left + right] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=MERGES[:merges]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
@@ -53,13 +60,13 @@ FAMILIES = {
 
 
 def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tied: bool = False,
-                        hidden_size: int = 64, layers: int = 2) -> Path:
+                        hidden_size: int = 64, layers: int = 2, merges: int = 0) -> Path:
     """A 2-layer model of ``family`` with random weights, saved as a Hugging Face folder."""
     import torch
     import transformers
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out_dir)
+    vocab = build_tokenizer(out_dir, merges)
     vocab_size = len(vocab)
     torch.manual_seed(seed)
     config_name, model_name, extra = FAMILIES[family]
