@@ -20,7 +20,7 @@ from onnx import TensorProto
 
 from .onnx_writer import MS, GraphWriter
 from .precision import Precision
-from .sources import ModelConfig, SourceError, Tensor, TensorSource, UnsupportedArchitecture
+from .sources import LAYER_PARTS, ModelConfig, SourceError, TensorSource, UnsupportedArchitecture
 
 #: Called after each tensor written: (tensors done, tensors in all, bytes written).
 Tick = Callable[[int, int, int], None]
@@ -63,9 +63,7 @@ class DecoderImporter:
     # ------------------------------------------------------------------ helpers
 
     def count_tensors(self) -> int:
-        per_layer = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down",
-                     "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
-        layers = sum(self.source.get(f"layers.0.{p}") is not None for p in per_layer) * self.c.num_layers
+        layers = sum(self.source.get(f"layers.0.{p}") is not None for p in LAYER_PARTS) * self.c.num_layers
         return layers + 2 + (0 if self.c.tied_embeddings else 1)
 
     def _advance(self, count: int = 1) -> None:

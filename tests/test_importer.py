@@ -1,0 +1,224 @@
+"""The streaming importer: every family and GGUF block layout against transformers, exact
+Q4_0/Q8_0 blocks, the manifest the runtime reads, progress, interrupted builds and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from kobold_api.engine import importer
+from kobold_api.engine.importer import quantize
+from kobold_api.engine.importer.sources import GGUFSource
+from kobold_api.engine.onnx_model import OnnxCausalLM
+from kobold_api.engine.prepare import MANIFEST, PrepareError, prepare_model
+from kobold_api.engine.tokenizer import Tokenizer
+
+from tiny_gguf import write_gguf
+from tiny_model import FAMILIES, build_tiny_hf_model, reference_logits
+
+PROMPT = list(range(5, 45))
+#: Largest logit error allowed, as a fraction of the largest reference logit. fp32 is exact
+#: up to float rounding; int8/int4 builds also round activations to 8 bits (accuracy level 4).
+TOLERANCE = {"fp32": 1e-5, "int8": 0.03, "int4": 0.12}
+
+
+def relative_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(logits - reference).max() / np.abs(reference).max())
+
+
+def last_logits(model_dir: Path) -> np.ndarray:
+    model = OnnxCausalLM(model_dir, "cpu", cpu_threads=2)
+    return model.forward(PROMPT, model.new_cache())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("import-cache")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hf_folder_of_each_family_matches_transformers(family: str, tied: bool, tmp_path: Path, cache: Path) -> None:
+    hf_dir = build_tiny_hf_model(tmp_path / family, family=family, tied=tied)
+    reference = reference_logits(hf_dir, PROMPT)
+    for quant, tolerance in TOLERANCE.items():
+        model_dir = prepare_model(str(hf_dir), "cpu", cache, progress=lambda _: None, quant=quant)
+        logits = last_logits(model_dir)
+        assert relative_error(logits, reference) < tolerance, quant
+        assert int(logits.argmax()) == int(reference.argmax()), quant
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+        assert manifest["quant"] == quant
+        assert manifest["architecture"] == ("llama" if family == "mistral" else family)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("layout", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_block_layouts_match_transformers(family: str, layout: str, tmp_path: Path, cache: Path) -> None:
+    """A tiny GGUF per layout (Q4_K as random valid blocks, with Q8_0 around it); the Hugging
+    Face folder then holds exactly the file's values, so an fp32 import must match it."""
+    k_quant = ("ffn_down", "attn_q") if layout == "Q4_K" else ()
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", family=family, merges=4, hidden_size=256 if k_quant else 64)
+    gguf_path = write_gguf(hf_dir, tmp_path / f"{family}.gguf", "Q8_0" if k_quant else layout, family, k_quant)
+    reference = reference_logits(hf_dir, PROMPT)
+    model_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant="fp32")
+    assert relative_error(last_logits(model_dir), reference) < TOLERANCE["fp32"]
+    if layout in ("Q4_0", "Q8_0"):  # copied blocks: only the activations' rounding is left
+        quant = "int4" if layout == "Q4_0" else "int8"
+        model_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant=quant)
+        assert relative_error(last_logits(model_dir), reference) < TOLERANCE["int8"]
+    # The tokenizer and chat template come from the file's metadata.
+    tokenizer = Tokenizer(model_dir)
+    text = "the thin hen <|im_end|>"
+    assert tokenizer.encode(text) == Tokenizer(hf_dir).encode(text)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+def _graph_matrix(model_dir: Path, node_name: str) -> np.ndarray:
+    """A MatMulNBits node's weight, de-quantized from the graph's own initializers."""
+    model = onnx.load(str(model_dir / "model.onnx"))
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    codes = weights[node.input[1]]
+    blocks = codes.shape[1]
+    zero_points = weights[node.input[3]].reshape(codes.shape[0], -1)
+    if attrs["bits"] == 4:
+        unpacked = np.empty((codes.shape[0], zero_points.shape[1] * 2), np.uint8)
+        unpacked[:, 0::2], unpacked[:, 1::2] = zero_points & 0x0F, zero_points >> 4
+        zero_points = unpacked[:, :blocks]
+    matrix = quantize.Blocks(attrs["bits"], codes, weights[node.input[2]].reshape(codes.shape[0], -1), zero_points)
+    return matrix.dequantize()
+
+
+@pytest.mark.parametrize("layout, bits", [("Q4_0", 4), ("Q8_0", 8)])
+def test_q4_0_and_q8_0_blocks_are_copied_exactly(layout: str, bits: int, tmp_path: Path, cache: Path) -> None:
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", merges=4)
+    gguf_path = write_gguf(hf_dir, tmp_path / "m.gguf", layout)
+    quant = "int4" if bits == 4 else "int8"
+    model_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant=quant)
+    source = GGUFSource(gguf_path)
+    qkv = np.concatenate([source.require(f"layers.1.{p}").float_rows(0, source.require(f"layers.1.{p}").shape[0])
+                          for p in ("q", "k", "v")])
+    np.testing.assert_array_equal(_graph_matrix(model_dir, "layers.1/qkv"), qkv)
+    down = source.require("layers.0.down")
+    np.testing.assert_array_equal(_graph_matrix(model_dir, "layers.0/down"), down.float_rows(0, down.shape[0]))
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    layer_bits = {onnx.helper.get_attribute_value(a) for n in graph.node if n.name.startswith("layers.")
+                  for a in n.attribute if a.name == "bits"}
+    assert layer_bits == {bits}
+
+
+def test_int4_keeps_the_files_8_bit_tensors_and_the_output_matrix(tmp_path: Path, cache: Path) -> None:
+    """Under int4, a tensor the file stores with many more bits than the rest stays 8-bit."""
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", merges=4)
+    gguf_path = write_gguf(hf_dir, tmp_path / "m.gguf", "Q4_1")
+    model_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant="int4")
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("lm_head") == 8
+    assert set(bits.values()) == {4}
+
+
+def test_quantizers_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((64, 96)).astype(np.float32)
+    int8 = quantize.quantize_int8(weights).dequantize()
+    int4 = quantize.quantize_int4(weights).dequantize()
+    assert np.abs(int8 - weights).max() < np.abs(weights).max() / 127
+    assert np.abs(int4 - weights).max() < np.abs(weights).max() / 7
+    # The scale search never does worse than plain round-to-nearest (-8 on the largest magnitude).
+    blocks = weights.reshape(64, 3, 32)
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    scale = signed_max / -8
+    plain = (np.clip(np.rint(blocks / scale), -8, 7) * scale).reshape(64, 96)
+    assert np.square(int4 - weights).sum() <= np.square(plain - weights).sum()
+    # A 4-bit matrix turned 8-bit keeps its values.
+    four = quantize.quantize_int4(weights)
+    np.testing.assert_array_equal(quantize.to_8bit(four).dequantize(), four.dequantize())
+
+
+def test_progress_is_reported_to_the_end(tmp_path: Path) -> None:
+    hf_dir = build_tiny_hf_model(tmp_path / "hf")
+    lines: list[str] = []
+    prepare_model(str(hf_dir), "cpu", tmp_path / "cache", progress=lines.append)
+    percents = [line for line in lines if "tensors" in line and "%" in line]
+    assert percents and "100%" in percents[-1] and "MB written" in percents[-1]
+    assert any(line.startswith("Model ready") for line in lines)
+
+
+def test_interrupted_build_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hf_dir = build_tiny_hf_model(tmp_path / "hf")
+    calls = {"n": 0}
+    original = importer.Precision.blocks
+
+    def interrupted(self, tensors, is_output=False):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the layers
+        return original(self, tensors, is_output)
+
+    monkeypatch.setattr(importer.Precision, "blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_model(str(hf_dir), "cpu", tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob(f"*/{MANIFEST}"))
+    assert not list((tmp_path / "cache").glob("*/model.onnx"))
+    monkeypatch.setattr(importer.Precision, "blocks", original)
+    model_dir = prepare_model(str(hf_dir), "cpu", tmp_path / "cache")  # the next start builds it whole
+    assert (model_dir / MANIFEST).is_file()
+
+
+def test_manifest_is_the_contract_the_runtime_reads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    manifest = json.loads((tiny_model_dir / MANIFEST).read_text())
+    assert manifest["importer"] == "LlamaImporter" and manifest["importer_version"] >= 1
+    assert manifest["kv_cache"] == {"layers": 2, "kv_heads": 2, "head_dim": 16, "dtype": "float32",
+                                    "layout": "batch, kv_heads, positions, head_dim"}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in tiny_model_dir.iterdir():
+        (copy / item.name).symlink_to(item)
+    (copy / MANIFEST).unlink()
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "eos_token_ids": [2, 7], "context_length": 1234}))
+    info = OnnxCausalLM(copy, "cpu", cpu_threads=1).info
+    assert info.eos_token_ids == [2, 7] and info.context_length == 1234
+
+
+@pytest.mark.parametrize("quant, device, message", [
+    ("fp16", "cpu", "fp16 runs only on CUDA"),
+    ("fp32", "cuda", "fp32 is not built for CUDA"),
+    ("int3", "cpu", "unknown quant 'int3'"),
+])
+def test_impossible_precisions_are_refused_before_work(quant: str, device: str, message: str,
+                                                       tmp_path: Path) -> None:
+    hf_dir = build_tiny_hf_model(tmp_path / "hf")
+    with pytest.raises(PrepareError, match=message):
+        prepare_model(str(hf_dir), device, tmp_path / "cache", quant=quant)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_gguf_of_an_unknown_architecture_names_it(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(importer.SourceError, match="'mamba'"):
+        importer.inspect_source(path)
+
+
+def test_damaged_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(PrepareError, match="not a readable GGUF"):
+        prepare_model(str(path), "cpu", tmp_path / "cache")
