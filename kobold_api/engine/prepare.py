@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import importer
-from .importer.sources import GGUFSource, SourceError, UnsupportedArchitecture
+from .importer import gguf_tokenizer
+from .importer.sources import SourceError, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,11 @@ def _fetch_default_gguf(cache_dir: Path, say: Progress) -> Path:
 
 def _gguf_to_hf(gguf_path: Path, hf_dir: Path, say: Progress) -> Path:
     """De-quantize a GGUF into a float32 Hugging Face folder the builder can read."""
-    say(f"De-quantizing {gguf_path.name} to a Hugging Face folder (about 20 s) ...")
+    say(f"De-quantizing {gguf_path.name} to a Hugging Face folder ...")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
@@ -221,8 +221,10 @@ def _gguf_to_hf(gguf_path: Path, hf_dir: Path, say: Progress) -> Path:
             "may be unsupported. Try a Hugging Face model folder instead."
         ) from exc
     model.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
-    importer.apply_gguf_special_tokens(GGUFSource(gguf_path), hf_dir)
+    try:
+        gguf_tokenizer.convert(gguf_path, hf_dir)
+    except SourceError as exc:
+        raise PrepareError(str(exc)) from exc
     return hf_dir
 
 

@@ -13,19 +13,20 @@ runtime reads: graph inputs, KV-cache layout, importer and version.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from . import gguf_tokenizer
 from .architectures import REGISTRY, importer_for
-from .onnx_writer import DATA_FILE, GraphWriter
+from .onnx_writer import GraphWriter
 from .precision import QUANTS, Precision, resolve_quant
 from .sources import ModelConfig, SourceError, TensorSource, open_source
 
-__all__ = ["QUANTS", "REGISTRY", "SourceError", "import_model", "inspect_source", "resolve_quant"]
+__all__ = ["QUANTS", "REGISTRY", "Precision", "SourceError", "copy_tokenizer_files",
+           "import_model", "inspect_source", "resolve_quant"]
 
 Say = Callable[[str], None]
 
@@ -47,8 +48,10 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
     config = source.config
     say(f"Importing {Path(path).name}: {config.architecture}, {config.num_layers} layers, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size} -> {precision.quant} for {device}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(source, out_dir)  # first: a tokenizer we cannot read fails before the long part
     writer = GraphWriter(out_dir, precision.float_type)
-    bar = ProgressBar(say, source.total_bytes())
+    bar = ProgressBar(say)
     try:
         importer = importer_class(source, precision, writer, bar.update)
         importer.build()
@@ -57,7 +60,6 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
         writer.abort()
         raise
     bar.finish()
-    write_tokenizer(source, out_dir)
     return contract(config, importer_class, precision, device)
 
 
@@ -81,8 +83,8 @@ class ProgressBar:
     """Tensors done, MB written and time left: redrawn in place on a terminal, and a log
     line every tenth of the way (so a log file or a server start shows progress too)."""
 
-    def __init__(self, say: Say, total_bytes: int) -> None:
-        self.say, self.total_bytes = say, total_bytes
+    def __init__(self, say: Say) -> None:
+        self.say = say
         self.started = time.monotonic()
         self._last_tenth = -1
         self._tty = sys.stderr.isatty()
@@ -115,42 +117,10 @@ def write_tokenizer(source: TensorSource, out_dir: Path) -> None:
         if not (out_dir / "tokenizer.json").is_file():
             raise SourceError(f"{source.path} has no tokenizer.json (a fast tokenizer is needed)")
         return
-    from transformers import AutoTokenizer
-
-    gguf_path = source.path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except Exception as exc:  # transformers raises many types for tokenizers it cannot convert
-        raise SourceError(f"could not read the tokenizer of {gguf_path.name}: {exc}") from exc
-    tokenizer.save_pretrained(out_dir)
-    apply_gguf_special_tokens(source, out_dir)
+    gguf_tokenizer.convert(source.path, out_dir)
 
 
 def copy_tokenizer_files(hf_dir: Path, out_dir: Path, *extra: str) -> None:
     for name in TOKENIZER_FILES + extra:
         if (hf_dir / name).is_file() and not (out_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
-
-
-def apply_gguf_special_tokens(source: TensorSource, out_dir: Path) -> None:
-    """Make the converted tokenizer follow the GGUF's own BOS/EOS metadata.
-
-    transformers' conversion always adds a BOS-prepending post-processor and can name the
-    wrong EOS; llama.cpp (so KoboldCpp) follows ``tokenizer.ggml.add_bos_token`` and
-    ``eos_token_id``, and so must we, or raw Kobold prompts get a token KoboldCpp never adds.
-    """
-    tokenizer_path, config_path = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
-    tokenizer_json, config = json.loads(tokenizer_path.read_text()), json.loads(config_path.read_text())
-    vocab = {token["id"]: token["content"] for token in tokenizer_json.get("added_tokens", [])}
-    add_bos = source.value("tokenizer.ggml.add_bos_token")  # type: ignore[attr-defined]
-    if add_bos is False or add_bos == 0:
-        tokenizer_json["post_processor"] = None
-        config["add_bos_token"] = False
-    eos_id = source.value("tokenizer.ggml.eos_token_id")  # type: ignore[attr-defined]
-    if isinstance(eos_id, int) and eos_id in vocab:
-        config["eos_token"] = vocab[eos_id]
-    tokenizer_path.write_text(json.dumps(tokenizer_json, ensure_ascii=False))
-    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
-
-
-__all__ += ["DATA_FILE", "GraphWriter"]

@@ -70,9 +70,6 @@ class DecoderImporter:
         self._done += count
         self.tick(self._done, self._total, self.w.bytes_written)
 
-    def tensor(self, name: str) -> Tensor | None:
-        return self.source.get(name)
-
     def vector(self, name: str, offset: float = 0.0) -> str:
         """A norm weight or bias as a graph initializer in the graph's float type."""
         values = self.source.require(name).to_float() + offset
@@ -194,7 +191,9 @@ class DecoderImporter:
         residual, normed = self.norm(residual, pending, f"{p}.attn_norm", f"{p}/attn_norm")
         attention = self.attention(i, normed)
         residual, normed = self.norm(residual, attention, f"{p}.ffn_norm", f"{p}/ffn_norm")
-        return residual, self.mlp(i, normed)
+        out = self.mlp(i, normed)
+        self.source.drop_pages()
+        return residual, out
 
     def attention(self, i: int, x: str) -> str:
         c, w, p = self.c, self.w, f"layers.{i}"
@@ -229,7 +228,7 @@ class DecoderImporter:
                               w.constant("last/axes", [1]))
         last = w.op("Slice", [normed, starts, ends, axes], "last_position_slice")
         shared = getattr(self, "shared_embedding", None)
-        if c.tied_embeddings and shared is not None and self.precision.output_bits() == shared.bits:
+        if c.tied_embeddings and shared is not None and self.precision.OUTPUT_BITS == shared.bits:
             # The output matrix is the embedding: MatMulNBits reads the same stored codes.
             self._advance()
             logits = w.node("MatMulNBits", [last, "embed.codes", "embed.scales", "embed.zp"], "lm_head",

@@ -55,6 +55,9 @@ def bits_per_weight(dtype: str) -> float:
 class Precision:
     """Decides, tensor by tensor, how a matrix is stored in the graph."""
 
+    #: The output matrix (and the embedding it may share) in quantized builds.
+    OUTPUT_BITS = 8
+
     def __init__(self, quant: str, device: str, source: TensorSource) -> None:
         self.quant = resolve_quant(quant, device)
         self.device = device
@@ -62,20 +65,17 @@ class Precision:
         self.quantized = self.quant in ("int4", "int8")
         self._dominant_bits = _dominant_bits(source)
 
-    def output_bits(self) -> int:
-        return 8
-
     def blocks(self, tensors: list[Tensor], is_output: bool = False) -> Blocks | None:
         """The stacked matrices in block layout, or None to store them as floats."""
         if not self.quantized:
             return None
-        return quantize.concat([self._one(t, 8 if is_output else None) for t in tensors])
+        return quantize.concat([self._one(t, self.OUTPUT_BITS if is_output else None) for t in tensors])
 
     def embedding(self, tensor: Tensor) -> Blocks | None:
         """8-bit blocks for GatherBlockQuantized on the CPU (a float table on CUDA or for float builds)."""
         if not self.quantized or self.device == "cuda" or tensor.shape[1] % quantize.BLOCK:
             return None
-        return self._one(tensor, 8)
+        return self._one(tensor, self.OUTPUT_BITS)
 
     def _one(self, tensor: Tensor, bits: int | None) -> Blocks:
         """One matrix, converted ``quantize.ROW_CHUNK`` rows at a time."""

@@ -13,6 +13,7 @@ so an architecture class describes its graph once and reads either source.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,17 +130,24 @@ class TensorSource:
     def get(self, name: str) -> Tensor | None:
         raise NotImplementedError
 
+    def maps(self) -> list[np.memmap]:
+        """The file mappings tensors are read through."""
+        raise NotImplementedError
+
+    def drop_pages(self) -> None:
+        """Let go of the mapped pages read so far. They are clean file pages (the kernel keeps
+        them in its cache), but they count toward this process's resident memory until dropped."""
+        for mapping in self.maps():
+            raw = getattr(mapping, "_mmap", None)
+            if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                raw.madvise(mmap.MADV_DONTNEED)
+
     def require(self, name: str) -> Tensor:
         tensor = self.get(name)
         if tensor is None:
             raise SourceError(f"{self.path.name} has no tensor for {name!r}")
         return tensor
 
-    def tensor_count(self) -> int:
-        raise NotImplementedError
-
-    def total_bytes(self) -> int:
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -213,6 +221,9 @@ class GGUFSource(TensorSource):
             bos_token_id=int(bos) if bos is not None else None, eos_token_ids=list(dict.fromkeys(eos_ids)),
         )
 
+    def maps(self) -> list[np.memmap]:
+        return [self._reader.data]
+
     def get(self, name: str) -> Tensor | None:
         gguf_name = _gguf_name(name)
         tensor = self._tensors.get(gguf_name) if gguf_name else None
@@ -222,11 +233,6 @@ class GGUFSource(TensorSource):
         shape = tuple(int(d) for d in reversed(tensor.shape))
         return Tensor(name, shape, tensor.tensor_type.name, tensor.data)
 
-    def tensor_count(self) -> int:
-        return len(self._tensors)
-
-    def total_bytes(self) -> int:
-        return sum(int(t.n_bytes) for t in self._tensors.values())
 
 
 def _gguf_name(name: str) -> str:
@@ -323,6 +329,9 @@ class SafetensorsSource(TensorSource):
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
         return self._maps[file]
 
+    def maps(self) -> list[np.memmap]:
+        return list(self._maps.values())
+
     def get(self, name: str) -> Tensor | None:
         hf_name = _hf_name(name)
         entry = self._index.get(hf_name) if hf_name else None
@@ -338,11 +347,6 @@ class SafetensorsSource(TensorSource):
         shape = tuple(int(d) for d in info["shape"])
         return Tensor(name, shape, dtype, raw.reshape(shape))
 
-    def tensor_count(self) -> int:
-        return len(self._index)
-
-    def total_bytes(self) -> int:
-        return sum(e["data_offsets"][1] - e["data_offsets"][0] for _, e in self._index.values())
 
 
 def _hf_name(name: str) -> str:

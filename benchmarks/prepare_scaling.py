@@ -1,0 +1,178 @@
+"""How preparing a GGUF scales with model size: prepare time, peak memory, model size, and
+decode speed against llama.cpp on the same file.
+
+Writes random-weight llama-architecture GGUFs at ~135M (SmolLM2's shape), ~0.5B and ~1B
+parameters (engine_notes §6's recipe, with SmolLM2's tokenizer copied from the default
+model's GGUF), in Q4_1 like the default model, then for each one:
+
+- runs ``kobold-api prepare FILE`` in a fresh process under ``/usr/bin/time -v`` (wall time
+  and peak RSS of the whole preparation);
+- decodes 128 greedy tokens with our engine (in process, no HTTP) and with llama.cpp
+  (llama-cpp-python in the bench venv, in process), 2 threads each.
+
+    .venv/bin/python benchmarks/prepare_scaling.py [--llama-python .bench/bin/python] [--sizes 135M,0.5B,1B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHAPES = {  # hidden, layers, heads, kv heads, ffn (vocab 49,152, tied embeddings)
+    "135M": (576, 30, 9, 3, 1536),
+    "0.5B": (1536, 16, 12, 4, 4096),
+    "1B": (2048, 16, 32, 8, 8192),
+}
+VOCAB = 49152
+PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+
+LLAMA_DECODE = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=int(sys.argv[2]), verbose=False)
+prompt = llm.tokenize(sys.argv[3].encode(), special=True)
+rates = []
+for _ in range(2):
+    llm.reset()
+    llm.eval(prompt)
+    started = time.perf_counter()
+    for _ in range(int(sys.argv[4])):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    rates.append(int(sys.argv[4]) / (time.perf_counter() - started))
+print(json.dumps({"tok_s": max(rates)}))
+"""
+
+
+def write_random_gguf(path: Path, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+                      tokenizer_from: Path) -> None:
+    """Random Q4_1 weights, norms of one, and the tokenizer fields of ``tokenizer_from``."""
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(8192)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(100000.0)
+    writer.add_vocab_size(VOCAB)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    for key, field in GGUFReader(str(tokenizer_from)).fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), vtype, sub)
+
+    def matrix(name: str, rows: int, cols: int, kind: GGMLQuantizationType) -> None:
+        values = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+        writer.add_tensor(name, quants.quantize(values, kind), raw_dtype=kind)
+
+    matrix("token_embd.weight", VOCAB, hidden, GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    head_dim = hidden // heads
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, rows, cols in (("attn_q", heads * head_dim, hidden), ("attn_k", kv_heads * head_dim, hidden),
+                                 ("attn_v", kv_heads * head_dim, hidden), ("attn_output", hidden, hidden),
+                                 ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)):
+            matrix(f"blk.{i}.{name}.weight", rows, cols, GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def timed_prepare(gguf_path: Path, cache: Path, quant: str) -> dict:
+    """``kobold-api prepare`` in a fresh process: wall seconds, peak RSS, output folder."""
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "kobold_api", "prepare", str(gguf_path),
+               "--provider", "cpu", "--quant", quant]
+    env = {**os.environ, "KOBOLD_API_CACHE_DIR": str(cache)}
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    model_dir = Path(result.stdout.strip().splitlines()[-1])
+    size = sum(f.stat().st_size for f in model_dir.iterdir())
+    return {"prepare_s": wall, "peak_rss_mb": peak_kb / 1024, "model_mb": size / 1e6, "model_dir": str(model_dir)}
+
+
+def our_decode(model_dir: str, tokens: int, threads: int) -> float:
+    from kobold_api.engine.generation import GenerationRequest, TextGenerator
+    from kobold_api.engine.onnx_model import OnnxCausalLM
+    from kobold_api.engine.sampling import SamplingParams
+    from kobold_api.engine.tokenizer import Tokenizer
+
+    generator = TextGenerator(OnnxCausalLM(Path(model_dir), "cpu", threads), Tokenizer(Path(model_dir)))
+    rates = []
+    for _ in range(2):
+        result = generator.generate(GenerationRequest(prompt=PROMPT, max_new_tokens=tokens, ban_eos=True,
+                                                      sampling=SamplingParams(temperature=0)))
+        rates.append(result.completion_tokens / result.decode_seconds)
+    return max(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="135M,0.5B,1B")
+    parser.add_argument("--quant", default="int4")
+    parser.add_argument("--work", default=str(REPO / "data" / "scaling"))
+    parser.add_argument("--llama-python", default=str(REPO / ".bench" / "bin" / "python"))
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare_scaling.json"))
+    args = parser.parse_args()
+    from kobold_api.engine.prepare import _fetch_default_gguf
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    default_gguf = _fetch_default_gguf(REPO / "data" / "models", print)
+    rows = []
+    for size in args.sizes.split(","):
+        gguf_path = work / f"random-{size}.Q4_1.gguf"
+        if not gguf_path.is_file():
+            print(f"writing {gguf_path.name} ...", flush=True)
+            write_random_gguf(gguf_path, *SHAPES[size], tokenizer_from=default_gguf)
+        cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        row = {"size": size, "gguf_mb": gguf_path.stat().st_size / 1e6, "quant": args.quant}
+        row.update(timed_prepare(gguf_path, cache, args.quant))
+        row["ours_tok_s"] = our_decode(row["model_dir"], args.tokens, args.threads)
+        if Path(args.llama_python).is_file():
+            result = subprocess.run([args.llama_python, "-c", LLAMA_DECODE, str(gguf_path), str(args.threads),
+                                     PROMPT, str(args.tokens)], capture_output=True, text=True)
+            row["llama_cpp_tok_s"] = json.loads(result.stdout.strip().splitlines()[-1])["tok_s"] \
+                if result.returncode == 0 else None
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print("\n| model | GGUF MB | prepare s | peak RSS MB | ONNX MB | RSS / ONNX | ours tok/s | llama.cpp tok/s | ours / llama.cpp |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        llama = row.get("llama_cpp_tok_s")
+        print(f"| {row['size']} | {row['gguf_mb']:.0f} | {row['prepare_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+              f"{row['model_mb']:.0f} | {row['peak_rss_mb'] / row['model_mb']:.2f}x | {row['ours_tok_s']:.1f} | "
+              + (f"{llama:.1f} | {row['ours_tok_s'] / llama:.2f}x |" if llama else "- | - |"))
+
+
+if __name__ == "__main__":
+    main()
