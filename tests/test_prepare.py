@@ -43,7 +43,7 @@ def test_folder_without_model_is_rejected(tmp_path: Path) -> None:
 
 def test_built_model_is_cached_and_not_rebuilt(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = json.loads((tiny_model_dir / MANIFEST).read_text())
-    assert manifest["target"] == "int4-cpu"
+    assert manifest["target"] == "int8-cpu"  # auto, for a model this small
     hf_dir = Path(manifest["source"]["location"])
 
     def must_not_build(*args, **kwargs):
@@ -51,6 +51,21 @@ def test_built_model_is_cached_and_not_rebuilt(tiny_model_dir: Path, monkeypatch
 
     monkeypatch.setattr(prepare, "build_onnx", must_not_build)
     assert prepare_model(str(hf_dir), "cpu", tiny_model_dir.parent) == tiny_model_dir
+
+
+def test_auto_precision_follows_device_and_model_size() -> None:
+    from kobold_api.engine.importer.precision import resolve_quant
+    from kobold_api.engine.importer.sources import ModelConfig
+
+    smollm2 = ModelConfig("llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                          intermediate_size=1536, vocab_size=49152, rms_eps=1e-5, rope_theta=1e5,
+                          context_length=8192, tied_embeddings=True)
+    assert 134_000_000 < smollm2.parameters < 135_000_000
+    assert resolve_quant("auto", "cpu", smollm2.parameters) == "int8"
+    assert resolve_quant("auto", "cpu", 1_070_000_000) == "int4"
+    assert resolve_quant("auto", "cpu", None) == "int4"  # unknown size: the builder's choice
+    assert resolve_quant("auto", "cuda", smollm2.parameters) == "fp16"
+    assert resolve_quant("INT4", "cuda") == "int4"
 
 
 def test_cache_key_depends_on_target() -> None:
@@ -73,10 +88,12 @@ def test_graph_returns_only_last_position_logits(tiny_model_dir: Path) -> None:
     np.testing.assert_allclose(step_logits, logits, rtol=1e-3, atol=1e-3)
 
 
-def test_int4_graph_keeps_the_output_matrix_in_8_bits(tiny_model_dir: Path) -> None:
+def test_int4_graph_keeps_the_output_matrix_in_8_bits(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The GGUF layout: the output matrix (Q8_0 in the default GGUF) 8-bit, the rest int4 in
     blocks of 32; all-int4 cost the default model 25.2 against 22.5 perplexity."""
-    graph = onnx.load(str(tiny_model_dir / "model.onnx"), load_external_data=False).graph
+    hf_dir = Path(json.loads((tiny_model_dir / MANIFEST).read_text())["source"]["location"])
+    model_dir = prepare_model(str(hf_dir), "cpu", tmp_path / "cache", quant="int4")
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
     bits = {node.name: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             for node in graph.node if node.op_type == "MatMulNBits"}
     lm_head = [name for name in bits if "lm_head" in name]

@@ -45,6 +45,7 @@ def test_environment_names_the_settings_file(tmp_path: Path) -> None:
     ({"port": "abc"}, "port"),
     ({"nonsense": 1}, "unknown setting 'nonsense'"),
     ({"provider": "tpu"}, "provider must be one of"),
+    ({"quant": "int3"}, "quant must be one of"),
     ({"generation": {"temperature": "hot"}}, "temperature"),
     ({"open_probes": "maybe"}, "open_probes"),
 ])
@@ -74,6 +75,8 @@ def test_cli_flags_parse() -> None:
                                       "--data-dir", "d", "--host", "127.0.0.1"])
     assert (args.port, args.provider, args.model, args.data_dir, args.host) == (5050, "cpu", "x.gguf", "d", "127.0.0.1")
     assert build_parser().parse_args(["prepare", "some/model"]).model == "some/model"
+    assert build_parser().parse_args(["prepare", "m.gguf", "--quant", "int8"]).quant == "int8"
+    assert load_settings(environ={"KOBOLD_API_QUANT": "fp32"}, overrides={"quant": "int4"}).quant == "int4"
 
 
 def test_derived_paths(tmp_path: Path) -> None:

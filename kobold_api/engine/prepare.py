@@ -98,11 +98,18 @@ def resolve_source(spec: str) -> ModelSource:
     )
 
 
-def target_for(device: str, quant: str = "auto") -> str:
-    """``{quant}-{device}``: auto is int4 on the CPU (MatMulNBits is fastest there) and fp16
-    on CUDA; a combination that cannot run is refused with a PrepareError."""
+def target_for(device: str, quant: str = "auto", path: Path | None = None) -> str:
+    """``{quant}-{device}``; ``auto`` depends on the device and on the model's size, read
+    from ``path`` (see ``importer.resolve_quant``). A combination that cannot run is refused
+    with a PrepareError."""
+    parameters = None
+    if quant in ("", "auto") and path is not None:
+        try:
+            parameters = importer.open_source(path).config.parameters
+        except SourceError:
+            parameters = None  # not ours to read: the builder fallback decides
     try:
-        return f"{importer.resolve_quant(quant, device)}-{device}"
+        return f"{importer.resolve_quant(quant, device, parameters)}-{device}"
     except SourceError as exc:
         raise PrepareError(str(exc)) from exc
 
@@ -118,7 +125,12 @@ def prepare_model(
     source = resolve_source(spec)
     if source.kind == "onnx_dir":
         return Path(source.location)
-    target = target_for(provider, quant)
+    path = None
+    if source.kind == "default":
+        path = _fetch_default_gguf(cache_dir, say)
+    elif source.kind != "hub":
+        path = Path(source.location)
+    target = target_for(provider, quant, path)
     quant, device = target.split("-")
     out_dir = cache_dir / source.cache_key(target)
     if (out_dir / MANIFEST).is_file():
@@ -129,11 +141,10 @@ def prepare_model(
     with tempfile.TemporaryDirectory(prefix="prep-", dir=cache_dir) as work:
         work_dir = Path(work)
         staging = work_dir / "onnx"
-        if source.kind == "hub":  # needs internet; the builder downloads by name
+        if path is None:  # a hub id: needs internet; the builder downloads by name
             build_onnx(None, staging, target, say, hub_id=source.location)
             contract: dict = {"importer": "onnxruntime-genai builder"}
         else:
-            path = _fetch_default_gguf(cache_dir, say) if source.kind == "default" else Path(source.location)
             contract = _import_or_fall_back(path, work_dir, staging, quant, device, say)
         if out_dir.exists():
             shutil.rmtree(out_dir)

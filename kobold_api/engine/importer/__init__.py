@@ -26,7 +26,7 @@ from .precision import QUANTS, Precision, resolve_quant
 from .sources import ModelConfig, SourceError, TensorSource, open_source
 
 __all__ = ["QUANTS", "REGISTRY", "Precision", "SourceError", "copy_tokenizer_files",
-           "import_model", "inspect_source", "resolve_quant"]
+           "import_model", "inspect_source", "open_source", "resolve_quant"]
 
 Say = Callable[[str], None]
 

@@ -2,7 +2,7 @@
 
 | quant | CPU | CUDA | matrices | output matrix / embedding |
 |---|---|---|---|---|
-| auto | int4 | fp16 | | |
+| auto | int8 under 0.5B parameters, int4 above | fp16 | | |
 | int4 | yes | yes | 4-bit blocks of 32; Q4_0 copied exactly | 8-bit (as llama.cpp keeps it) |
 | int8 | yes | yes | 8-bit blocks of 32; Q8_0 and Q4_0 copied exactly | 8-bit |
 | fp16 | no (no fast fp16 kernels on the CPU) | yes | float16 | float16 |
@@ -27,15 +27,26 @@ QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
 _REFUSED = {("cpu", "fp16"): "fp16 runs only on CUDA; on the CPU pick fp32, int8 or int4",
             ("cuda", "fp32"): "fp32 is not built for CUDA (its attention kernel takes fp16); pick fp16, int8 or int4"}
 _HIGH_BITS = 6.5
+#: Below this many parameters ``auto`` picks int8 on the CPU. Measured on the 2-core CPU: at
+#: 135M (SmolLM2) a decode step costs the same in int8 as in int4 (133 vs 134 tok/s, 406 vs
+#: 401 at 8 rows: the step is bound by per-operator overhead, not by reading weights) and
+#: perplexity falls from 22.3 to 19.1 (llama.cpp on the Q4_1 file: 19.05); at 1B, int8 decodes
+#: 28% slower than int4 (22.8 vs 31.5 tok/s), reading twice the bytes per token.
+INT8_AUTO_MAX_PARAMETERS = 500_000_000
 
 
-def resolve_quant(quant: str, device: str) -> str:
-    """``auto`` -> int4 on the CPU, fp16 on CUDA; refuse combinations that cannot run."""
+def resolve_quant(quant: str, device: str, parameters: int | None = None) -> str:
+    """``auto`` -> fp16 on CUDA; on the CPU int8 for models under
+    :data:`INT8_AUTO_MAX_PARAMETERS`, int4 above or when the size is unknown (models the
+    importer cannot read go to the builder, whose CPU build is int4). Combinations that
+    cannot run are refused."""
     quant = (quant or "auto").lower()
     if quant not in QUANTS:
         raise SourceError(f"unknown quant {quant!r}: pick one of {', '.join(QUANTS)}")
     if quant == "auto":
-        return "fp16" if device == "cuda" else "int4"
+        if device == "cuda":
+            return "fp16"
+        return "int8" if parameters is not None and parameters < INT8_AUTO_MAX_PARAMETERS else "int4"
     if (device, quant) in _REFUSED:
         raise SourceError(_REFUSED[(device, quant)])
     return quant
@@ -59,7 +70,7 @@ class Precision:
     OUTPUT_BITS = 8
 
     def __init__(self, quant: str, device: str, source: TensorSource) -> None:
-        self.quant = resolve_quant(quant, device)
+        self.quant = resolve_quant(quant, device, source.config.parameters)
         self.device = device
         self.float_type = np.dtype(np.float16 if device == "cuda" else np.float32)
         self.quantized = self.quant in ("int4", "int8")
