@@ -11,6 +11,10 @@ model's GGUF), in Q4_1 like the default model, then for each one:
   (llama-cpp-python in the bench venv, in process), 2 threads each.
 
     .venv/bin/python benchmarks/prepare_scaling.py [--llama-python .bench/bin/python] [--sizes 135M,0.5B,1B]
+
+With ``--precisions int4,int8,fp32`` it measures the default model (the real SmolLM2 GGUF)
+instead, once per precision, adding perplexity on the team's ``chat_and_cards.md`` (as
+``benchmarks/perplexity.py``) and llama.cpp's perplexity on the same file.
 """
 
 from __future__ import annotations
@@ -131,6 +135,49 @@ def our_decode(model_dir: str, tokens: int, threads: int) -> float:
     return max(rates)
 
 
+def llama_cpp_decode(python: str, gguf_path: Path, tokens: int, threads: int) -> float | None:
+    if not Path(python).is_file():
+        return None
+    result = subprocess.run([python, "-c", LLAMA_DECODE, str(gguf_path), str(threads), PROMPT, str(tokens)],
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["tok_s"] if result.returncode == 0 else None
+
+
+def precision_table(args: argparse.Namespace, default_gguf: Path) -> None:
+    """The default model at each precision, next to llama.cpp on the same GGUF."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from perplexity import mean_nll, score_onnx
+
+    text = (REPO.parent / "shared" / "reference" / "chat_and_cards.md").read_text(encoding="utf-8")[:6000]
+    rows = []
+    for quant in args.precisions.split(","):
+        cache = Path(args.work) / "precision-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        row = {"quant": quant, **timed_prepare(default_gguf, cache, quant)}
+        ids, logits = score_onnx(Path(row["model_dir"]), text, 700)
+        row["perplexity"] = float(np.exp(mean_nll(logits, ids)))
+        row["tok_s"] = our_decode(row["model_dir"], args.tokens, args.threads)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    llama = {"quant": "llama.cpp (the GGUF)", "model_mb": default_gguf.stat().st_size / 1e6,
+             "tok_s": llama_cpp_decode(args.llama_python, default_gguf, args.tokens, args.threads)}
+    if Path(args.llama_python).is_file():
+        result = subprocess.run([args.llama_python, str(REPO / "benchmarks" / "perplexity.py"),
+                                 str(REPO.parent / "shared" / "reference" / "chat_and_cards.md"),
+                                 "--gguf", str(default_gguf)], capture_output=True, text=True, cwd=REPO)
+        found = re.search(r"perplexity ([0-9.]+)", result.stdout)
+        llama["perplexity"] = float(found.group(1)) if found else None
+    rows.append(llama)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print("\n| weights | perplexity | decode tok/s | prepare s | peak RSS MB | size MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        cells = [f"{row[key]:.2f}" if key == "perplexity" and row.get(key) else
+                 f"{row[key]:.1f}" if row.get(key) is not None else "-"
+                 for key in ("perplexity", "tok_s", "prepare_s", "peak_rss_mb", "model_mb")]
+        print(f"| {row['quant']} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="135M,0.5B,1B")
@@ -139,13 +186,21 @@ def main() -> None:
     parser.add_argument("--llama-python", default=str(REPO / ".bench" / "bin" / "python"))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare_scaling.json"))
+    parser.add_argument("--precisions", help="measure the default model at these precisions instead")
+    parser.add_argument("--out", help="JSON results (default: benchmarks/results/prepare_scaling.json or "
+                                      "precisions.json)")
     args = parser.parse_args()
     from kobold_api.engine.prepare import _fetch_default_gguf
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     default_gguf = _fetch_default_gguf(REPO / "data" / "models", print)
+    results = REPO / "benchmarks" / "results"
+    if args.precisions:
+        args.out = args.out or str(results / "precisions.json")
+        precision_table(args, default_gguf)
+        return
+    args.out = args.out or str(results / "prepare_scaling.json")
     rows = []
     for size in args.sizes.split(","):
         gguf_path = work / f"random-{size}.Q4_1.gguf"
@@ -157,11 +212,7 @@ def main() -> None:
         row = {"size": size, "gguf_mb": gguf_path.stat().st_size / 1e6, "quant": args.quant}
         row.update(timed_prepare(gguf_path, cache, args.quant))
         row["ours_tok_s"] = our_decode(row["model_dir"], args.tokens, args.threads)
-        if Path(args.llama_python).is_file():
-            result = subprocess.run([args.llama_python, "-c", LLAMA_DECODE, str(gguf_path), str(args.threads),
-                                     PROMPT, str(args.tokens)], capture_output=True, text=True)
-            row["llama_cpp_tok_s"] = json.loads(result.stdout.strip().splitlines()[-1])["tok_s"] \
-                if result.returncode == 0 else None
+        row["llama_cpp_tok_s"] = llama_cpp_decode(args.llama_python, gguf_path, args.tokens, args.threads)
         print(json.dumps(row), flush=True)
         rows.append(row)
     Path(args.out).write_text(json.dumps(rows, indent=1))

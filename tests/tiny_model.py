@@ -53,6 +53,7 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {
         "embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
         "logits_scaling": 2.0}),
@@ -86,7 +87,7 @@ def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tie
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-        if family == "qwen3":
+        if family in ("qwen3", "olmo2"):
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)

@@ -20,7 +20,7 @@ from onnx import TensorProto
 
 from .onnx_writer import MS, GraphWriter
 from .precision import Precision
-from .sources import LAYER_PARTS, ModelConfig, SourceError, TensorSource, UnsupportedArchitecture
+from .sources import ModelConfig, SourceError, TensorSource, UnsupportedArchitecture
 
 #: Called after each tensor written: (tensors done, tensors in all, bytes written).
 Tick = Callable[[int, int, int], None]
@@ -35,14 +35,28 @@ def register(cls: type["DecoderImporter"]) -> type["DecoderImporter"]:
 
 
 def importer_for(config: ModelConfig) -> type["DecoderImporter"]:
-    """The class for ``config.architecture``, or a SourceError naming it (before any long work)."""
+    """The class for ``config.architecture``, or a SourceError naming what we cannot build
+    (checked before any long work)."""
     cls = REGISTRY.get(config.architecture)
     if cls is None:
         raise UnsupportedArchitecture(
             f"architecture {config.architecture!r} cannot be imported yet "
             f"(supported: {', '.join(sorted(REGISTRY))})"
         )
+    rope_scaling_kind(config)
     return cls
+
+
+#: Rotary scalings the caches below implement ("dynamic" NTK equals the plain rotary within
+#: the trained context, which is all we serve).
+_ROPE_SCALINGS = ("default", "none", "dynamic", "linear", "llama3")
+
+
+def rope_scaling_kind(config: ModelConfig) -> str:
+    kind = str(config.rope_scaling.get("rope_type", "default")) if config.rope_scaling else "default"
+    if kind not in _ROPE_SCALINGS:
+        raise SourceError(f"rope scaling {kind!r} is not supported yet (supported: {', '.join(_ROPE_SCALINGS)})")
+    return kind
 
 
 class DecoderImporter:
@@ -53,6 +67,9 @@ class DecoderImporter:
     #: llama.cpp's converter reorders the query/key rows of these families so that rotary
     #: pairs are adjacent (its "normal" rope); Hugging Face folders keep the halves layout.
     gguf_rotary_interleaved = False
+    #: The per-layer tensors this family reads (see ``sources.LAYER_PARTS``).
+    layer_parts: tuple[str, ...] = ("attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
+                                    "ffn_norm", "gate", "up", "down")
 
     def __init__(self, source: TensorSource, precision: Precision, writer: GraphWriter, tick: Tick) -> None:
         self.source, self.precision, self.w, self.tick = source, precision, writer, tick
@@ -63,16 +80,16 @@ class DecoderImporter:
     # ------------------------------------------------------------------ helpers
 
     def count_tensors(self) -> int:
-        layers = sum(self.source.get(f"layers.0.{p}") is not None for p in LAYER_PARTS) * self.c.num_layers
+        layers = sum(self.source.get(f"layers.0.{p}") is not None for p in self.layer_parts) * self.c.num_layers
         return layers + 2 + (0 if self.c.tied_embeddings else 1)
 
     def _advance(self, count: int = 1) -> None:
         self._done += count
         self.tick(self._done, self._total, self.w.bytes_written)
 
-    def vector(self, name: str, offset: float = 0.0) -> str:
+    def vector(self, name: str) -> str:
         """A norm weight or bias as a graph initializer in the graph's float type."""
-        values = self.source.require(name).to_float() + offset
+        values = self.source.require(name).to_float()
         self._advance()
         return self.w.float_weight(name, values)
 
@@ -100,15 +117,13 @@ class DecoderImporter:
         inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
         freqs = self.source.get("rope_freqs")
         scaling = c.rope_scaling
-        kind = scaling.get("rope_type", "default") if scaling else "default"
+        kind = rope_scaling_kind(c)
         if freqs is not None:  # llama.cpp stores Llama 3's frequency factors as a tensor
             inv_freq = inv_freq / freqs.to_float().astype(np.float64)
         elif kind == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif kind == "linear":
             inv_freq = inv_freq / float(scaling.get("factor", 1.0))
-        elif kind not in ("default", "dynamic", "none"):
-            raise SourceError(f"rope scaling {kind!r} is not supported yet")
         positions = np.arange(c.context_length, dtype=np.float64)
         angles = np.outer(positions, inv_freq)
         return (self.w.float_weight("cos_cache", np.cos(angles)),
@@ -281,6 +296,7 @@ class Qwen3Importer(DecoderImporter):
     """Qwen 3: an RMS norm over each head of the queries and keys, before the rotary."""
 
     architectures = ("qwen3",)
+    layer_parts = DecoderImporter.layer_parts + ("q_norm", "k_norm")
 
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
         c, w, p = self.c, self.w, f"layers.{i}"
@@ -296,3 +312,30 @@ class Qwen3Importer(DecoderImporter):
                       epsilon=self.c.rms_eps, axis=-1, stash_type=1)
         return w.op("Reshape", [normed, w.constant(f"{node}/merge", [0, 0, heads * self.c.head_dim])],
                     f"{node}/merged")
+
+
+@register
+class Olmo2Importer(DecoderImporter):
+    """OLMo 2: RMS norms on the attention and MLP outputs (not their inputs), and on the whole
+    query and key projections before the rotary."""
+
+    architectures = ("olmo2",)
+    layer_parts = ("q", "k", "v", "o", "q_norm", "k_norm", "post_attn_norm", "gate", "up", "down", "post_ffn_norm")
+
+    def layer(self, i: int, residual: str, pending: str | None) -> tuple[str, str]:
+        w, p = self.w, f"layers.{i}"
+        if pending is not None:
+            residual = w.op("Add", [residual, pending], f"{p}/mlp_residual")
+        attention = self.rms_norm(self.attention(i, residual), f"{p}.post_attn_norm")
+        residual = w.op("Add", [residual, attention], f"{p}/attn_residual")
+        return residual, self.rms_norm(self.mlp(i, residual), f"{p}.post_ffn_norm")
+
+    def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
+        c, w, p = self.c, self.w, f"layers.{i}"
+        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        q, k, v = w.node("Split", [qkv, w.constant(f"{p}/qkv_sizes", sizes)], f"{p}/qkv_split", 3, axis=-1)
+        return self.rms_norm(q, f"{p}.q_norm"), self.rms_norm(k, f"{p}.k_norm"), v
+
+    def rms_norm(self, x: str, weight_name: str) -> str:
+        return self.w.op("SimplifiedLayerNormalization", [x, self.vector(weight_name)], weight_name.replace(".", "/"),
+                         epsilon=self.c.rms_eps, axis=-1, stash_type=1)

@@ -35,6 +35,10 @@ LAYER_PARTS: dict[str, tuple[str, str]] = {
     "gate": ("ffn_gate.weight", "mlp.gate_proj.weight"),
     "up": ("ffn_up.weight", "mlp.up_proj.weight"),
     "down": ("ffn_down.weight", "mlp.down_proj.weight"),
+    # OLMo 2 normalizes the attention and MLP outputs instead of their inputs (its Hugging Face
+    # name for the first is the one Llama uses for the norm before the MLP).
+    "post_attn_norm": ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    "post_ffn_norm": ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
 }
 GLOBAL_PARTS: dict[str, tuple[str, str]] = {
     "embed": ("token_embd.weight", "model.embed_tokens.weight"),
