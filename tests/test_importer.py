@@ -90,8 +90,12 @@ def _graph_matrix(model_dir: Path, node_name: str) -> np.ndarray:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     codes = weights[node.input[1]]
     blocks = codes.shape[1]
-    zero_points = weights[node.input[3]].reshape(codes.shape[0], -1)
-    if attrs["bits"] == 4:
+    if len(node.input) < 4 or not node.input[3]:  # symmetric: the operator's default zero point
+        zero_points = np.full((codes.shape[0], blocks), 1 << (attrs["bits"] - 1), np.uint8)
+    elif attrs["bits"] == 8:
+        zero_points = weights[node.input[3]].reshape(codes.shape[0], -1)
+    else:
+        zero_points = weights[node.input[3]].reshape(codes.shape[0], -1)
         unpacked = np.empty((codes.shape[0], zero_points.shape[1] * 2), np.uint8)
         unpacked[:, 0::2], unpacked[:, 1::2] = zero_points & 0x0F, zero_points >> 4
         zero_points = unpacked[:, :blocks]

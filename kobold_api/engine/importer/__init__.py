@@ -59,6 +59,8 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
     except BaseException:
         writer.abort()
         raise
+    finally:
+        precision.close()
     bar.finish()
     return contract(config, importer_class, precision, device)
 

@@ -2,8 +2,11 @@
 
 Every initializer is appended to ``model.onnx.data`` the moment it is added and only a
 reference (offset, length) stays in the graph, so the graph in memory is a few hundred
-kilobytes whatever the model's size. Offsets are page-aligned so ONNX Runtime can map
-the weights instead of copying them.
+kilobytes whatever the model's size.
+
+Offsets are aligned to 64 bytes, not to pages: ONNX Runtime maps page-aligned external
+weights instead of reading them into its own memory, and the mapped ones decoded 6-8%
+slower on the 2-core CPU (SmolLM2, greedy, alternating runs: 122.6 vs 130.7 tok/s).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from onnx import TensorProto, helper
 from .quantize import Blocks
 
 DATA_FILE = "model.onnx.data"
-_ALIGN = 4096
+_ALIGN = 64
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int64): TensorProto.INT64,
                np.dtype(np.int32): TensorProto.INT32}
@@ -92,12 +95,20 @@ class GraphWriter:
 
     def matmul_nbits(self, x: str, blocks: Blocks, name: str, k: int, bias: str = "",
                      output: str | None = None) -> str:
-        """``x @ W.T`` for a block-quantized W [N, K] (MatMulNBits)."""
+        """``x @ W.T`` for a block-quantized W [N, K] (MatMulNBits).
+
+        Zero points that all equal the operator's default (the middle code) are left out:
+        the kernel then skips them, which made decode 5% faster (133.8 vs 141.0 tok/s, the
+        same measurement as the alignment above)."""
         prefix = f"{name}.weight"
         codes = self.weight(f"{prefix}.codes", blocks.codes)
         scales = self.weight(f"{prefix}.scales", blocks.scales.astype(self.float_type).reshape(-1))
-        zero_points = self.weight(f"{prefix}.zp", blocks.packed_zero_points().reshape(-1))
+        zero_points = ""
+        if not blocks.symmetric:
+            zero_points = self.weight(f"{prefix}.zp", blocks.packed_zero_points().reshape(-1))
         inputs = [x, codes, scales, zero_points] + (["", bias] if bias else [])
+        while inputs[-1] == "":
+            inputs.pop()
         return self.node("MatMulNBits", inputs, name, [output] if output else 1, domain=MS,
                          K=k, N=blocks.rows, bits=blocks.bits, block_size=blocks.codes.shape[2] * 8 // blocks.bits,
                          accuracy_level=self.accuracy_level)[0]

@@ -40,6 +40,11 @@ class Blocks:
     def rows(self) -> int:
         return int(self.codes.shape[0])
 
+    @property
+    def symmetric(self) -> bool:
+        """Every zero point is the middle code (8 or 128), MatMulNBits' default."""
+        return bool((self.zero_points == 1 << (self.bits - 1)).all())
+
     def packed_zero_points(self) -> np.ndarray:
         """MatMulNBits' zero point input: 4-bit ones two to a byte, [N, ceil(blocks/2)]."""
         if self.bits == 8:
