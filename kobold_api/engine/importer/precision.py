@@ -30,10 +30,10 @@ _REFUSED = {("cpu", "fp16"): "fp16 runs only on CUDA; on the CPU pick fp32, int8
             ("cuda", "fp32"): "fp32 is not built for CUDA (its attention kernel takes fp16); pick fp16, int8 or int4"}
 _HIGH_BITS = 6.5
 #: Below this many parameters ``auto`` picks int8 on the CPU. Measured on the 2-core CPU: at
-#: 135M (SmolLM2) a decode step costs the same in int8 as in int4 (133 vs 134 tok/s, 406 vs
-#: 401 at 8 rows: the step is bound by per-operator overhead, not by reading weights) and
-#: perplexity falls from 22.3 to 19.1 (llama.cpp on the Q4_1 file: 19.05); at 1B, int8 decodes
-#: 28% slower than int4 (22.8 vs 31.5 tok/s), reading twice the bytes per token.
+#: 135M (SmolLM2) int8 brings perplexity from 22.3 to 19.06, llama.cpp's own on the Q4_1 file
+#: (19.05), for 14% of a lone stream's speed (111 vs 128 tok/s, alternating runs; about equal
+#: at 8 rows), still at or above llama.cpp's; at 1B, int8 decodes 28% slower than int4 (22.8
+#: vs 31.5 tok/s), reading twice the bytes per token, so larger models stay int4.
 INT8_AUTO_MAX_PARAMETERS = 500_000_000
 
 
@@ -100,8 +100,11 @@ class Precision:
         if bits is None:
             bits = 8 if self.quant == "int8" or self._keeps_8_bits(tensor) else 4
         rows = tensor.shape[0]
+
+        def chunk(start: int) -> Blocks:
+            return self._rows(tensor, start, min(start + quantize.ROW_CHUNK, rows), bits)
+
         starts = range(0, rows, quantize.ROW_CHUNK)
-        chunk = lambda start: self._rows(tensor, start, min(start + quantize.ROW_CHUNK, rows), bits)  # noqa: E731
         return quantize.concat(list(self._pool.map(chunk, starts)) if len(starts) > 1 else [chunk(0)])
 
     @staticmethod
