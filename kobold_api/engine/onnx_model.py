@@ -4,8 +4,9 @@ A folder our importer built carries a manifest (``kobold_api_model.json``) that 
 the graph's contract: KV-cache layout, EOS/BOS ids, context length. Folders made
 elsewhere (the genai builder's fallback, optimum, a user's ONNX folder) are read by
 looking at the graph: the builder's layout (input_ids, attention_mask,
-past_key_values.*; positions come from the mask) or optimum's (plus position_ids). The KV cache stays as ``OrtValue`` objects between steps,
-so on CUDA it never leaves the device and on the CPU it is never converted to numpy.
+past_key_values.*; positions come from the mask) or optimum's (plus position_ids).
+The KV cache stays as ``OrtValue`` objects between steps, so on CUDA it never leaves
+the device and on the CPU it is never converted to numpy.
 """
 
 from __future__ import annotations
