@@ -61,7 +61,7 @@ def test_hf_folder_of_each_family_matches_transformers(family: str, tied: bool, 
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("layout", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("layout", ["BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_block_layouts_match_transformers(family: str, layout: str, tmp_path: Path, cache: Path) -> None:
     """A tiny GGUF per layout (Q4_K as random valid blocks, with Q8_0 around it); the Hugging
     Face folder then holds exactly the file's values, so an fp32 import must match it."""
@@ -207,6 +207,18 @@ def test_impossible_precisions_are_refused_before_work(quant: str, device: str, 
     with pytest.raises(PrepareError, match=message):
         prepare_model(str(hf_dir), device, tmp_path / "cache", quant=quant)
     assert not (tmp_path / "cache").exists()
+
+
+def test_rotary_scalings_we_cannot_build_go_to_the_fallback_before_any_work() -> None:
+    from kobold_api.engine.importer.architectures import importer_for
+    from kobold_api.engine.importer.sources import ModelConfig, UnsupportedArchitecture
+
+    config = ModelConfig("llama", 64, 2, 4, 2, 16, 128, 259, 1e-5, 1e4, 4096,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(UnsupportedArchitecture, match="rope scaling 'yarn'"):
+        importer_for(config)
+    config.rope_scaling = {"rope_type": "llama3", "factor": 8.0}
+    assert importer_for(config).__name__ == "LlamaImporter"
 
 
 def test_gguf_of_an_unknown_architecture_names_it(tmp_path: Path) -> None:

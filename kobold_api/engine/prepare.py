@@ -46,8 +46,8 @@ PREPARE_VERSION = 7
 #: The builder's int4 options (fallback path). k-quant rounding with the output matrix in
 #: 8 bits (the GGUF's own layout); blocks of 32 match the GGUF's.
 INT4_BUILDER_OPTIONS = ("int4_algo_config=k_quant_last", "int4_block_size=32")
-#: What the fallback builder can make of each quant.
-_BUILDER_PRECISIONS = {"int4": "int4", "fp16": "fp16", "fp32": "fp32"}
+#: The precisions the fallback builder makes.
+_BUILDER_PRECISIONS = ("int4", "fp16", "fp32")
 
 Progress = Callable[[str], None]
 
@@ -125,6 +125,13 @@ def prepare_model(
     source = resolve_source(spec)
     if source.kind == "onnx_dir":
         return Path(source.location)
+    # ``auto`` is cached under its own name, so a start finds the model without reading the
+    # source (no metadata parse, no download); what it resolved to is in the manifest.
+    quant = (quant or "auto").lower()
+    requested = f"auto-{provider}" if quant == "auto" else target_for(provider, quant)
+    out_dir = cache_dir / source.cache_key(requested)
+    if (out_dir / MANIFEST).is_file():
+        return out_dir
     path = None
     if source.kind == "default":
         path = _fetch_default_gguf(cache_dir, say)
@@ -132,9 +139,6 @@ def prepare_model(
         path = Path(source.location)
     target = target_for(provider, quant, path)
     quant, device = target.split("-")
-    out_dir = cache_dir / source.cache_key(target)
-    if (out_dir / MANIFEST).is_file():
-        return out_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     say(f"Preparing {source.name} for {target} (one time, cached in {out_dir}) ...")
@@ -142,6 +146,9 @@ def prepare_model(
         work_dir = Path(work)
         staging = work_dir / "onnx"
         if path is None:  # a hub id: needs internet; the builder downloads by name
+            if quant not in _BUILDER_PRECISIONS:
+                raise PrepareError(f"hub models are built by the genai builder, which makes "
+                                   f"{', '.join(_BUILDER_PRECISIONS)} only")
             build_onnx(None, staging, target, say, hub_id=source.location)
             contract: dict = {"importer": "onnxruntime-genai builder"}
         else:
@@ -184,7 +191,7 @@ def _import_or_fall_back(path: Path, work_dir: Path, staging: Path, quant: str, 
         hf_dir = _gguf_to_hf(path, work_dir / "hf", say)
     else:
         hf_dir = path
-    build_onnx(hf_dir, staging, f"{_BUILDER_PRECISIONS[quant]}-{device}", say)
+    build_onnx(hf_dir, staging, f"{quant}-{device}", say)
     return {"importer": "onnxruntime-genai builder"}
 
 

@@ -49,16 +49,16 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
     say(f"Importing {Path(path).name}: {config.architecture}, {config.num_layers} layers, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size} -> {precision.quant} for {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(source, out_dir)  # first: a tokenizer we cannot read fails before the long part
-    writer = GraphWriter(out_dir, precision.float_type)
-    bar = ProgressBar(say)
     try:
-        importer = importer_class(source, precision, writer, bar.update)
-        importer.build()
-        writer.save()
-    except BaseException:
-        writer.abort()
-        raise
+        write_tokenizer(source, out_dir)  # first: a tokenizer we cannot read fails before the long part
+        writer = GraphWriter(out_dir, precision.float_type)
+        bar = ProgressBar(say)
+        try:
+            importer_class(source, precision, writer, bar.update).build()
+            writer.save()
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         precision.close()
     bar.finish()

@@ -20,7 +20,7 @@ from onnx import TensorProto
 
 from .onnx_writer import MS, GraphWriter
 from .precision import Precision
-from .sources import ModelConfig, SourceError, TensorSource, UnsupportedArchitecture
+from .sources import ModelConfig, TensorSource, UnsupportedArchitecture
 
 #: Called after each tensor written: (tensors done, tensors in all, bytes written).
 Tick = Callable[[int, int, int], None]
@@ -55,7 +55,8 @@ _ROPE_SCALINGS = ("default", "none", "dynamic", "linear", "llama3")
 def rope_scaling_kind(config: ModelConfig) -> str:
     kind = str(config.rope_scaling.get("rope_type", "default")) if config.rope_scaling else "default"
     if kind not in _ROPE_SCALINGS:
-        raise SourceError(f"rope scaling {kind!r} is not supported yet (supported: {', '.join(_ROPE_SCALINGS)})")
+        raise UnsupportedArchitecture(
+            f"rope scaling {kind!r} is not supported yet (supported: {', '.join(_ROPE_SCALINGS)})")
     return kind
 
 
@@ -81,7 +82,7 @@ class DecoderImporter:
 
     def count_tensors(self) -> int:
         layers = sum(self.source.get(f"layers.0.{p}") is not None for p in self.layer_parts) * self.c.num_layers
-        return layers + 2 + (0 if self.c.tied_embeddings else 1)
+        return layers + 3  # embedding, final norm, output matrix (shared or not)
 
     def _advance(self, count: int = 1) -> None:
         self._done += count
@@ -153,6 +154,7 @@ class DecoderImporter:
         residual, normed = hidden, None
         for i in range(c.num_layers):
             residual, normed = self.layer(i, residual, normed)
+            self.source.drop_pages()
         logits = self.head(residual, normed)
         if w.float_type != np.float32:
             logits = w.op("Cast", [logits], "logits/cast", to=TensorProto.FLOAT)
@@ -188,10 +190,9 @@ class DecoderImporter:
 
     def norm(self, residual: str, added: str | None, weight_name: str, node: str) -> tuple[str, str]:
         """RMS-normalize ``residual + added`` (or ``residual`` alone); return (sum, normed)."""
-        weight = self.vector(weight_name)
         if added is None:
-            return residual, self.w.op("SimplifiedLayerNormalization", [residual, weight], node,
-                                       epsilon=self.c.rms_eps, axis=-1, stash_type=1)
+            return residual, self.rms_norm(residual, weight_name)
+        weight = self.vector(weight_name)
         if self.c.residual_multiplier != 1.0:
             added = self.w.op("Mul", [added, self.w.constant(f"{node}/res_scale",
                                                              np.array(self.c.residual_multiplier, self.w.float_type),
@@ -206,9 +207,7 @@ class DecoderImporter:
         residual, normed = self.norm(residual, pending, f"{p}.attn_norm", f"{p}/attn_norm")
         attention = self.attention(i, normed)
         residual, normed = self.norm(residual, attention, f"{p}.ffn_norm", f"{p}/ffn_norm")
-        out = self.mlp(i, normed)
-        self.source.drop_pages()
-        return residual, out
+        return residual, self.mlp(i, normed)
 
     def attention(self, i: int, x: str) -> str:
         c, w, p = self.c, self.w, f"layers.{i}"
@@ -228,6 +227,19 @@ class DecoderImporter:
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
         """Packed QKV goes to GroupQueryAttention as one input (key and value left empty)."""
         return qkv, "", ""
+
+    def split_packed(self, i: int, qkv: str) -> tuple[str, str, str]:
+        """The packed projection cut into queries, keys and values (for families that
+        transform them before attention)."""
+        c, w, p = self.c, self.w, f"layers.{i}"
+        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        q, k, v = w.node("Split", [qkv, w.constant(f"{p}/qkv_sizes", sizes)], f"{p}/qkv_split", 3, axis=-1)
+        return q, k, v
+
+    def rms_norm(self, x: str, weight_name: str) -> str:
+        """RMS norm over the last axis with the stored weight ``weight_name``."""
+        return self.w.op("SimplifiedLayerNormalization", [x, self.vector(weight_name)],
+                         weight_name.replace(".", "/"), epsilon=self.c.rms_eps, axis=-1, stash_type=1)
 
     def mlp(self, i: int, x: str) -> str:
         w, p = self.w, f"layers.{i}"
@@ -299,17 +311,15 @@ class Qwen3Importer(DecoderImporter):
     layer_parts = DecoderImporter.layer_parts + ("q_norm", "k_norm")
 
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
-        c, w, p = self.c, self.w, f"layers.{i}"
-        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        q, k, v = w.node("Split", [qkv, w.constant(f"{p}/qkv_sizes", sizes)], f"{p}/qkv_split", 3, axis=-1)
-        return self.head_norm(q, f"{p}.q_norm", c.num_heads), self.head_norm(k, f"{p}.k_norm", c.num_kv_heads), v
+        q, k, v = self.split_packed(i, qkv)
+        return self.head_norm(q, f"layers.{i}.q_norm", self.c.num_heads), \
+            self.head_norm(k, f"layers.{i}.k_norm", self.c.num_kv_heads), v
 
     def head_norm(self, x: str, weight_name: str, heads: int) -> str:
         w = self.w
         node = weight_name.replace(".", "/")
         split = w.op("Reshape", [x, w.constant(f"{node}/heads", [0, 0, heads, self.c.head_dim])], f"{node}/split")
-        normed = w.op("SimplifiedLayerNormalization", [split, self.vector(weight_name)], node,
-                      epsilon=self.c.rms_eps, axis=-1, stash_type=1)
+        normed = self.rms_norm(split, weight_name)
         return w.op("Reshape", [normed, w.constant(f"{node}/merge", [0, 0, heads * self.c.head_dim])],
                     f"{node}/merged")
 
@@ -331,11 +341,5 @@ class Olmo2Importer(DecoderImporter):
         return residual, self.rms_norm(self.mlp(i, residual), f"{p}.post_ffn_norm")
 
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
-        c, w, p = self.c, self.w, f"layers.{i}"
-        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        q, k, v = w.node("Split", [qkv, w.constant(f"{p}/qkv_sizes", sizes)], f"{p}/qkv_split", 3, axis=-1)
-        return self.rms_norm(q, f"{p}.q_norm"), self.rms_norm(k, f"{p}.k_norm"), v
-
-    def rms_norm(self, x: str, weight_name: str) -> str:
-        return self.w.op("SimplifiedLayerNormalization", [x, self.vector(weight_name)], weight_name.replace(".", "/"),
-                         epsilon=self.c.rms_eps, axis=-1, stash_type=1)
+        q, k, v = self.split_packed(i, qkv)
+        return self.rms_norm(q, f"layers.{i}.q_norm"), self.rms_norm(k, f"layers.{i}.k_norm"), v

@@ -15,7 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .sources import GGUFSource, SourceError
+from .sources import SourceError, gguf_value
+
+#: The child's line that carries its error (its other output may be warnings).
+_ERROR_MARK = "kobold_api tokenizer error: "
 
 
 def convert(gguf_path: Path, out_dir: Path) -> None:
@@ -23,11 +26,12 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", __name__, str(gguf_path), str(out_dir)],
                             capture_output=True, text=True)
     if result.returncode != 0 or not (Path(out_dir) / "tokenizer.json").is_file():
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        marked = [line for line in result.stderr.splitlines() if line.startswith(_ERROR_MARK)]
+        reason = marked[-1][len(_ERROR_MARK):] if marked else f"exit {result.returncode}: {result.stderr[-300:]}"
         raise SourceError(f"could not read the tokenizer of {Path(gguf_path).name}: {reason}")
 
 
-def apply_gguf_special_tokens(source: GGUFSource, out_dir: Path) -> None:
+def apply_gguf_special_tokens(fields: dict, out_dir: Path) -> None:
     """Make the converted tokenizer follow the GGUF's own BOS/EOS metadata.
 
     transformers' conversion always adds a BOS-prepending post-processor and can name the
@@ -37,25 +41,31 @@ def apply_gguf_special_tokens(source: GGUFSource, out_dir: Path) -> None:
     tokenizer_path, config_path = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
     tokenizer_json, config = json.loads(tokenizer_path.read_text()), json.loads(config_path.read_text())
     vocab = {token["id"]: token["content"] for token in tokenizer_json.get("added_tokens", [])}
-    add_bos = source.value("tokenizer.ggml.add_bos_token")
+    add_bos = gguf_value(fields, "tokenizer.ggml.add_bos_token")
     if add_bos is False or add_bos == 0:
         tokenizer_json["post_processor"] = None
         config["add_bos_token"] = False
-    eos_id = source.value("tokenizer.ggml.eos_token_id")
+    eos_id = gguf_value(fields, "tokenizer.ggml.eos_token_id")
     if isinstance(eos_id, int) and eos_id in vocab:
         config["eos_token"] = vocab[eos_id]
     tokenizer_path.write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     gguf_path, out_dir = Path(argv[0]), Path(argv[1])
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer.save_pretrained(out_dir)
-    apply_gguf_special_tokens(GGUFSource(gguf_path), out_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(out_dir)
+        apply_gguf_special_tokens(GGUFReader(str(gguf_path)).fields, out_dir)
+    except Exception as exc:  # transformers raises many types for tokenizers it cannot convert
+        print(f"{_ERROR_MARK}{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -80,7 +80,7 @@ class Precision:
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="quantize")
 
     def close(self) -> None:
-        self._pool.shutdown()
+        self._pool.shutdown(cancel_futures=True)
 
     def blocks(self, tensors: list[Tensor], is_output: bool = False) -> Blocks | None:
         """The stacked matrices in block layout, or None to store them as floats."""

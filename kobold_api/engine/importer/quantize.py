@@ -65,6 +65,8 @@ def concat(parts: list[Blocks]) -> Blocks:
     """Stack matrices along N (fused QKV, gate+up); all parts go to the widest bits."""
     bits = max(p.bits for p in parts)
     parts = [to_8bit(p) if p.bits != bits else p for p in parts]
+    if len(parts) == 1:
+        return parts[0]
     return Blocks(bits, np.concatenate([p.codes for p in parts]),
                   np.concatenate([p.scales for p in parts]), np.concatenate([p.zero_points for p in parts]))
 

@@ -53,7 +53,8 @@ class SourceError(ValueError):
 
 
 class UnsupportedArchitecture(SourceError):
-    """A readable model of an architecture the importer has no class for."""
+    """A model the importer cannot build (its architecture, weight format or rotary scaling)
+    but another builder may."""
 
 
 @dataclass
@@ -181,13 +182,7 @@ class GGUFSource(TensorSource):
         self.config = self._read_config()
 
     def value(self, key: str, default: object = None) -> object:
-        item = self.fields.get(key)
-        if item is None or not item.data:
-            return default
-        try:
-            return item.contents()
-        except Exception:
-            return default
+        return gguf_value(self.fields, key, default)
 
     def _read_config(self) -> ModelConfig:
         arch = str(self.value("general.architecture", ""))
@@ -197,12 +192,22 @@ class GGUFSource(TensorSource):
         def key(name: str, default: object = None) -> object:
             return self.value(f"{arch}.{name}", default)
 
-        hidden = int(key("embedding_length", 0))
-        heads = int(key("attention.head_count", 0) or 0)
-        if not hidden or not heads:
-            raise SourceError(f"{self.path.name}: architecture {arch!r} lacks embedding_length/head_count")
-        kv_heads = key("attention.head_count_kv", heads)
-        kv_heads = int(kv_heads[0] if isinstance(kv_heads, list) else kv_heads)
+        def number(name: str, default: object = None) -> int:
+            """A per-model count; a per-layer list is accepted when all layers agree."""
+            value = key(name, default)
+            if isinstance(value, list):
+                if len(set(value)) != 1:
+                    raise UnsupportedArchitecture(f"{self.path.name}: {name} differs between layers ({arch!r})")
+                value = value[0]
+            return int(value or 0)
+
+        hidden, heads, layers = number("embedding_length"), number("attention.head_count"), number("block_count")
+        if not hidden or not heads or not layers:
+            raise SourceError(f"{self.path.name}: architecture {arch!r} lacks embedding_length, head_count "
+                              "or block_count")
+        kv_heads = number("attention.head_count_kv", heads)
+        gate = self._tensors.get("blk.0.ffn_gate.weight") or self._tensors.get("blk.0.ffn_up.weight")
+        ffn = number("feed_forward_length") or (int(gate.shape[1]) if gate is not None else 0)
         embed = self._tensors.get("token_embd.weight")
         vocab = int(key("vocab_size", 0) or (int(embed.shape[1]) if embed is not None else 0))
         scaling: dict = {}
@@ -218,10 +223,10 @@ class GGUFSource(TensorSource):
         eos_ids = [int(i) for i in (eos, eot) if i is not None]
         attention_scale = key("attention.scale")
         return ModelConfig(
-            architecture=arch, hidden_size=hidden, num_layers=int(key("block_count", 0)),
+            architecture=arch, hidden_size=hidden, num_layers=layers,
             num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=int(key("attention.key_length", 0) or hidden // heads),
-            intermediate_size=int(key("feed_forward_length", 0) or 0), vocab_size=vocab,
+            head_dim=number("attention.key_length") or hidden // heads,
+            intermediate_size=ffn, vocab_size=vocab,
             rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
             context_length=int(key("context_length", 4096)), rope_scaling=scaling,
@@ -243,8 +248,22 @@ class GGUFSource(TensorSource):
             return None
         # GGUF lists dimensions innermost first; the data array is already rows first.
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        return Tensor(name, shape, tensor.tensor_type.name, tensor.data)
+        data = tensor.data
+        if tensor.tensor_type.name == "BF16":  # the reader hands BF16 over as raw bytes
+            data = data.view(np.uint16).reshape(shape)
+        return Tensor(name, shape, tensor.tensor_type.name, data)
 
+
+
+def gguf_value(fields: dict, key: str, default: object = None) -> object:
+    """One metadata value of a GGUFReader's ``fields`` (``default`` when absent or unreadable)."""
+    item = fields.get(key)
+    if item is None or not item.data:
+        return default
+    try:
+        return item.contents()
+    except Exception:  # the gguf package raises several types on odd fields
+        return default
 
 
 def _gguf_name(name: str) -> str:
@@ -283,7 +302,7 @@ class SafetensorsSource(TensorSource):
         self._architecture()  # an unknown architecture fails before the weights are looked at
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            raise SourceError(
+            raise UnsupportedArchitecture(
                 f"{self.path} holds no .safetensors weights (PyTorch .bin checkpoints are not read: "
                 "convert them to safetensors first)"
             )
@@ -352,7 +371,7 @@ class SafetensorsSource(TensorSource):
         file, info = entry
         dtype = info["dtype"]
         if dtype not in _SAFETENSORS_DTYPES:
-            raise SourceError(f"{hf_name} is stored as {dtype}; only F32, F16 and BF16 are read")
+            raise UnsupportedArchitecture(f"{hf_name} is stored as {dtype}; the importer reads F32, F16 and BF16")
         start, stop = info["data_offsets"]
         base = 8 + int(info["_header_size"])
         raw = self._map(file)[base + start: base + stop].view(_SAFETENSORS_DTYPES[dtype])
