@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .engine.importer.precision import QUANTS
-
 ENV_PREFIX = "KOBOLD_API_"
 DEFAULT_SETTINGS_FILE = "settings.json"
 PROVIDERS = ("auto", "cpu", "cuda")
+#: Precisions a model can be prepared at (``engine/importer/precision.py`` says what each means).
+QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
 
 
 class SettingsError(ValueError):

@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ...settings import QUANTS
 from . import quantize
 from .quantize import Blocks
 from .sources import SourceError, Tensor, TensorSource
 
-QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
 _REFUSED = {("cpu", "fp16"): "fp16 runs only on CUDA; on the CPU pick fp32, int8 or int4",
             ("cuda", "fp32"): "fp32 is not built for CUDA (its attention kernel takes fp16); pick fp16, int8 or int4"}
 _HIGH_BITS = 6.5
