@@ -255,7 +255,7 @@ class DecoderImporter:
                               w.constant("last/axes", [1]))
         last = w.op("Slice", [normed, starts, ends, axes], "last_position_slice")
         shared = getattr(self, "shared_embedding", None)
-        if c.tied_embeddings and shared is not None and self.precision.OUTPUT_BITS == shared.bits:
+        if c.tied_embeddings and shared is not None:
             # The output matrix is the embedding: MatMulNBits reads the same stored codes.
             self._advance()
             logits = w.node("MatMulNBits", [last, "embed.codes", "embed.scales", "embed.zp"], "lm_head",

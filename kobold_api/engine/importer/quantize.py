@@ -52,7 +52,7 @@ class Blocks:
         zp = self.zero_points
         if zp.shape[1] % 2:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
-        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        return _pack4(zp)
 
     def dequantize(self) -> np.ndarray:
         """Back to float32 [N, K] (tests and quality checks)."""
@@ -93,12 +93,16 @@ def _pack4(codes: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- exact GGUF blocks
 
 
+def _gguf_blocks(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of GGUF blocks that start with an fp16 scale: the blocks [rows, n, bytes] and the scales."""
+    blocks = raw.reshape(raw.shape[0], -1, block_bytes)
+    return blocks, blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
 def from_q4_0(raw: np.ndarray) -> Blocks:
     """GGUF Q4_0 rows (each block: fp16 d, then 16 bytes holding elements 0-15 in the low
     nibbles and 16-31 in the high ones) as 4-bit blocks, bit for bit."""
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, 18)
-    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    blocks, scales = _gguf_blocks(raw, 18)
     quads = blocks[..., 2:]
     codes = np.concatenate([quads & 0x0F, quads >> 4], axis=-1)  # element order 0..31
     return Blocks(4, _pack4(codes), scales, np.full(scales.shape, 8, np.uint8))
@@ -106,9 +110,7 @@ def from_q4_0(raw: np.ndarray) -> Blocks:
 
 def from_q8_0(raw: np.ndarray) -> Blocks:
     """GGUF Q8_0 rows (each block: fp16 d, then 32 signed bytes) as 8-bit blocks, bit for bit."""
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, 34)
-    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    blocks, scales = _gguf_blocks(raw, 34)
     codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     return Blocks(8, codes, scales, np.full(scales.shape, 128, np.uint8))
 
