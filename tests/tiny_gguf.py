@@ -28,8 +28,23 @@ _LAYER = {
     "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
 }
+#: Gemma 2/3 norm both sides of each block; Phi-3 fuses its projections.
+_FAMILY_LAYER = {
+    "gemma2": {"post_attention_layernorm.weight": "post_attention_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
+    "phi3": {"self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"},
+}
+_FAMILY_LAYER["gemma3"] = _FAMILY_LAYER["gemma2"]
+_FAMILY_LAYER["olmo2"] = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                          "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
+#: Families whose GGUF norm weights hold 1 + w (llama.cpp's converter adds the one).
+_NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
+#: Families whose GGUF vocabulary is SentencePiece-style (tokens with scores), which
+#: transformers' converters for them expect.
+SPM_VOCAB = {"gemma", "gemma2", "gemma3", "phi3"}
 #: Families whose GGUF query/key rows are stored for adjacent rotary pairs.
 _PAIRED_ROTARY = {"llama", "granite", "mistral"}
 
@@ -88,10 +103,17 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str, family: str = "llama",
     if config.get("head_dim"):
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
-    _add_tokenizer(writer, hf_dir)
+    _add_family_metadata(writer, family, config)
+    if family in SPM_VOCAB:
+        _add_spm_tokenizer(writer, config["vocab_size"])
+    else:
+        _add_tokenizer(writer, hf_dir)
     for index, (hf_name, value) in enumerate(sorted(weights.items())):
-        name = _gguf_name(hf_name)
+        name = _gguf_name(hf_name, family)
         value = value.astype(np.float32)
+        if family in _NORM_PLUS_ONE and name.endswith("norm.weight"):
+            writer.add_tensor(name, value + 1.0)
+            continue
         paired = family in _PAIRED_ROTARY and name.endswith(("attn_q.weight", "attn_k.weight"))
         pair_heads = heads if "attn_q" in name else kv_heads
         if paired:
@@ -120,11 +142,62 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str, family: str = "llama",
     return path
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, family: str) -> str:
     if hf_name in _GLOBAL:
         return _GLOBAL[hf_name]
     _, _, index, rest = hf_name.split(".", 3)
-    return f"blk.{index}.{_LAYER[rest]}"
+    return f"blk.{index}.{_FAMILY_LAYER.get(family, {}).get(rest) or _LAYER[rest]}"
+
+
+def _add_family_metadata(writer, family: str, config: dict) -> None:
+    """The keys llama.cpp's converter writes for the families with more than Llama's."""
+    import gguf
+
+    if config.get("sliding_window") and family.startswith("gemma"):
+        writer.add_sliding_window(config["sliding_window"])
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if family == "granite":
+        writer.add_embedding_scale(config["embedding_multiplier"])
+        writer.add_residual_scale(config["residual_multiplier"])
+        writer.add_attention_scale(config["attention_multiplier"])
+        writer.add_logit_scale(config["logits_scaling"])
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    if family == "phi3":
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
+        if scaling.get("type") == "longrope":
+            original = config["original_max_position_embeddings"]
+            factor = config["max_position_embeddings"] / original
+            writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(factor) / np.log(original))))
+            writer.add_rope_scaling_orig_ctx_len(original)
+            writer.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], np.float32))
+            writer.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], np.float32))
+
+
+def _add_spm_tokenizer(writer, vocab_size: int) -> None:
+    """A SentencePiece-style vocabulary (``llama`` model): control tokens, the 256 byte
+    tokens, then word pieces up to ``vocab_size``."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = [f"<0x{byte:02X}>" for byte in range(256)]
+    words = ["▁", "▁t", "▁th", "▁the", "h", "e", "t", "n", "i", "▁hen", "▁thin"]
+    tokens = (special + pieces + words)[:vocab_size]
+    tokens += [f"▁w{i}" for i in range(vocab_size - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(special) + [0.0] * len(pieces)
+                            + [-float(i) for i in range(len(tokens) - len(special) - len(pieces))])
+    writer.add_token_types([3] * len(special) + [6] * len(pieces) + [1] * (len(tokens) - len(special) - len(pieces)))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
 
 
 def _add_tokenizer(writer, hf_dir: Path) -> None:

@@ -57,7 +57,24 @@ FAMILIES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {
         "embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
         "logits_scaling": 2.0}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    # Windows and caps small enough that a 40-token prompt feels them.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "attn_logit_softcapping": 1.0,
+        "final_logit_softcapping": 3.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "rope_local_base_freq": 100.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "layer_types": ["sliding_attention", "full_attention"]}),
+    # Phi-4-mini's shape: rotary on half of each head, LongRoPE (short factors within 1,024).
+    # (ONNX Runtime's rotary wants a multiple of 16 dimensions: 2 heads of 32, 16 of them turned.)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {
+        "num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 1024,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0],
+                         "long_factor": [2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0]}}),
 }
+#: Families whose norm weights are stored as ``w`` and applied as ``1 + w``.
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
 def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tied: bool = False,
@@ -71,11 +88,12 @@ def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tie
     vocab_size = len(vocab)
     torch.manual_seed(seed)
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied, **extra,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied,
     )
+    config = getattr(transformers, config_name)(**{**fields, **extra})
     model = getattr(transformers, model_name)(config)
     # Favour printable ASCII, space and newline (byte-level symbols 'Ġ' and 'Ċ'): outputs then
     # look like text, so tests can pick stop strings from them; other bytes stay possible.
@@ -87,10 +105,14 @@ def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tie
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-        if family in ("qwen3", "olmo2"):
+        if family in ("qwen3", "olmo2", "gemma3"):
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        if family in GEMMA_FAMILIES:  # stored as w for 1 + w: zeros would hide a missing offset
+            for name, weight in model.named_parameters():
+                if "norm" in name:
+                    weight.uniform_(-0.5, 0.5)
         if not tied:
             model.lm_head.weight.mul_(scale)
     model.save_pretrained(out_dir)
@@ -102,6 +124,8 @@ def reference_logits(hf_dir: Path, token_ids: list[int]) -> "np.ndarray":
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # Eager attention: the one that applies Gemma 2's soft-capping.
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                              attn_implementation="eager")
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0, -1].numpy()

@@ -13,6 +13,7 @@ Graph interface (the manifest repeats it): inputs ``input_ids`` [batch, seq] and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -48,8 +49,9 @@ def importer_for(config: ModelConfig) -> type["DecoderImporter"]:
 
 
 #: Rotary scalings the caches below implement ("dynamic" NTK equals the plain rotary within
-#: the trained context, which is all we serve).
-_ROPE_SCALINGS = ("default", "none", "dynamic", "linear", "llama3")
+#: the trained context, which is all we serve; so does LongRoPE with its short factors, and
+#: its sources cap the context at the trained window).
+_ROPE_SCALINGS = ("default", "none", "dynamic", "linear", "llama3", "longrope")
 
 
 def rope_scaling_kind(config: ModelConfig) -> str:
@@ -71,6 +73,11 @@ class DecoderImporter:
     #: The per-layer tensors this family reads (see ``sources.LAYER_PARTS``).
     layer_parts: tuple[str, ...] = ("attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
                                     "ffn_norm", "gate", "up", "down")
+    #: Added to RMS-norm weights read from a Hugging Face folder (Gemma stores ``w`` and
+    #: multiplies by ``1 + w``; llama.cpp's converter writes ``1 + w`` into the GGUF).
+    hf_norm_offset = 0.0
+    #: The gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
+    activation = "silu"
 
     def __init__(self, source: TensorSource, precision: Precision, writer: GraphWriter, tick: Tick) -> None:
         self.source, self.precision, self.w, self.tick = source, precision, writer, tick
@@ -91,6 +98,8 @@ class DecoderImporter:
     def vector(self, name: str) -> str:
         """A norm weight or bias as a graph initializer in the graph's float type."""
         values = self.source.require(name).to_float()
+        if self.hf_norm_offset and self.source.kind == "hf_dir" and "norm" in name:
+            values = values + np.float32(self.hf_norm_offset)
         self._advance()
         return self.w.float_weight(name, values)
 
@@ -111,24 +120,42 @@ class DecoderImporter:
             return self.w.matmul_float(x, weight, node, bias_name, output)
         return self.w.matmul_nbits(x, blocks, node, k, bias_name, output)
 
-    def rotary_caches(self) -> tuple[str, str]:
-        """cos/sin tables [positions, head_dim/2] for GroupQueryAttention."""
+    def rotary_caches(self, theta: float | None = None, scaled: bool = True, suffix: str = "") -> tuple[str, str]:
+        """cos/sin tables [positions, rotary_dim/2] for GroupQueryAttention (base ``theta``,
+        the model's own by default; ``scaled=False`` leaves out its rotary scaling)."""
         c = self.c
-        dim = c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        freqs = self.source.get("rope_freqs")
+        dim = c.rotary_dim or c.head_dim
+        inv_freq = 1.0 / ((theta or c.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
         scaling = c.rope_scaling
-        kind = rope_scaling_kind(c)
+        kind = rope_scaling_kind(c) if scaled else "default"
+        freqs = self.source.get("rope_freqs") if scaled else None
+        magnitude = 1.0
         if freqs is not None:  # llama.cpp stores Llama 3's frequency factors as a tensor
             inv_freq = inv_freq / freqs.to_float().astype(np.float64)
         elif kind == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif kind == "linear":
             inv_freq = inv_freq / float(scaling.get("factor", 1.0))
+        elif kind == "longrope":
+            inv_freq, magnitude = self._longrope_short(inv_freq, scaling)
         positions = np.arange(c.context_length, dtype=np.float64)
         angles = np.outer(positions, inv_freq)
-        return (self.w.float_weight("cos_cache", np.cos(angles)),
-                self.w.float_weight("sin_cache", np.sin(angles)))
+        return (self.w.float_weight(f"cos_cache{suffix}", np.cos(angles) * magnitude),
+                self.w.float_weight(f"sin_cache{suffix}", np.sin(angles) * magnitude))
+
+    def _longrope_short(self, inv_freq: np.ndarray, scaling: dict) -> tuple[np.ndarray, float]:
+        """Phi-3's LongRoPE within the trained window: frequencies divided by the short
+        factors, cos/sin scaled by the attention factor (given, or from the extension ratio)."""
+        stored = self.source.get("rope_factors_short")
+        factors = stored.to_float() if stored is not None else scaling.get("short_factor")
+        if factors is None or len(factors) != len(inv_freq):
+            raise UnsupportedArchitecture("LongRoPE without short factors for every rotary frequency")
+        magnitude = scaling.get("attention_factor")
+        if magnitude is None:
+            factor = float(scaling.get("factor", 1.0))
+            original = float(scaling.get("original_max_position_embeddings") or self.c.context_length)
+            magnitude = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+        return inv_freq / np.asarray(factors, np.float64), float(magnitude)
 
     # ------------------------------------------------------------------ graph
 
@@ -148,7 +175,7 @@ class DecoderImporter:
                      "mask/total", axis=0)
         total = w.op("Cast", [total], "mask/total_int32", to=TensorProto.INT32)
         self.seqlens, self.total = seqlens, total
-        self.cos, self.sin = self.rotary_caches()
+        self._rotary: dict[str, tuple[str, str]] = {}
 
         hidden = self.embeddings()
         residual, normed = hidden, None
@@ -211,18 +238,31 @@ class DecoderImporter:
 
     def attention(self, i: int, x: str) -> str:
         c, w, p = self.c, self.w, f"layers.{i}"
-        qkv = self.linear(x, [f"{p}.q", f"{p}.k", f"{p}.v"], f"{p}/qkv",
-                          bias=[f"{p}.q_bias", f"{p}.k_bias", f"{p}.v_bias"])
+        qkv = self.linear(x, self.qkv_names(i), f"{p}/qkv", bias=[f"{p}.q_bias", f"{p}.k_bias", f"{p}.v_bias"])
         q, k, v = self.split_qkv(i, qkv)
         scale = c.attention_scale if c.attention_scale is not None else 1.0 / math.sqrt(c.head_dim)
         interleaved = int(self.source.kind == "gguf" and self.gguf_rotary_interleaved)
+        cos, sin = self.layer_rotary(i)
+        # Both count the query's own position in the window (checked against transformers).
+        window = c.sliding_window if c.slides(i) else -1
         out = w.node("GroupQueryAttention",
                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens, self.total,
-                      self.cos, self.sin],
+                      cos, sin],
                      f"{p}/attention", [f"{p}/attention/out", f"present.{i}.key", f"present.{i}.value"],
                      domain=MS, num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=float(scale),
-                     do_rotary=1, rotary_interleaved=interleaved, local_window_size=-1, softcap=0.0)[0]
+                     do_rotary=1, rotary_interleaved=interleaved, local_window_size=window,
+                     softcap=float(c.attention_softcap))[0]
         return self.linear(out, [f"{p}.o"], f"{p}/o")
+
+    def qkv_names(self, i: int) -> list[str]:
+        """The matrices stacked into the fused query/key/value projection."""
+        return [f"layers.{i}.q", f"layers.{i}.k", f"layers.{i}.v"]
+
+    def layer_rotary(self, i: int) -> tuple[str, str]:
+        """The cos/sin tables layer ``i`` rotates with (written when first used)."""
+        if "global" not in self._rotary:
+            self._rotary["global"] = self.rotary_caches()
+        return self._rotary["global"]
 
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
         """Packed QKV goes to GroupQueryAttention as one input (key and value left empty)."""
@@ -243,10 +283,16 @@ class DecoderImporter:
 
     def mlp(self, i: int, x: str) -> str:
         w, p = self.w, f"layers.{i}"
-        gate = self.linear(x, [f"{p}.gate"], f"{p}/gate")
-        up = self.linear(x, [f"{p}.up"], f"{p}/up")
-        activated = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"{p}/silu/sigmoid")], f"{p}/silu")
-        return self.linear(w.op("Mul", [activated, up], f"{p}/swiglu"), [f"{p}.down"], f"{p}/down")
+        gate, up = self.gate_and_up(i, x)
+        if self.activation == "gelu_tanh":
+            activated = w.op("FastGelu", [gate], f"{p}/gelu", domain=MS)
+        else:
+            activated = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"{p}/silu/sigmoid")], f"{p}/silu")
+        return self.linear(w.op("Mul", [activated, up], f"{p}/gated"), [f"{p}.down"], f"{p}/down")
+
+    def gate_and_up(self, i: int, x: str) -> tuple[str, str]:
+        p = f"layers.{i}"
+        return self.linear(x, [f"{p}.gate"], f"{p}/gate"), self.linear(x, [f"{p}.up"], f"{p}/up")
 
     def head(self, residual: str, pending: str) -> str:
         c, w = self.c, self.w
@@ -266,6 +312,11 @@ class DecoderImporter:
         if c.logits_scaling != 1.0:
             logits = w.op("Mul", [logits, w.float_weight("logits.scale", np.array(1.0 / c.logits_scaling))],
                           "logits/scale")
+        if c.final_softcap:
+            capped = w.op("Tanh", [w.op("Mul", [logits, w.float_weight("logits.softcap_in", np.array(
+                1.0 / c.final_softcap))], "logits/softcap_in")], "logits/tanh")
+            logits = w.op("Mul", [capped, w.float_weight("logits.softcap", np.array(c.final_softcap))],
+                          "logits/softcap")
         return logits
 
 
@@ -303,12 +354,8 @@ class Qwen2Importer(DecoderImporter):
     architectures = ("qwen2",)
 
 
-@register
-class Qwen3Importer(DecoderImporter):
-    """Qwen 3: an RMS norm over each head of the queries and keys, before the rotary."""
-
-    architectures = ("qwen3",)
-    layer_parts = DecoderImporter.layer_parts + ("q_norm", "k_norm")
+class PerHeadNorms:
+    """For families with an RMS norm over each head of the queries and keys, before the rotary."""
 
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
         q, k, v = self.split_packed(i, qkv)
@@ -322,6 +369,14 @@ class Qwen3Importer(DecoderImporter):
         normed = self.rms_norm(split, weight_name)
         return w.op("Reshape", [normed, w.constant(f"{node}/merge", [0, 0, heads * self.c.head_dim])],
                     f"{node}/merged")
+
+
+@register
+class Qwen3Importer(PerHeadNorms, DecoderImporter):
+    """Qwen 3: Qwen 2 without biases, with per-head query/key norms."""
+
+    architectures = ("qwen3",)
+    layer_parts = DecoderImporter.layer_parts + ("q_norm", "k_norm")
 
 
 @register
@@ -343,3 +398,68 @@ class Olmo2Importer(DecoderImporter):
     def split_qkv(self, i: int, qkv: str) -> tuple[str, str, str]:
         q, k, v = self.split_packed(i, qkv)
         return self.rms_norm(q, f"layers.{i}.q_norm"), self.rms_norm(k, f"layers.{i}.k_norm"), v
+
+
+@register
+class GemmaImporter(DecoderImporter):
+    """Gemma: GeGLU MLP, embeddings scaled by sqrt(hidden), norms that multiply by ``1 + w``."""
+
+    architectures = ("gemma",)
+    hf_norm_offset = 1.0
+    activation = "gelu_tanh"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.c = replace(self.c, embedding_multiplier=math.sqrt(self.c.hidden_size))
+
+
+@register
+class Gemma2Importer(GemmaImporter):
+    """Gemma 2: norms on both sides of each block, sliding-window layers alternating with
+    global ones, soft-capped attention and final logits."""
+
+    architectures = ("gemma2",)
+    layer_parts = ("attn_norm", "q", "k", "v", "o", "post_attn_norm", "pre_ffn_norm", "gate", "up", "down",
+                   "post_ffn_norm")
+
+    def layer(self, i: int, residual: str, pending: str | None) -> tuple[str, str]:
+        p = f"layers.{i}"
+        residual, normed = self.norm(residual, pending, f"{p}.attn_norm", f"{p}/attn_norm")
+        attention = self.rms_norm(self.attention(i, normed), f"{p}.post_attn_norm")
+        residual, normed = self.norm(residual, attention, f"{p}.pre_ffn_norm", f"{p}/pre_ffn_norm")
+        return residual, self.rms_norm(self.mlp(i, normed), f"{p}.post_ffn_norm")
+
+
+@register
+class Gemma3Importer(PerHeadNorms, Gemma2Importer):
+    """Gemma 3 (text): Gemma 2's layout with per-head query/key norms instead of soft-capping,
+    and sliding layers rotating with their own base frequency, unscaled."""
+
+    architectures = ("gemma3",)
+    layer_parts = Gemma2Importer.layer_parts + ("q_norm", "k_norm")
+
+    def layer_rotary(self, i: int) -> tuple[str, str]:
+        if not self.c.slides(i) or not self.c.rope_local_theta:
+            return super().layer_rotary(i)
+        if "local" not in self._rotary:
+            self._rotary["local"] = self.rotary_caches(self.c.rope_local_theta, scaled=False, suffix="_local")
+        return self._rotary["local"]
+
+
+@register
+class Phi3Importer(DecoderImporter):
+    """Phi-3 / Phi-3.5 / Phi-4 (and Phi-4-mini's partial rotary and LongRoPE): fused
+    query/key/value and gate/up matrices."""
+
+    architectures = ("phi3",)
+    layer_parts = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+
+    def qkv_names(self, i: int) -> list[str]:
+        return [f"layers.{i}.qkv"]
+
+    def gate_and_up(self, i: int, x: str) -> tuple[str, str]:
+        w, p = self.w, f"layers.{i}"
+        fused = self.linear(x, [f"{p}.gate_up"], f"{p}/gate_up")
+        halves = w.constant(f"{p}/gate_up_sizes", [self.c.intermediate_size] * 2)
+        gate, up = w.node("Split", [fused, halves], f"{p}/gate_up_split", 2, axis=-1)
+        return gate, up

@@ -39,12 +39,19 @@ LAYER_PARTS: dict[str, tuple[str, str]] = {
     # name for the first is the one Llama uses for the norm before the MLP).
     "post_attn_norm": ("post_attention_norm.weight", "post_attention_layernorm.weight"),
     "post_ffn_norm": ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
+    # Gemma 2/3 normalize both the input and the output of each block.
+    "pre_ffn_norm": ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+    # Phi-3 stores the query/key/value and the gate/up projections fused.
+    "qkv": ("attn_qkv.weight", "self_attn.qkv_proj.weight"),
+    "gate_up": ("ffn_up.weight", "mlp.gate_up_proj.weight"),
 }
 GLOBAL_PARTS: dict[str, tuple[str, str]] = {
     "embed": ("token_embd.weight", "model.embed_tokens.weight"),
     "final_norm": ("output_norm.weight", "model.norm.weight"),
     "lm_head": ("output.weight", "lm_head.weight"),
     "rope_freqs": ("rope_freqs.weight", ""),
+    # Phi-3's LongRoPE frequency factors (a Hugging Face config lists them instead).
+    "rope_factors_short": ("rope_factors_short.weight", ""),
 }
 
 
@@ -79,8 +86,24 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     attention_scale: float | None = None
+    #: Attention and final logits soft-capped as ``cap * tanh(x / cap)`` (Gemma 2; 0 = off).
+    attention_softcap: float = 0.0
+    final_softcap: float = 0.0
+    #: Window of the sliding-window layers (a token sees itself and ``sliding_window - 1``
+    #: before it), which layers slide, and their own rotary base (Gemma 3).
+    sliding_window: int | None = None
+    sliding_layers: list[bool] = field(default_factory=list)
+    rope_local_theta: float | None = None
+    #: Leading dimensions of each head that the rotary turns (Phi-4-mini: 3/4 of them).
+    rotary_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+    def slides(self, layer: int) -> bool:
+        """Whether ``layer`` attends through a sliding window."""
+        if not self.sliding_window or self.sliding_window >= self.context_length:
+            return False
+        return self.sliding_layers[layer] if self.sliding_layers else True
 
     @property
     def parameters(self) -> int:
@@ -217,6 +240,14 @@ class GGUFSource(TensorSource):
             original = key("rope.scaling.original_context_length")
             if original:
                 scaling["original_max_position_embeddings"] = int(original)
+        head_dim = number("attention.key_length") or hidden // heads
+        extras = _gguf_family_extras(arch, key, self._tensors, hidden, heads, layers, head_dim)
+        context = int(key("context_length", 4096))
+        if "rope_factors_short.weight" in self._tensors:  # Phi-3's LongRoPE: served within its trained window
+            original = int(key("rope.scaling.original_context_length") or context)
+            scaling = {"rope_type": "longrope", "attention_factor": key("rope.scaling.attn_factor"),
+                       "original_max_position_embeddings": original, "factor": context / original}
+            context = min(context, original)
         eos = self.value("tokenizer.ggml.eos_token_id")
         bos = self.value("tokenizer.ggml.bos_token_id")
         eot = self.value("tokenizer.ggml.eot_token_id")
@@ -225,17 +256,17 @@ class GGUFSource(TensorSource):
         return ModelConfig(
             architecture=arch, hidden_size=hidden, num_layers=layers,
             num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=number("attention.key_length") or hidden // heads,
-            intermediate_size=ffn, vocab_size=vocab,
+            head_dim=head_dim, intermediate_size=ffn, vocab_size=vocab,
             rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
-            context_length=int(key("context_length", 4096)), rope_scaling=scaling,
+            context_length=context, rope_scaling=scaling,
             tied_embeddings="output.weight" not in self._tensors,
             embedding_multiplier=float(key("embedding_scale", 1.0)),
             residual_multiplier=float(key("residual_scale", 1.0)),
             logits_scaling=float(key("logit_scale", 1.0)),
-            attention_scale=float(attention_scale) if attention_scale else None,
+            attention_scale=float(attention_scale) if attention_scale else extras.pop("attention_scale", None),
             bos_token_id=int(bos) if bos is not None else None, eos_token_ids=list(dict.fromkeys(eos_ids)),
+            **extras,
         )
 
     def maps(self) -> list[np.memmap]:
@@ -253,6 +284,41 @@ class GGUFSource(TensorSource):
             data = data.view(np.uint16).reshape(shape)
         return Tensor(name, shape, tensor.tensor_type.name, data)
 
+
+
+#: Gemma 2 and 3 at 27B scale the queries by 1/sqrt(hidden / heads) instead of
+#: 1/sqrt(head_dim) (their ``query_pre_attn_scalar``); GGUF files do not store it, so, like
+#: llama.cpp, we tell the 27B models by their layer counts.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+#: Every n-th layer of these families attends to the whole context, the others slide
+#: (llama.cpp's fixed patterns; Gemma 2 alternates, starting with a sliding layer).
+_GEMMA_FULL_EVERY = {"gemma2": 2, "gemma3": 6}
+
+
+def _gguf_family_extras(arch: str, key, tensors: dict, hidden: int, heads: int, layers: int,
+                        head_dim: int) -> dict:
+    """The ModelConfig fields a family keeps under its own GGUF keys (or implies)."""
+    extras: dict = {}
+    window = key("attention.sliding_window")
+    pattern = key("attention.sliding_window_pattern")  # newer files: every n-th full, or a flag per layer
+    if isinstance(pattern, list) and len(pattern) == layers:
+        extras["sliding_layers"] = [bool(flag) for flag in pattern]
+    if arch in _GEMMA_FULL_EVERY:
+        every = int(pattern) if isinstance(pattern, int) and pattern > 0 else _GEMMA_FULL_EVERY[arch]
+        extras["sliding_window"] = int(window) if window else None
+        extras.setdefault("sliding_layers", [(i + 1) % every != 0 for i in range(layers)])
+        scalar = hidden / heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
+        extras["attention_scale"] = scalar ** -0.5
+        extras["attention_softcap"] = float(key("attn_logit_softcapping", 0.0) or 0.0)
+        extras["final_softcap"] = float(key("final_logit_softcapping", 0.0) or 0.0)
+        if arch == "gemma3":
+            extras["rope_local_theta"] = float(key("rope.freq_base_swa", 10000.0))
+    elif window:
+        extras["sliding_window"] = int(window)
+    rotary = key("rope.dimension_count")
+    if rotary and int(rotary) != head_dim:
+        extras["rotary_dim"] = int(rotary)
+    return extras
 
 
 def gguf_value(fields: dict, key: str, default: object = None) -> object:
@@ -274,6 +340,10 @@ def _gguf_name(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- safetensors
+
+#: Where a checkpoint keeps its decoder: text models, then the two layouts multimodal
+#: checkpoints have used (transformers >= 4.52, and before).
+_HF_TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
@@ -309,11 +379,28 @@ class SafetensorsSource(TensorSource):
         for file in files:
             for name, entry in _safetensors_header(file).items():
                 self._index[name] = (file, entry)
+        # A multimodal checkpoint (Gemma 3 4B+) keeps its text model under a prefix.
+        self._prefix = next((p for p in _HF_TEXT_PREFIXES if f"{p}embed_tokens.weight" in self._index), "model.")
         self._maps: dict[Path, np.memmap] = {}
         self.config = self._read_config()
 
+    def _text_config(self) -> dict:
+        """The language model's settings. A multimodal checkpoint nests them under
+        ``text_config`` and saves only the values that differ from the defaults, which
+        transformers' config class fills in."""
+        if "text_config" not in self.hf_config:
+            return self.hf_config
+        nested = self.hf_config["text_config"]
+        try:
+            from transformers import AutoConfig
+
+            defaults = AutoConfig.from_pretrained(self.path).to_dict().get("text_config") or {}
+        except Exception:  # an unknown model type or transformers' own complaint: use what is there
+            defaults = {}
+        return {**defaults, **nested}
+
     def _read_config(self) -> ModelConfig:
-        config = self.hf_config.get("text_config", self.hf_config)
+        config = self._text_config()
         arch = self._architecture()
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         eos = config.get("eos_token_id", self.hf_config.get("eos_token_id"))
@@ -327,22 +414,40 @@ class SafetensorsSource(TensorSource):
         if scaling and "rope_type" not in scaling and "type" in scaling:
             scaling["rope_type"] = scaling["type"]
         tied = bool(config.get("tie_word_embeddings", self.hf_config.get("tie_word_embeddings", False)))
-        if "lm_head.weight" not in self._index:
+        if self._hf_name("lm_head") not in self._index:
             tied = True
         multiplier = config.get("attention_multiplier")
+        if not multiplier and config.get("query_pre_attn_scalar"):  # Gemma 2/3
+            multiplier = float(config["query_pre_attn_scalar"]) ** -0.5
+        context = int(config.get("max_position_embeddings", 4096))
+        original = config.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        if scaling.get("rope_type") == "longrope":
+            # Phi-3's long factors serve beyond the trained window; we serve within it (short factors).
+            scaling["original_max_position_embeddings"] = int(original or context)
+            scaling.setdefault("factor", context / int(original or context))
+            context = min(context, int(original or context))
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) is not False else None
+        layer_types = config.get("layer_types") or _default_layer_types(arch, config)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        rotary = int(head_dim * float(config.get("partial_rotary_factor", 1.0)))
         return ModelConfig(
             architecture=arch, hidden_size=hidden, num_layers=int(config["num_hidden_layers"]),
             num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate_size=int(config.get("intermediate_size", 0)),
+            head_dim=head_dim, intermediate_size=int(config.get("intermediate_size", 0)),
             vocab_size=int(config["vocab_size"]), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(config.get("rope_theta", 10000.0)),
-            context_length=int(config.get("max_position_embeddings", 4096)), rope_scaling=scaling,
+            context_length=context, rope_scaling=scaling,
             tied_embeddings=tied,
             embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
             residual_multiplier=float(config.get("residual_multiplier", 1.0)),
             logits_scaling=float(config.get("logits_scaling", 1.0)),
             attention_scale=float(multiplier) if multiplier else None,
+            attention_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+            final_softcap=float(config.get("final_logit_softcapping") or 0.0),
+            sliding_window=int(window) if window else None,
+            sliding_layers=[kind == "sliding_attention" for kind in layer_types] if layer_types else [],
+            rope_local_theta=float(config["rope_local_base_freq"]) if config.get("rope_local_base_freq") else None,
+            rotary_dim=rotary if rotary != head_dim else None,
             bos_token_id=int(bos) if isinstance(bos, int) else None,
             eos_token_ids=list(dict.fromkeys(eos_ids)),
         )
@@ -364,7 +469,7 @@ class SafetensorsSource(TensorSource):
         return list(self._maps.values())
 
     def get(self, name: str) -> Tensor | None:
-        hf_name = _hf_name(name)
+        hf_name = self._hf_name(name)
         entry = self._index.get(hf_name) if hf_name else None
         if entry is None:
             return None
@@ -378,13 +483,27 @@ class SafetensorsSource(TensorSource):
         shape = tuple(int(d) for d in info["shape"])
         return Tensor(name, shape, dtype, raw.reshape(shape))
 
+    def _hf_name(self, name: str) -> str:
+        if name.startswith("layers."):
+            _, index, part = name.split(".", 2)
+            return f"{self._prefix}layers.{index}.{LAYER_PARTS[part][1]}"
+        hf_name = GLOBAL_PARTS[name][1]
+        if hf_name.startswith("model."):
+            return self._prefix + hf_name[len("model."):]
+        if hf_name == "lm_head.weight" and self._prefix == "language_model.model.":
+            return "language_model.lm_head.weight"
+        return hf_name
 
 
-def _hf_name(name: str) -> str:
-    if name.startswith("layers."):
-        _, index, part = name.split(".", 2)
-        return f"model.layers.{index}.{LAYER_PARTS[part][1]}"
-    return GLOBAL_PARTS[name][1]
+
+def _default_layer_types(arch: str, config: dict) -> list[str]:
+    """Which layers slide, for configs written before ``layer_types`` existed."""
+    every = _GEMMA_FULL_EVERY.get(arch)
+    if every is None:
+        return []
+    every = int(config.get("sliding_window_pattern") or every)
+    return ["sliding_attention" if (i + 1) % every else "full_attention"
+            for i in range(int(config["num_hidden_layers"]))]
 
 
 def _safetensors_header(file: Path) -> dict[str, dict]:
