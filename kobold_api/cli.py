@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="'default', a HF model folder, a .gguf file, an ONNX folder or a hub id")
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--provider", choices=["auto", "cuda", "cpu"])
-    serve.add_argument("--quant", choices=QUANTS, help="precision of the prepared model (auto: on the CPU int8 under 0.5B "
-                       "parameters, int4 above; fp16 on CUDA)")
+    serve.add_argument("--quant", choices=QUANTS, help="precision of the prepared model (auto: on the CPU mixed under 0.5B "
+                       "parameters, int4 above; fp16 on CUDA; mixed: 4-bit ffn gate/up inside, 8-bit elsewhere)")
     serve.add_argument("--api-key", dest="api_key")
     serve.add_argument("--settings", dest="sub_settings", help=argparse.SUPPRESS)
     prepare = commands.add_parser("prepare", help="download and build a model into the cache, then exit")

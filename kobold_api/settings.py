@@ -18,7 +18,7 @@ ENV_PREFIX = "KOBOLD_API_"
 DEFAULT_SETTINGS_FILE = "settings.json"
 PROVIDERS = ("auto", "cpu", "cuda")
 #: Precisions a model can be prepared at (``engine/importer/precision.py`` says what each means).
-QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
+QUANTS = ("auto", "int4", "mixed", "int8", "fp16", "fp32")
 
 
 class SettingsError(ValueError):
@@ -54,11 +54,14 @@ class Settings:
     threads: int = 8
     model: str = "default"
     provider: str = "auto"
-    #: Precision of the prepared model: auto (int4 on the CPU, fp16 on CUDA), int4, int8, fp16, fp32.
+    #: Precision of the prepared model: auto (on the CPU mixed under 0.5B parameters, int4 above; fp16
+    #: on CUDA), int4, mixed (4-bit ffn gate/up inside, 8-bit elsewhere), int8, fp16, fp32.
     quant: str = "auto"
     data_dir: str = "data"
     cache_dir: str = ""
-    characters_dir: str = "characters"
+    #: Where uploaded characters go (and cards users add by hand); empty: ``<data_dir>/characters``.
+    #: The shipped characters are read from the package and never written.
+    characters_dir: str = ""
     database_url: str = ""
     context_size: int = 8192
     cpu_threads: int = 0
@@ -80,6 +83,10 @@ class Settings:
     def cache_path(self) -> Path:
         """Where prepared models live; under the data dir unless set."""
         return Path(self.cache_dir).expanduser() if self.cache_dir else self.data_path / "models"
+
+    @property
+    def characters_path(self) -> Path:
+        return Path(self.characters_dir).expanduser() if self.characters_dir else self.data_path / "characters"
 
     @property
     def resolved_database_url(self) -> str:

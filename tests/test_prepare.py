@@ -43,7 +43,7 @@ def test_folder_without_model_is_rejected(tmp_path: Path) -> None:
 
 def test_built_model_is_cached_and_not_rebuilt(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = json.loads((tiny_model_dir / MANIFEST).read_text())
-    assert manifest["target"] == "int8-cpu"  # auto, for a model this small
+    assert manifest["target"] == "mixed-cpu"  # auto, for a model this small
     hf_dir = Path(manifest["source"]["location"])
 
     def must_not_build(*args, **kwargs):
@@ -61,7 +61,7 @@ def test_auto_precision_follows_device_and_model_size() -> None:
                           intermediate_size=1536, vocab_size=49152, rms_eps=1e-5, rope_theta=1e5,
                           context_length=8192, tied_embeddings=True)
     assert 134_000_000 < smollm2.parameters < 135_000_000
-    assert resolve_quant("auto", "cpu", smollm2.parameters) == "int8"
+    assert resolve_quant("auto", "cpu", smollm2.parameters) == "mixed"
     assert resolve_quant("auto", "cpu", 1_070_000_000) == "int4"
     assert resolve_quant("auto", "cpu", None) == "int4"  # unknown size: the builder's choice
     assert resolve_quant("auto", "cuda", smollm2.parameters) == "fp16"

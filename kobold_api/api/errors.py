@@ -8,9 +8,10 @@ failure gets depends on the path, so one handler serves the whole app.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,16 @@ def bad_input_error(message: str) -> ApiError:
     return ApiError(400, {"msg": message, "type": "bad_input"}, openai_type="invalid_request_error")
 
 
+def internal_error(error: BaseException, what: str = "Internal server error") -> tuple[str, str]:
+    """Log ``error`` with its traceback under a new request id; return (id, message for the
+    client). The message never holds the exception's text, which can hold paths, prompts or
+    other users' data."""
+    request_id = uuid.uuid4().hex[:16]
+    where = f"{request.method} {request.path}" if has_request_context() else "a stream"
+    log.error("%s %s on %s: %s", what, request_id, where, error, exc_info=error)
+    return request_id, f"{what} (request id {request_id}; the server log has the details)."
+
+
 def is_openai_path() -> bool:
     return request.path.startswith("/v1/")
 
@@ -92,6 +103,10 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(ApiError(500, {"msg": f"Internal error: {error}", "type": "generic.error_500"},
-                                       openai_type="server_error"))
+        """A bug: the log gets the traceback under an id, the client only the id (exception
+        text can hold paths, prompts or other users' data)."""
+        request_id, message = internal_error(error)
+        response = error_response(ApiError(500, {"msg": message, "type": "generic.error_500",
+                                                 "request_id": request_id}, openai_type="server_error"))
+        response.headers["X-Request-Id"] = request_id
+        return response

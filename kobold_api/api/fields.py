@@ -8,10 +8,10 @@ messages, and reports all failures together as one 422.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Mapping, Sequence
 
+from .. import jsontext
 from .errors import ApiError, ValidationError
 
 _TRUE = {"true", "1", "yes", "on", "t", "y"}
@@ -24,8 +24,8 @@ def json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = jsontext.loads(raw)
+    except ValueError as exc:
         raise ApiError(400, {"msg": f"Error parsing input: request body is not valid JSON ({exc}).",
                              "type": "bad_input"}) from exc
     if not isinstance(body, dict):
@@ -109,8 +109,8 @@ class FieldReader:
             stripped = value.strip()
             if stripped.startswith("["):
                 try:
-                    value = json.loads(stripped)
-                except json.JSONDecodeError:
+                    value = jsontext.loads(stripped)
+                except ValueError:
                     self._fail(name, "Not a valid list of strings.")
                     return []
             else:
@@ -134,7 +134,7 @@ class FieldReader:
             return None
         if isinstance(value, str):
             try:
-                value = json.loads(value) if value.strip().startswith("[") else [
+                value = jsontext.loads(value) if value.strip().startswith("[") else [
                     int(part) for part in value.split(",") if part.strip()]
             except ValueError:
                 self._fail(name, "Not a valid list of integers.")
@@ -210,7 +210,7 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         inner = text[1:-1]
         try:
-            return json.loads('"' + inner.replace('"', '\\"') + '"')
-        except json.JSONDecodeError:
+            return jsontext.loads('"' + inner.replace('"', '\\"') + '"')
+        except ValueError:
             return inner
     return text

@@ -14,7 +14,7 @@ from flask import has_request_context, request
 from ..engine.engine import Engine, GenerationFailed, Job, QueueFullError
 from ..engine.generation import CancelToken, GenerationRequest, GenerationResult
 from ..settings import Settings
-from .errors import ApiError, busy_error
+from .errors import ApiError, busy_error, internal_error
 
 
 def submit(engine: Engine, generation: GenerationRequest, genkey: str = "",
@@ -33,8 +33,14 @@ def client_address() -> str:
 
 
 def generation_failed(error: BaseException) -> ApiError:
-    return ApiError(500, {"msg": f"Generation failed: {error}", "type": "generation_error"},
+    request_id, message = internal_error(error, "Generation failed")
+    return ApiError(500, {"msg": message, "type": "generation_error", "request_id": request_id},
                     openai_type="server_error")
+
+
+def stream_failure(error: BaseException) -> str:
+    """What a stream whose headers are already sent says about a failed generation."""
+    return internal_error(error, "Generation failed")[1]
 
 
 def wait(job: Job, disconnected: Callable[[], bool]) -> GenerationResult:

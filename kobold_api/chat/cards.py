@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from kobold_api import jsontext
 from kobold_api.chat.character import Character, Lorebook, LorebookEntry
 
 logger = logging.getLogger(__name__)
@@ -435,8 +436,8 @@ def _decode_card_payload(keyword: str, text: str) -> dict[str, Any]:
         except UnicodeDecodeError as exc:
             raise CardError(f"the PNG '{keyword}' chunk does not decode to UTF-8 text") from exc
     try:
-        obj = json.loads(raw_json)
-    except json.JSONDecodeError as exc:
+        obj = jsontext.loads(raw_json)
+    except ValueError as exc:
         raise CardError(f"the PNG '{keyword}' chunk does not hold valid JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise CardError(f"the PNG '{keyword}' chunk holds {_type_name(obj)}, not a card object")
@@ -654,8 +655,8 @@ def read_charx_card_json(data: bytes) -> dict[str, Any]:
         # damaged or truncated data, encrypted entries, compression methods zipfile lacks
         raise CardError(f"CHARX file is not a valid zip archive ({exc})") from exc
     try:
-        obj = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = jsontext.loads(raw.decode("utf-8-sig"))
+    except ValueError as exc:  # bad UTF-8 or JSON, or nested too deeply
         raise CardError(f"card.json in the CHARX file is not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise CardError(f"card.json in the CHARX file holds {_type_name(obj)}, not a card object")
@@ -676,9 +677,11 @@ def _load_yaml(text: str) -> Any:
     import yaml  # deferred: only text-generation-webui style cards need it
 
     try:
-        return yaml.safe_load(text)
+        return jsontext.clean(yaml.safe_load(text))
     except yaml.YAMLError as exc:
         raise CardError(f"card is not valid JSON or YAML ({exc})") from exc
+    except RecursionError:
+        raise CardError("card is nested too deeply to be a character") from None
 
 
 def parse_card(data: bytes, filename_hint: str | None = None) -> Character:
@@ -708,8 +711,8 @@ def parse_card(data: bytes, filename_hint: str | None = None) -> Character:
         raise CardError(f"card is not UTF-8 text and not a PNG (byte {exc.start})") from exc
     if text.lstrip().startswith(("{", "[")) or hint.endswith(".json"):
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+            obj = jsontext.loads(text)
+        except ValueError as exc:
             if hint.endswith(".json"):
                 raise CardError(f"card is not valid JSON ({exc})") from exc
             try:  # JSON-looking text can still be YAML flow style

@@ -1,10 +1,15 @@
-"""The ``characters/`` folder as the single source of truth for character cards.
+"""Character cards as files: the user's folder over the cards shipped with the package.
 
 No database and no in-memory registry that could drift from disk: users drop card files into
-the folder by hand, so every call looks at the folder again (a parse cache keyed by file
-mtime/size only saves work). Names reach the filesystem, so they are validated before any
-path is built; writes go through a temp file + ``os.replace`` so a crash never leaves a
-half-written card behind.
+their folder (``<data_dir>/characters`` by default) by hand, so every call looks at the folders
+again (a parse cache keyed by file mtime/size only saves work). Names reach the filesystem, so
+they are validated before any path is built; writes go through a temp file + ``os.replace`` so
+a crash never leaves a half-written card behind.
+
+The shipped cards (:data:`SHIPPED_CHARACTERS`, inside the package, so an installed wheel finds
+them from any working directory) are only ever read: an upload of the same name goes to the
+user's folder and shadows the shipped card, and deleting a shipped character records its name
+in the user's folder (``.deleted.json``) instead of touching the file.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from kobold_api.chat.character import Character
 
 logger = logging.getLogger(__name__)
 
+SHIPPED_CHARACTERS = Path(__file__).resolve().parent / "shipped_cards"
 DEFAULT_MAX_CARD_BYTES = 8 * 1024 * 1024
 CARD_SUFFIXES = (".json", ".png", ".charx", ".yaml", ".yml")
 MAX_NAME_LENGTH = 128
 _FORBIDDEN_NAME_CHARS = frozenset('/\\:\0<>"|?*')
 _TEMP_PREFIX = ".tmp-"
+#: In the user's folder: stems (case-folded) of shipped characters the user deleted.
+_DELETED_FILE = ".deleted.json"
 
 
 class UnsafeNameError(ValueError):
@@ -96,30 +104,42 @@ class _CacheEntry:
 
 
 class CharacterStore:
-    """Lists, reads, saves and deletes cards in one folder; safe to share between threads."""
+    """Lists, reads, saves and deletes cards in one folder, over the read-only ``shipped``
+    folder; safe to share between threads."""
 
-    def __init__(self, folder: Path, max_bytes: int = DEFAULT_MAX_CARD_BYTES) -> None:
+    def __init__(self, folder: Path, max_bytes: int = DEFAULT_MAX_CARD_BYTES, shipped: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.shipped = Path(shipped) if shipped is not None else None
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._cache: dict[Path, _CacheEntry] = {}
 
     # -- paths ----------------------------------------------------------------------------
 
-    def _card_files(self) -> list[Path]:
-        """Card files in the folder, sorted; hidden and temp files are never cards."""
-        if not self.folder.is_dir():
+    @staticmethod
+    def _files_in(folder: Path | None) -> list[Path]:
+        """Card files in ``folder``; hidden and temp files are never cards."""
+        if folder is None or not folder.is_dir():
             return []
-        return sorted(
-            (
-                path
-                for path in self.folder.resolve().iterdir()
-                if path.suffix.lower() in CARD_SUFFIXES
-                and not path.name.startswith(".")
-                and path.is_file()
-            ),
-            key=lambda p: p.name.lower(),
-        )
+        return [path for path in folder.resolve().iterdir()
+                if path.suffix.lower() in CARD_SUFFIXES and not path.name.startswith(".") and path.is_file()]
+
+    def _card_files(self) -> list[Path]:
+        """The user's cards and the shipped ones they neither shadow nor deleted, sorted."""
+        own = self._files_in(self.folder)
+        hidden = {path.stem.casefold() for path in own} | self._deleted()
+        shipped = [path for path in self._files_in(self.shipped) if path.stem.casefold() not in hidden]
+        return sorted(own + shipped, key=lambda p: p.name.lower())
+
+    def _is_shipped(self, path: Path) -> bool:
+        return self.shipped is not None and path.parent == self.shipped.resolve()
+
+    def _deleted(self) -> set[str]:
+        try:
+            names = json.loads((self.folder / _DELETED_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        return {name for name in names if isinstance(name, str)} if isinstance(names, list) else set()
 
     def _path_for(self, stem: str, suffix: str) -> Path:
         """Build a path directly inside the folder, re-checking containment as a second guard.
@@ -253,11 +273,12 @@ class CharacterStore:
                     f"a character named '{existing[0].stem}' already exists; "
                     "pass overwrite to replace it"
                 )
-            for old in existing:  # keep the existing spelling ("Alice.json", not "alice.json")
+            own = [old for old in existing if not self._is_shipped(old)]  # a shipped card is shadowed
+            for old in own:  # keep the existing spelling ("Alice.json", not "alice.json")
                 if old.suffix.lower() == suffix:
                     target = old
             self._atomic_write(target, payload)
-            for old in existing:  # e.g. replacing alice.png with alice.json
+            for old in own:  # e.g. replacing alice.png with alice.json
                 if old != target:
                     old.unlink(missing_ok=True)
             self._cache.clear()
@@ -267,11 +288,20 @@ class CharacterStore:
         """Remove a character's file(s); ``KeyError`` if there is no such character.
 
         A file stem match is deleted even when the card inside is broken, so users can always
-        clean up a bad upload.
+        clean up a bad upload. A shipped card is not touched: its name is recorded as deleted
+        in the user's folder, and a shipped card of the same name under a user's upload goes too.
         """
         validate_name(name)
         with self._lock:
             paths = self._files_with_stem(name) or [self.path_of(name)]
+            shipped = self._files_in(self.shipped)
             for path in paths:
+                if self._is_shipped(path):
+                    continue
                 path.unlink(missing_ok=True)
                 self._cache.pop(path, None)
+            stems = {path.stem.casefold() for path in paths}
+            if any(path.stem.casefold() in stems for path in shipped):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                deleted = sorted(self._deleted() | stems)
+                self._atomic_write(self.folder / _DELETED_FILE, json.dumps(deleted).encode("utf-8"))

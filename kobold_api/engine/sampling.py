@@ -594,7 +594,9 @@ class TypicalSampler:
         coarse_distance = np.abs(shifted - np.float32(center))
         for radius in self._CANDIDATE_RADII:
             near = np.flatnonzero(coarse_distance <= radius)
-            if float(weights[near].sum(dtype=np.float64)) < target:
+            # Empty when no token lies that close (typical 0 makes the target 0, which an
+            # empty set would "reach"): widen the radius.
+            if near.size == 0 or float(weights[near].sum(dtype=np.float64)) < target:
                 continue
             distance, cut = self._cut(values[near], weights[near], center_logit, target)
             if cut < radius - self._RADIUS_MARGIN:
@@ -624,11 +626,25 @@ class TemperatureSampler:
         self.temperature = _require_at_least("temperature", temperature, 0.0)
 
     def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
-        if self.temperature == 0.0:
-            logits[logits < logits.max()] = NEG_INF
-            return logits
-        np.divide(logits, np.float32(self.temperature), out=logits)
+        return _apply_temperature(logits, self.temperature)
+
+
+def _apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Divide ``logits`` by ``temperature`` in place; 0, or a temperature so small that the
+    division overflows float32 (a dynamic temperature can come out at 1e-300), keeps only the
+    most likely token(s)."""
+    scale = np.float32(temperature)
+    if scale >= 1.0:  # cannot overflow: in place, no copy
+        np.divide(logits, scale, out=logits)
         return logits
+    if scale > 0.0:
+        with np.errstate(over="ignore"):
+            scaled = logits / scale
+        if scaled.max() < np.inf:
+            logits[:] = scaled
+            return logits
+    logits[logits < logits.max()] = NEG_INF
+    return logits
 
 
 class DynamicTemperatureSampler:
@@ -670,12 +686,7 @@ class DynamicTemperatureSampler:
         indices, values = _unmasked(logits)
         if values.size <= 1:
             return logits
-        temperature = self.temperature_for(values)
-        if temperature <= 0.0:
-            logits[logits < values.max()] = NEG_INF
-            return logits
-        np.divide(logits, np.float32(temperature), out=logits)
-        return logits
+        return _apply_temperature(logits, self.temperature_for(values))
 
 
 class SmoothingSampler:

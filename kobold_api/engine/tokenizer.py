@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as FastTokenizer
 
-REPLACEMENT_CHAR = "\ufffd"
+from ..jsontext import REPLACEMENT_CHAR, clean_text
 
 
 class Tokenizer:
@@ -32,7 +32,9 @@ class Tokenizer:
         }
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text``; a lone surrogate (which no UTF-8 text holds, so the
+        tokenizer refuses it) is read as U+FFFD, whatever path the text came by."""
+        return self._tokenizer.encode(clean_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

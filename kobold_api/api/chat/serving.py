@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ...chat.cards import CardError, character_to_v2_dict
 from ...chat.character import Character
-from ...chat.characters import CardTooLargeError, CharacterExistsError, CharacterStore, UnsafeNameError
+from ...chat.characters import (SHIPPED_CHARACTERS, CardTooLargeError, CharacterExistsError, CharacterStore,
+                               UnsafeNameError)
 from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptBuildError, PromptRequest, clean_reply
 from ...chat.store import ConversationNotFound, ConversationStore, MessageNotFound, StoreError
 from ...chat.templates import ChatTemplate, get_named_template
@@ -94,7 +94,8 @@ class ChatService:
     @classmethod
     def from_settings(cls, engine: Engine, settings: Settings) -> "ChatService":
         return cls(engine, settings,
-                   CharacterStore(Path(settings.characters_dir), max_bytes=settings.max_upload_mb * 2**20),
+                   CharacterStore(settings.characters_path, max_bytes=settings.max_upload_mb * 2**20,
+                                  shipped=SHIPPED_CHARACTERS),
                    ConversationStore(settings.resolved_database_url))
 
     # --- characters -------------------------------------------------------------------
@@ -291,7 +292,9 @@ class ChatService:
                     if preview.startswith(sent) and len(preview) > len(sent):
                         yield TurnEvent(text=preview[len(sent):])
                         sent = preview
-        except (GenerationFailed, ApiError) as exc:  # headers are sent: report it in the stream
+        except GenerationFailed as exc:  # headers are sent: report it in the stream
+            yield TurnEvent(error=jobs.stream_failure(exc))
+        except ApiError as exc:
             yield TurnEvent(error=str(exc))
 
     def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:

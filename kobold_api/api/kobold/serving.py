@@ -139,4 +139,4 @@ def _kobold_events(job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes
             elif chunk.text:
                 yield sse_event({"token": chunk.text, "finish_reason": None}, "message")
     except GenerationFailed as exc:  # headers are sent: say so in the stream, as valid JSON
-        yield sse_event({"token": "", "finish_reason": "error", "error": str(exc)}, "message")
+        yield sse_event({"token": "", "finish_reason": "error", "error": jobs.stream_failure(exc)}, "message")

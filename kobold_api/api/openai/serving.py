@@ -263,7 +263,7 @@ class OpenAIService:
                 yield writer.usage(usage.as_dict())
             yield sse_event("[DONE]")
         except GenerationFailed as exc:  # headers are sent: report it in the stream
-            yield writer.error(f"Generation failed: {exc}")
+            yield writer.error(jobs.stream_failure(exc))
 
 
 class _ChunkWriter:

@@ -2,8 +2,9 @@
 
 | quant | CPU | CUDA | matrices | output matrix / embedding |
 |---|---|---|---|---|
-| auto | int8 under 0.5B parameters, int4 above | fp16 | | |
+| auto | mixed under 0.5B parameters, int4 above | fp16 | | |
 | int4 | yes | yes | 4-bit blocks of 32; Q4_0 copied exactly | 8-bit (as llama.cpp keeps it) |
+| mixed | yes | yes | 4-bit ffn gate/up in all but the first and last two layers, 8-bit elsewhere | 8-bit |
 | int8 | yes | yes | 8-bit blocks of 32; Q8_0 and Q4_0 copied exactly | 8-bit |
 | fp16 | no (no fast fp16 kernels on the CPU) | yes | float16 | float16 |
 | fp32 | yes | no (GroupQueryAttention on CUDA takes fp16) | float32 | float32 |
@@ -29,17 +30,23 @@ from .sources import SourceError, Tensor, TensorSource
 _REFUSED = {("cpu", "fp16"): "fp16 runs only on CUDA; on the CPU pick fp32, int8 or int4",
             ("cuda", "fp32"): "fp32 is not built for CUDA (its attention kernel takes fp16); pick fp16, int8 or int4"}
 _HIGH_BITS = 6.5
-#: Below this many parameters ``auto`` picks int8 on the CPU. Measured on the 2-core CPU: at
-#: 135M (SmolLM2) int8 brings perplexity from 22.3 to 19.06, llama.cpp's own on the Q4_1 file
-#: (19.05), for 14% of a lone stream's speed (111 vs 128 tok/s, alternating runs; about equal
-#: at 8 rows), still at or above llama.cpp's; at 1B, int8 decodes 28% slower than int4 (22.8
-#: vs 31.5 tok/s), reading twice the bytes per token, so larger models stay int4.
-INT8_AUTO_MAX_PARAMETERS = 500_000_000
+#: Below this many parameters ``auto`` picks ``mixed`` on the CPU. Measured on the 2-core CPU
+#: at 135M (SmolLM2's Q4_1 file; perplexity on 700 tokens, llama.cpp's own 19.05): int4 22.34
+#: (1.17x), int8 19.06, mixed 19.65 (1.03x) at 1.1x int8's decode speed. At 1B, 8-bit tensors
+#: cost a lone stream more (int8 decodes 28% slower than int4: 22.8 vs 31.5 tok/s, reading
+#: twice the bytes per token), so larger models stay int4.
+MIXED_AUTO_MAX_PARAMETERS = 500_000_000
+#: ``mixed``: the layer parts kept in 4 bits, and how many layers at each end keep 8 bits
+#: everywhere (the first and last layers are the most sensitive to rounding, as in
+#: llama.cpp's own mixes). Each 4-bit tensor alone costs little perplexity; 4-bit attention
+#: or ffn_down cost more than they save (gate/up/down 4-bit: 19.94; all 4-bit: 22.34).
+MIXED_4BIT_PARTS = frozenset({"gate", "up", "gate_up"})
+MIXED_EDGE_LAYERS = 2
 
 
 def resolve_quant(quant: str, device: str, parameters: int | None = None) -> str:
-    """``auto`` -> fp16 on CUDA; on the CPU int8 for models under
-    :data:`INT8_AUTO_MAX_PARAMETERS`, int4 above or when the size is unknown (models the
+    """``auto`` -> fp16 on CUDA; on the CPU mixed for models under
+    :data:`MIXED_AUTO_MAX_PARAMETERS`, int4 above or when the size is unknown (models the
     importer cannot read go to the builder, whose CPU build is int4). Combinations that
     cannot run are refused."""
     quant = (quant or "auto").lower()
@@ -48,7 +55,7 @@ def resolve_quant(quant: str, device: str, parameters: int | None = None) -> str
     if quant == "auto":
         if device == "cuda":
             return "fp16"
-        return "int8" if parameters is not None and parameters < INT8_AUTO_MAX_PARAMETERS else "int4"
+        return "mixed" if parameters is not None and parameters < MIXED_AUTO_MAX_PARAMETERS else "int4"
     if (device, quant) in _REFUSED:
         raise SourceError(_REFUSED[(device, quant)])
     return quant
@@ -75,7 +82,8 @@ class Precision:
         self.quant = resolve_quant(quant, device, source.config.parameters)
         self.device = device
         self.float_type = np.dtype(np.float16 if device == "cuda" else np.float32)
-        self.quantized = self.quant in ("int4", "int8")
+        self.quantized = self.quant in ("int4", "int8", "mixed")
+        self.num_layers = source.config.num_layers
         self._dominant_bits = _dominant_bits(source)
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="quantize")
 
@@ -98,7 +106,7 @@ class Precision:
         """One matrix, converted ``quantize.ROW_CHUNK`` rows at a time, a chunk per core at
         once (numpy lets go of the GIL inside its loops: 1.8x on two cores)."""
         if bits is None:
-            bits = 8 if self.quant == "int8" or self._keeps_8_bits(tensor) else 4
+            bits = self._bits(tensor)
         rows = tensor.shape[0]
 
         def chunk(start: int) -> Blocks:
@@ -116,8 +124,14 @@ class Precision:
                 return quantize.to_8bit(blocks) if bits == 8 else blocks
         return quantize.QUANTIZERS[bits](tensor.float_rows(start, stop))
 
-    def _keeps_8_bits(self, tensor: Tensor) -> bool:
-        return bits_per_weight(tensor.dtype) >= _HIGH_BITS > self._dominant_bits
+    def _bits(self, tensor: Tensor) -> int:
+        if self.quant == "int8" or bits_per_weight(tensor.dtype) >= _HIGH_BITS > self._dominant_bits:
+            return 8
+        if self.quant == "mixed":
+            _, layer, part = (tensor.name.split(".") + ["", ""])[:3]
+            inner = layer.isdigit() and MIXED_EDGE_LAYERS <= int(layer) < self.num_layers - MIXED_EDGE_LAYERS
+            return 4 if inner and part in MIXED_4BIT_PARTS else 8
+        return 4
 
 
 def _dominant_bits(source: TensorSource) -> float:
