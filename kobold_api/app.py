@@ -15,6 +15,8 @@ from .api.kobold.routes import extra, kobold
 from .api.kobold.serving import KoboldService
 from .api.openai.routes import openai
 from .api.openai.serving import OpenAIService
+from .api.textgen.routes import textgen
+from .api.textgen.serving import TextgenService
 from .engine.engine import Engine
 from .settings import Settings, load_settings
 
@@ -35,12 +37,14 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     plus a fresh Flask object.
     """
     engine = engine or load_engine(settings)
+    chat_service = ChatService.from_settings(engine, settings)
     bundle = Services(
         settings=settings,
         engine=engine,
         kobold=KoboldService(engine, settings),
         openai=OpenAIService(engine, settings),
-        chat=ChatService.from_settings(engine, settings),
+        chat=chat_service,
+        textgen=TextgenService(engine, settings, chat_service),
     )
     app.extensions[EXTENSION_KEY] = bundle
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_upload_mb, 1) * 2**20 + 2**16
@@ -50,6 +54,7 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     app.register_blueprint(kobold, url_prefix="/api/latest", name="kobold_latest")
     app.register_blueprint(extra, url_prefix="/api/extra")
     app.register_blueprint(chat, url_prefix="/api/v1")
+    app.register_blueprint(textgen, url_prefix="/api/v1")
     app.register_blueprint(openai, url_prefix="/v1")
     app.register_blueprint(docs, url_prefix="/api")
     return bundle

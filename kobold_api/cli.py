@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="prepare the model if needed and start the server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--ws-port", dest="ws_port", type=int,
+                       help="text-generation-webui websocket streaming port (default 5005; 0 = off)")
     serve.add_argument("--model", help="'default', a HF model folder, a .gguf file, an ONNX folder or a hub id")
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--provider", choices=["auto", "cuda", "cpu"])
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {key: getattr(args, key, None) for key in ("host", "port", "model", "data_dir", "provider", "quant",
-                                                 "api_key")}
+    overrides = {key: getattr(args, key, None) for key in ("host", "port", "ws_port", "model", "data_dir", "provider",
+                                                 "quant", "api_key")}
     try:
         settings = load_settings(getattr(args, "sub_settings", None) or args.settings, overrides=overrides)
     except SettingsError as exc:

@@ -6,6 +6,7 @@ import logging
 
 from waitress import serve as waitress_serve
 
+from .api.textgen.websocket import WebSocketServer
 from .app import create_app, load_engine
 from .settings import Settings
 
@@ -31,7 +32,17 @@ def serve(settings: Settings) -> None:
     app = create_app(settings, engine)
     log.info("kobold_api serving %s on http://%s:%d (Kobold API at /api, OpenAI API at /v1)",
              engine.model_name, settings.host, settings.port)
+    websockets = None
+    if settings.ws_port:
+        try:
+            websockets = WebSocketServer(app, settings.host, settings.ws_port)
+            log.info("text-generation-webui streaming on ws://%s:%d/api/v1/stream and /api/v1/chat-stream",
+                     settings.host, websockets.port)
+        except OSError as exc:  # the port is taken: the HTTP API still serves
+            log.warning("websocket streaming is off: cannot listen on port %d (%s); set ws_port", settings.ws_port, exc)
     try:
         waitress_serve(app, host=settings.host, port=settings.port, **waitress_options(settings))
     finally:
+        if websockets is not None:
+            websockets.close()
         engine.shutdown()

@@ -51,6 +51,8 @@ class Settings:
 
     host: str = "0.0.0.0"
     port: int = 5000
+    #: text-generation-webui's legacy websocket streaming (``/api/v1/stream``, ``/api/v1/chat-stream``); 0 = off.
+    ws_port: int = 5005
     threads: int = 8
     model: str = "default"
     provider: str = "auto"

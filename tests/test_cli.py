@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from websockets.sync.client import connect
 
 from kobold_api.cli import main
 
@@ -48,11 +49,11 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def test_serve_starts_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
+    port, ws_port = free_port(), free_port()
     env = dict(os.environ)
     process = subprocess.Popen(
         [sys.executable, "-m", "kobold_api", "serve", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--provider", "cpu"],
+         "--port", str(port), "--ws-port", str(ws_port), "--data-dir", str(tmp_path / "data"), "--provider", "cpu"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(300):  # up to about a minute for the model to load
@@ -69,6 +70,10 @@ def test_serve_starts_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> Non
                                   json={"prompt": "Hi", "max_length": 3, "ban_eos_token": True}, timeout=30)
         assert generated.status_code == 200 and generated.json()["results"][0]["completion_tokens"] == 3
         assert (tmp_path / "data" / "conversations.db").is_file()  # data dir from the flag
+        with connect(f"ws://127.0.0.1:{ws_port}/api/v1/stream") as websocket:  # the legacy streaming port
+            websocket.send(json.dumps({"prompt": "Hi", "max_new_tokens": 3, "ban_eos_token": True}))
+            events = [json.loads(message) for message in websocket]
+        assert [event["event"] for event in events] == ["text_stream"] * (len(events) - 1) + ["stream_end"]
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -148,7 +148,39 @@ def test_unknown_template_name_lists_known_names() -> None:
     message = str(raised.value)
     for name in NAMED_TEMPLATE_NAMES:
         assert name in message
-    assert set(NAMED_TEMPLATE_NAMES) == {"ChatML", "Alpaca", "Llama-2", "Vicuna-v1.1", "Mistral", "Metharme"}
+    assert set(NAMED_TEMPLATE_NAMES) == {"ChatML", "Alpaca", "Llama-2", "Llama-3", "Vicuna-v1.1", "Mistral",
+                                         "Gemma", "Phi-3", "Metharme"}
+
+
+#: text-generation-webui's instruction template names (its legacy clients send these).
+TEXTGEN_NAMES = {"Alpaca": "Alpaca", "Vicuna-v1.1": "Vicuna-v1.1", "ChatML": "ChatML", "Llama-v2": "Llama-2",
+                 "Llama-v3": "Llama-3", "Mistral": "Mistral", "Gemma": "Gemma", "Phi-3": "Phi-3"}
+TEXTGEN_CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+
+
+@pytest.mark.parametrize("sent, name", sorted(TEXTGEN_NAMES.items()))
+def test_textgen_instruction_template_names_resolve(sent: str, name: str) -> None:
+    template = get_named_template(sent)
+    assert template.name == name
+    assert "Hi" in template.render(TEXTGEN_CONVERSATION, True)
+
+
+@pytest.mark.parametrize("name, expected, stop", [
+    ("Llama-v3", "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    ("Gemma", "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+              "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>"),
+    ("Phi-3", "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n"
+              "<|user|>\nBye<|end|>\n<|assistant|>\n", "<|end|>"),
+])
+def test_new_named_templates_render_their_formats(name: str, expected: str, stop: str) -> None:
+    template = get_named_template(name)
+    assert template.render(TEXTGEN_CONVERSATION, True) == expected
+    assert stop in template.stop_strings
 
 
 def test_named_templates_are_fresh_instances() -> None:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .chat.serving import ChatService
     from .kobold.serving import KoboldService
     from .openai.serving import OpenAIService
+    from .textgen.serving import TextgenService
 
 EXTENSION_KEY = "kobold_api"
 
@@ -31,6 +32,7 @@ class Services:
     kobold: "KoboldService"
     openai: "OpenAIService"
     chat: "ChatService"
+    textgen: "TextgenService"
 
 
 def services() -> Services:

@@ -119,6 +119,8 @@ ROUTES += [
     ("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", {"type": "object", "properties": {"ids": {"type": "array", "items": _INTEGER}}}),
     ("/api/v1/chat", "post", "Chat", "One chat turn; stateless with history, or stored with conversation_id", CHAT_INPUT),
     ("/api/v1/chat/stream", "post", "Chat", "Streaming chat turn (SSE); the last event carries the history", CHAT_INPUT),
+    ("/api/v1/token-count", "post", "text-generation-webui", "{\"results\": [{\"tokens\": n}]}", TOKENCOUNT),
+    ("/api/v1/stop-stream", "post", "text-generation-webui", "Stop the caller's generations: {\"results\": \"success\"}", None),
     ("/api/v1/characters", "get", "Characters", "List characters", None),
     ("/api/v1/characters", "post", "Characters", "Upload a card (JSON, YAML or PNG body; ?name=&overwrite=true)", {"type": "string", "format": "binary"}),
     ("/api/v1/characters/{name}", "get", "Characters", "A character as a V2 card", None),
@@ -156,7 +158,9 @@ def openapi_document() -> dict[str, Any]:
             operation["responses"]["422"] = {"description": "Validation error: {\"detail\": {field: [message]}}"}
         paths.setdefault(path, {})[method] = operation
     return {"openapi": "3.0.3", "info": {"title": "kobold_api", "version": __version__,
-                                         "description": "KoboldAI / KoboldCpp compatible API, server-side chat and OpenAI-compatible routes."},
+                                         "description": "KoboldAI / KoboldCpp compatible API, server-side chat and OpenAI-compatible routes. "
+                                                        "text-generation-webui's websocket streams (/api/v1/stream, /api/v1/chat-stream) "
+                                                        "listen on ws_port (5005), outside this document."},
             "paths": paths}
 
 

@@ -18,11 +18,11 @@ PROBE_PATHS = {
 PROTECTED_PREFIXES = ("/api", "/v1")
 
 
-def _key_matches(settings: Settings) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    supplied = token.strip() if scheme.lower() == "bearer" else request.headers.get("X-Api-Key", "")
-    return hmac.compare_digest(supplied.encode(), settings.api_key.encode())
+def key_matches(api_key: str, authorization: str, x_api_key: str) -> bool:
+    """Whether ``Authorization: Bearer <key>`` (or ``X-Api-Key``) carries ``api_key``."""
+    scheme, _, token = (authorization or "").partition(" ")
+    supplied = token.strip() if scheme.lower() == "bearer" else (x_api_key or "")
+    return hmac.compare_digest(supplied.encode(), api_key.encode())
 
 
 def _allowed_origin(settings: Settings) -> str | None:
@@ -45,7 +45,9 @@ def init_app(app: Flask, settings: Settings) -> None:
             return None
         if settings.open_probes and path in PROBE_PATHS:
             return None
-        return None if _key_matches(settings) else error_response(unauthorized_error())
+        authorized = key_matches(settings.api_key, request.headers.get("Authorization", ""),
+                                 request.headers.get("X-Api-Key", ""))
+        return None if authorized else error_response(unauthorized_error())
 
     @app.after_request
     def _cors_headers(response: Response) -> Response:

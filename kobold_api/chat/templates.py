@@ -281,6 +281,35 @@ _MISTRAL = (
     "{% if not turns and system %}[INST] {{ system }} [/INST]{% endif %}"
 )
 
+# Llama 3 instruct: a header per message, each message closed by <|eot_id|>.
+_LLAMA_3 = (
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Gemma: user and model turns only; the system text opens the first user turn.
+_GEMMA = (
+    "{% set default_system = '' %}"
+    + _SPLIT_SYSTEM
+    + "{% for message in turns %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{% if loop.first and system %}{{ system }}\n\n{% endif %}"
+    "{{ message['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if not turns and system %}<start_of_turn>user\n{{ system }}<end_of_turn>\n{% endif %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Phi-3: a role tag on its own line before each message, <|end|> after it.
+_PHI_3 = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 # Metharme / Pygmalion-2: role tokens directly followed by the text, no separators.
 _METHARME = (
     "{% for message in messages %}"
@@ -298,10 +327,19 @@ _NAMED_TEMPLATES: MappingProxyType[str, tuple[str, str, str, str]] = MappingProx
         "chatml": ("ChatML", _CHATML, "", ""),
         "alpaca": ("Alpaca", _ALPACA, "", ""),
         "llama2": ("Llama-2", _LLAMA_2, "<s>", "</s>"),
+        "llama3": ("Llama-3", _LLAMA_3, "<|begin_of_text|>", "<|eot_id|>"),
         "vicunav11": ("Vicuna-v1.1", _VICUNA_V11, "<s>", "</s>"),
         "mistral": ("Mistral", _MISTRAL, "<s>", "</s>"),
+        "gemma": ("Gemma", _GEMMA, "<bos>", "<end_of_turn>"),
+        "phi3": ("Phi-3", _PHI_3, "", "<|end|>"),
         "metharme": ("Metharme", _METHARME, "", ""),
     }
+)
+#: Other spellings of the same templates (text-generation-webui's file names among them).
+_ALIASES: MappingProxyType[str, str] = MappingProxyType(
+    {"llamav2": "llama2", "llama2chat": "llama2", "llamav3": "llama3", "llama3instruct": "llama3",
+     "vicuna": "vicunav11", "vicunav11": "vicunav11", "mistralinstruct": "mistral", "pygmalion2": "metharme",
+     "phi3instruct": "phi3", "gemma2": "gemma", "gemma3": "gemma", "gemmainstruct": "gemma"}
 )
 
 NAMED_TEMPLATE_NAMES: tuple[str, ...] = tuple(entry[0] for entry in _NAMED_TEMPLATES.values())
@@ -325,7 +363,8 @@ def template_for_model(chat_template: str | None, eos_token: str = "", name: str
 
 def get_named_template(name: str) -> ChatTemplate:
     """A fresh built-in template by name (case-insensitive); KeyError lists the valid names."""
-    entry = _NAMED_TEMPLATES.get(_name_key(name))
+    key = _name_key(name)
+    entry = _NAMED_TEMPLATES.get(_ALIASES.get(key, key))
     if entry is None:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(NAMED_TEMPLATE_NAMES)}")
     display_name, source, bos_token, eos_token = entry

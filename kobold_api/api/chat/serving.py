@@ -47,6 +47,9 @@ class TurnPlan:
     clean: Callable[[str], str]
     commit: Callable[[str], dict[str, Any]]
     speaker: str
+    #: The history rows (text-generation-webui's shape) as ``commit`` will leave them with
+    #: this reply, without storing anything: what a legacy stream shows while the reply grows.
+    preview: Callable[[str], dict[str, list[list[str]]]]
 
     def stream_preview(self, raw: str) -> str:
         """The part of the final reply already certain after ``raw`` was generated.
@@ -68,6 +71,8 @@ class TurnEvent:
     result: dict[str, Any] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    #: With ``stream_turn(..., with_history=True)``: the whole history so far, on text events.
+    history: dict[str, list[list[str]]] | None = None
 
 
 def _kobold_events(events: Iterator[TurnEvent]) -> Iterator[bytes]:
@@ -226,10 +231,11 @@ class ChatService:
         events, close = self.stream_turn(parsed, disconnected)
         return EventStream(_kobold_events(events), on_close=close)
 
-    def stream_turn(self, parsed: ChatInput,
-                    disconnected: Callable[[], bool]) -> tuple[Iterator[TurnEvent], Callable[[], None]]:
+    def stream_turn(self, parsed: ChatInput, disconnected: Callable[[], bool],
+                    with_history: bool = False) -> tuple[Iterator[TurnEvent], Callable[[], None]]:
         """A turn as it happens (text deltas, then the stored result), and the ``close`` to call
-        when the response ends, however it ends.
+        when the response ends, however it ends. ``with_history`` adds the whole history so far
+        to each text event (text-generation-webui's legacy chat stream sends that).
 
         The conversation stays locked until ``close`` (even if the events are never read), so
         the turn is stored before the next one starts.
@@ -246,7 +252,7 @@ class ChatService:
             jobs.cancel_unfinished([job])
             release()
 
-        return self._turn_events(plan, job, disconnected), close
+        return self._turn_events(plan, job, disconnected, with_history), close
 
     def _turn_lock(self, conversation_id: str | None, disconnected: Callable[[], bool]) -> Callable[[], None]:
         """Serialize turns (and edits) on one conversation; returns the (idempotent) release.
@@ -275,22 +281,27 @@ class ChatService:
 
         return release
 
-    def _turn_events(self, plan: TurnPlan, job: Job, disconnected: Callable[[], bool]) -> Iterator[TurnEvent]:
+    def _turn_events(self, plan: TurnPlan, job: Job, disconnected: Callable[[], bool],
+                     with_history: bool = False) -> Iterator[TurnEvent]:
         """Text as it forms (cleaned as the stored reply will be), ending exactly at the stored text."""
         raw, sent = "", ""
+
+        def text_event(delta: str, so_far: str) -> TurnEvent:
+            return TurnEvent(text=delta, history=plan.preview(so_far) if with_history else None)
+
         try:
             for chunk in job.chunks(disconnected):
                 if chunk.result is not None:
                     body = self._finish(plan, chunk.result)
                     final = body["results"][0]["text"]
                     if final.startswith(sent) and len(final) > len(sent):
-                        yield TurnEvent(text=final[len(sent):])
+                        yield text_event(final[len(sent):], final)
                     yield TurnEvent(result=body, finish_reason=chunk.result.finish_reason)
                 elif chunk.text:
                     raw += chunk.text
                     preview = plan.stream_preview(raw)
                     if preview.startswith(sent) and len(preview) > len(sent):
-                        yield TurnEvent(text=preview[len(sent):])
+                        yield text_event(preview[len(sent):], preview)
                         sent = preview
         except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield TurnEvent(error=jobs.stream_failure(exc))
@@ -358,16 +369,13 @@ class ChatService:
         history = _rows_to_messages(rows)
         prompt, request = self._build(parsed, character, parsed.user_name, history, user_input)
 
-        def commit(reply: str) -> dict[str, Any]:
-            if parsed.impersonate:
-                return {"text": reply, "history": _history_dict(rows)}
-            if parsed.continue_last:
-                rows[-1][1] = rows[-1][1] + reply
-            else:
-                rows.append([user_input or "", reply])
-            return {"text": reply, "history": _history_dict(rows)}
+        def preview(reply: str) -> dict[str, list[list[str]]]:
+            return _history_dict(_with_reply(rows, parsed, user_input, reply))
 
-        return self._turn(parsed, character, parsed.user_name, prompt, request, user_input, commit)
+        def commit(reply: str) -> dict[str, Any]:
+            return {"text": reply, "history": preview(reply)}
+
+        return self._turn(parsed, character, parsed.user_name, prompt, request, user_input, commit, preview)
 
     def _plan_stored(self, parsed: ChatInput) -> TurnPlan:
         conversation_id = parsed.conversation_id or ""
@@ -389,6 +397,10 @@ class ChatService:
             raise ValidationError({"user_input": ["Missing data for required field."]})
         prompt, request = self._build(parsed, character, user_name, history, user_input)
         last_index = messages[-1].index if messages else 0
+        rows_before = _stored_rows(conversation)
+
+        def preview(reply: str) -> dict[str, list[list[str]]]:
+            return _history_dict(_with_reply(rows_before, parsed, user_input, reply))
 
         def commit(reply: str) -> dict[str, Any]:
             if parsed.regenerate:
@@ -401,24 +413,24 @@ class ChatService:
             return {"text": reply, "conversation_id": conversation_id, "history": _stored_history(stored),
                     "conversation": stored.to_dict()}
 
-        return self._turn(parsed, character, user_name, prompt, request, user_input, commit)
+        return self._turn(parsed, character, user_name, prompt, request, user_input, commit, preview)
 
     @staticmethod
     def _turn(parsed: ChatInput, character: Character, user_name: str, prompt: BuiltPrompt,
-              request: GenerationRequest, user_input: str | None,
-              commit: Callable[[str], dict[str, Any]]) -> TurnPlan:
+              request: GenerationRequest, user_input: str | None, commit: Callable[[str], dict[str, Any]],
+              preview: Callable[[str], dict[str, list[list[str]]]]) -> TurnPlan:
         """How generated text becomes the reply: continued text is kept as generated, an
         impersonated line starts with what the user typed, a reply is tidied by clean_reply."""
         char_name = character.display_name
         if parsed.continue_last:
-            return TurnPlan(prompt, request, lambda text: text, commit, speaker="")
+            return TurnPlan(prompt, request, lambda text: text, commit, "", preview)
         if parsed.impersonate:
             typed = user_input or ""
             return TurnPlan(prompt, request,
                             lambda text: clean_reply(typed + text, char_name, user_name, speaker=user_name),
-                            commit, speaker=user_name)
+                            commit, user_name, preview)
         return TurnPlan(prompt, request, lambda text: clean_reply(text, char_name, user_name), commit,
-                        speaker=char_name)
+                        char_name, preview)
 
 
 def _character_summary(character: Character) -> dict[str, Any]:
@@ -446,8 +458,28 @@ def _history_dict(rows: list[list[str]]) -> dict[str, list[list[str]]]:
                                                              for r in rows]}
 
 
+def _with_reply(rows: list[list[str]], parsed: ChatInput, user_input: str | None,
+                reply: str) -> list[list[str]]:
+    """A copy of the history rows with this turn's reply in place: a new row, the last reply
+    replaced (regenerate) or extended (continue); an impersonated line is not a turn."""
+    rows = [list(row) for row in rows]
+    if parsed.impersonate:
+        return rows
+    if parsed.continue_last:
+        rows[-1][1] += reply
+    elif parsed.regenerate and parsed.conversation_id:
+        rows[-1][1] = reply
+    else:
+        rows.append([user_input or "", reply])
+    return rows
+
+
 def _stored_history(conversation: Any) -> dict[str, list[list[str]]]:
     """A stored conversation in text-generation-webui's row shape (greeting row first)."""
+    return _history_dict(_stored_rows(conversation))
+
+
+def _stored_rows(conversation: Any) -> list[list[str]]:
     rows: list[list[str]] = []
     for message in conversation.messages:
         if message.role == "user":
@@ -457,4 +489,4 @@ def _stored_history(conversation: Any) -> dict[str, list[list[str]]]:
                 rows[-1][1] = message.text
             else:
                 rows.append([BEGIN_VISIBLE_CHAT if not rows else "", message.text])
-    return _history_dict(rows)
+    return rows

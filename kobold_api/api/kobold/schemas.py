@@ -60,8 +60,10 @@ def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> Sampling
         for name in ("rep_pen", "repetition_penalty", "repeat_penalty") if reader.has(name)
     ]
     seed = reader.integer("sampler_seed", "seed", default=-1, minimum=-1, maximum=2**64 - 1)
+    # text-generation-webui's do_sample false means greedy, whatever the temperature says.
+    greedy = not reader.boolean("do_sample", default=True)
     params = SamplingParams(
-        temperature=reader.number("temperature", default=defaults.temperature, minimum=0.0),
+        temperature=0.0 if greedy else reader.number("temperature", default=defaults.temperature, minimum=0.0),
         top_k=reader.integer("top_k", default=defaults.top_k, minimum=0),
         top_a=reader.number("top_a", default=defaults.top_a, minimum=0.0),
         top_p=reader.number("top_p", default=defaults.top_p, minimum=0.0, maximum=1.0),
