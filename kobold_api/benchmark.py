@@ -16,12 +16,12 @@ from .engine.generation import GenerationRequest, TextGenerator
 from .engine.onnx_model import OnnxCausalLM, resolved_device
 from .engine.prefix_cache import PrefixCache
 from .engine.prepare import prepare_model
-from .engine.sampling import SamplingParams
+from .engine.sampling import DEFAULT_SAMPLER_ORDER, SamplingParams
 from .engine.tokenizer import Tokenizer
 
 #: SillyTavern's default Kobold sampler settings (see the wire reference).
 SILLYTAVERN_SAMPLERS = SamplingParams(temperature=0.7, top_k=0, top_p=0.9, min_p=0.05, rep_pen=1.1,
-                                      rep_pen_range=1024, rep_pen_slope=0.9, sampler_order=[6, 0, 1, 3, 4, 2, 5],
+                                      rep_pen_range=1024, rep_pen_slope=0.9, sampler_order=list(DEFAULT_SAMPLER_ORDER),
                                       seed=1234)
 CHAT_PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
 

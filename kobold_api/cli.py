@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .settings import QUANTS, SettingsError, load_settings
+from .settings import PROVIDERS, QUANTS, SettingsError, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text-generation-webui websocket streaming port (default 5005; 0 = off)")
     serve.add_argument("--model", help="'default', a HF model folder, a .gguf file, an ONNX folder or a hub id")
     serve.add_argument("--data-dir", dest="data_dir")
-    serve.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    serve.add_argument("--provider", choices=PROVIDERS)
     serve.add_argument("--quant", choices=QUANTS, help="precision of the prepared model (auto: on the CPU mixed under 0.5B "
                        "parameters, int4 above; fp16 on CUDA; mixed: 4-bit ffn gate/up inside, 8-bit elsewhere)")
     serve.add_argument("--api-key", dest="api_key")
@@ -28,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="download and build a model into the cache, then exit")
     prepare.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
     prepare.add_argument("--data-dir", dest="data_dir")
-    prepare.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    prepare.add_argument("--provider", choices=PROVIDERS)
     prepare.add_argument("--quant", choices=QUANTS, help="as for serve --quant")
     bench = commands.add_parser("bench", help="print decode tok/s and prefill time of the engine")
     bench.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
     bench.add_argument("--data-dir", dest="data_dir")
-    bench.add_argument("--provider", choices=["auto", "cuda", "cpu"])
+    bench.add_argument("--provider", choices=PROVIDERS)
     bench.add_argument("--quant", choices=QUANTS, help="as for serve --quant")
     bench.add_argument("--tokens", type=int, default=200, help="new tokens per decode run")
     bench.add_argument("--repeats", type=int, default=3)

@@ -14,9 +14,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .engine.sampling import DEFAULT_SAMPLER_ORDER
+
 ENV_PREFIX = "KOBOLD_API_"
 DEFAULT_SETTINGS_FILE = "settings.json"
 PROVIDERS = ("auto", "cpu", "cuda")
+#: The SQLite file conversations are kept in, in the data dir (unless ``database_url`` says otherwise).
+DATABASE_FILE = "conversations.db"
 #: Precisions a model can be prepared at (``engine/importer/precision.py`` says what each means).
 QUANTS = ("auto", "int4", "mixed", "int8", "fp16", "fp32")
 
@@ -41,7 +45,7 @@ class GenerationDefaults:
     rep_pen: float = 1.0
     rep_pen_range: int = 320
     rep_pen_slope: float = 1.0
-    sampler_order: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)
+    sampler_order: tuple[int, ...] = DEFAULT_SAMPLER_ORDER
     trim_stop: bool = True
 
 
@@ -92,7 +96,7 @@ class Settings:
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_path / 'conversations.db').resolve()}"
+        return self.database_url or f"sqlite:///{(self.data_path / DATABASE_FILE).resolve()}"
 
 
 

@@ -357,6 +357,34 @@ def test_prefix_pool_keeps_branch_points_and_hands_over_continuations(tiny_model
     assert pool.take([999] + history)[1] == 0  # no common start
 
 
+def test_a_chat_branch_takes_a_whole_buffer_over_and_matches_a_fresh_prefill(tiny_model_dir: Path) -> None:
+    """A follow-up whose history matches but whose last reply differs (regenerated, trimmed)
+    takes the pooled buffer over instead of copying its prefix; the stale tail of the old
+    branch is overwritten or never read: prefill and decode give a fresh prefill's logits."""
+    import numpy as np
+
+    from kobold_api.engine.decode_batch import SharedBufferBatch
+
+    model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    pool = PrefixCache(256 * 2**20)
+    batch = SharedBufferBatch(model, max_rows=4)
+    history = [(7 * i) % 200 + 3 for i in range(150)]
+    first = history + [(5 * i) % 90 + 3 for i in range(40)]
+    batch.admit(first, None, 0)
+    released = batch.release(0)
+    buffers = released.arena
+    assert buffers is not None
+    pool.put(released)
+    branch = history + [(3 * i) % 70 + 9 for i in range(25)]  # shorter than the old branch
+    cached, reuse = pool.take(branch)
+    assert reuse == 150 and cached.arena is buffers and len(pool) == 0  # taken over, not copied
+    logits = batch.admit(branch, cached, reuse)
+    fresh_cache = model.new_cache()
+    np.testing.assert_allclose(logits, model.forward(branch, fresh_cache), atol=1e-3)
+    for token in (11, 12, 13):
+        np.testing.assert_allclose(batch.step([token])[0], model.forward([token], fresh_cache), atol=1e-3)
+
+
 def test_follow_up_longer_than_the_adopted_buffer_keeps_its_history(tiny_model_dir: Path) -> None:
     """A chat follow-up that outgrows the previous turn's buffer (256 positions) must keep the
     cached keys while the buffer grows, and give the same logits as a fresh prefill."""

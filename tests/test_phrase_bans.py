@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kobold_api.engine.phrase_bans import HeldToken, PhraseBanGuard
+from kobold_api.engine.stopping import StopMatcher
 
 LOGITS = np.zeros(4, dtype=np.float32)
 
@@ -52,13 +53,31 @@ def test_the_first_bytes_of_a_character_stay_with_it() -> None:
     assert rewind is not None and rewind.index == 0 and rewind.banned == {2}
 
 
+def stop_token(guard: PhraseBanGuard, matcher: StopMatcher) -> int | None:
+    """What the generation loop asks: the held token that completes the first stop string."""
+    end = matcher.stop_end(guard.held_text)
+    return None if end is None else guard.token_ending_at(end)
+
+
 def test_stop_token_is_the_one_that_completes_the_stop_string() -> None:
     guard = PhraseBanGuard(["XYZ"])
     for token_id, text in enumerate(["a", "X", "Y", "Q"]):
         guard.add(held(token_id, text))
-    assert guard.stop_token(["Y"]) == 2 and guard.stop_token(["nope"]) is None
-    assert guard.stop_token(["XY"]) == 2  # spans two tokens: both are kept
-    assert guard.stop_token(["YQ", "aXY"]) == 2  # the earliest start wins
+    assert stop_token(guard, StopMatcher(["Y"])) == 2 and stop_token(guard, StopMatcher(["nope"])) is None
+    assert stop_token(guard, StopMatcher(["XY"])) == 2  # spans two tokens: both are kept
+    assert stop_token(guard, StopMatcher(["YQ", "aXY"])) == 2  # the earliest start wins
+
+
+def test_a_stop_string_starting_in_text_the_matcher_holds_back_is_found() -> None:
+    """The matcher withholds "<|im" (it may become "<|im_end|>"); the held tokens then finish the
+    stop string: generation must end at the token that completes it, not run on."""
+    matcher = StopMatcher(["<|im_end|>"])
+    assert matcher.feed("Sure.<|im").text == "Sure."
+    guard = PhraseBanGuard(["never said"])
+    for token_id, text in enumerate(["_end", "|>", "\nuser"]):
+        guard.add(held(token_id, text))
+    assert stop_token(guard, matcher) == 1
+    assert matcher.stop_end(guard.held_text) == len("_end|>")
 
 
 def test_rewinds_are_bounded() -> None:

@@ -13,6 +13,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from .. import __version__
+from ..chat.prompt import MODES
+from .generation_fields import MAX_N
 
 docs = Blueprint("docs", __name__)
 
@@ -52,7 +54,7 @@ GENERATION_INPUT: dict[str, Any] = {
         "logit_bias": {"type": "object", "additionalProperties": _NUMBER},
         "custom_token_bans": {"description": "comma list of token ids"},
         "banned_strings": {"description": "phrases never written (list or JSON list; alias banned_tokens)"},
-        "n": {**_INTEGER, "minimum": 1, "maximum": 5}, "genkey": _STRING, "quiet": _BOOLEAN,
+        "n": {**_INTEGER, "minimum": 1, "maximum": MAX_N}, "genkey": _STRING, "quiet": _BOOLEAN,
     },
 }
 CHAT_INPUT: dict[str, Any] = {
@@ -61,7 +63,7 @@ CHAT_INPUT: dict[str, Any] = {
     "properties": {
         "user_input": _STRING,
         "history": {"type": "object", "properties": {"internal": {"type": "array"}, "visible": {"type": "array"}}},
-        "mode": {"enum": ["chat", "instruct", "chat-instruct"]},
+        "mode": {"enum": list(MODES)},
         "character": _STRING, "your_name": _STRING, "conversation_id": _STRING,
         "regenerate": _BOOLEAN, "_continue": _BOOLEAN, "impersonate": _BOOLEAN,
         "instruction_template": _STRING, "chat_instruct_command": _STRING,
@@ -74,14 +76,14 @@ OPENAI_COMPLETION: dict[str, Any] = {
     "properties": {"model": _STRING, "prompt": {"description": "string, list of strings, or token ids"},
                    "max_tokens": _INTEGER, "logprobs": _INTEGER,
                    "temperature": _NUMBER, "top_p": _NUMBER, "stop": {"oneOf": [_STRING, _STRINGS]},
-                   "seed": _INTEGER, "n": _INTEGER, "echo": _BOOLEAN, "stream": _BOOLEAN,
+                   "seed": _INTEGER, "n": {**_INTEGER, "minimum": 1, "maximum": MAX_N}, "echo": _BOOLEAN, "stream": _BOOLEAN,
                    "stream_options": {"type": "object"}, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER},
 }
 OPENAI_CHAT: dict[str, Any] = {
     "type": "object", "required": ["messages"], "additionalProperties": True,
     "properties": {"model": _STRING, "messages": {"type": "array", "items": {"type": "object"}},
                    "max_tokens": _INTEGER, "temperature": _NUMBER, "top_p": _NUMBER,
-                   "stop": {"oneOf": [_STRING, _STRINGS]}, "seed": _INTEGER, "n": _INTEGER, "stream": _BOOLEAN,
+                   "stop": {"oneOf": [_STRING, _STRINGS]}, "seed": _INTEGER, "n": {**_INTEGER, "minimum": 1, "maximum": MAX_N}, "stream": _BOOLEAN,
                    "stream_options": {"type": "object"}, "response_format": {"type": "object"},
                    "logprobs": _BOOLEAN, "top_logprobs": _INTEGER,
                    "character": {**_STRING, "description": "extension: answer as this character (server-side chat)"},

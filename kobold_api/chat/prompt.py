@@ -43,7 +43,7 @@ EXAMPLE_SEPARATOR = "***"
 CHAT_START = "***"
 DEFAULT_LORE_BUDGET_FRACTION = 0.25  # SillyTavern's default world-info budget share
 
-_MODES = ("chat", "instruct", "chat-instruct")
+MODES: tuple[Mode, ...] = ("chat", "instruct", "chat-instruct")
 _CHAR_MACRO = re.compile(r"\{\{char\}\}|<bot>|<char>", re.IGNORECASE)
 _USER_MACRO = re.compile(r"\{\{user\}\}|<user>", re.IGNORECASE)
 _ORIGINAL_MACRO = re.compile(r"\{\{original\}\}", re.IGNORECASE)
@@ -192,8 +192,8 @@ class PromptBuilder:
 
     def build(self, request: PromptRequest) -> BuiltPrompt:
         """Build and fit the prompt; raises PromptBuildError / PromptTooLongError."""
-        if request.mode not in _MODES:
-            raise PromptBuildError(f"mode must be one of {', '.join(_MODES)}, not {request.mode!r}")
+        if request.mode not in MODES:
+            raise PromptBuildError(f"mode must be one of {', '.join(MODES)}, not {request.mode!r}")
         template = request.template or self.chat_template
         if request.mode != "chat" and template is None:
             raise PromptBuildError(f"mode {request.mode!r} needs a chat template, and none is configured")

@@ -42,6 +42,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from ..settings import DATABASE_FILE
+
 __all__ = [
     "ConversationStore",
     "Conversation",
@@ -59,7 +61,6 @@ __all__ = [
 ROLES: frozenset[str] = frozenset({"user", "character", "system"})
 """Who wrote a message; ``system`` is for narration / notes injected into the chat."""
 
-DB_FILENAME = "conversations.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for another writer before failing with 'database is locked'."""
 
@@ -302,7 +303,7 @@ class ConversationStore:
     @classmethod
     def for_data_dir(cls, path: str | Path, **kwargs: Any) -> ConversationStore:
         """The server's default: ``<data dir>/conversations.db`` (SQLite)."""
-        db_path = Path(path).expanduser().resolve() / DB_FILENAME
+        db_path = Path(path).expanduser().resolve() / DATABASE_FILE
         return cls(f"sqlite:///{db_path}", **kwargs)
 
     def close(self) -> None:

@@ -195,7 +195,7 @@ class ConcatBatch(DecodeBatch):
             return
         super().truncate(row, length)
         if self.size == 1:  # graphs without GQA place keys by width, so the tensors are cut too
-            self._tensors = [owned_ortvalue(t.numpy()[:, :, :length], self.model.device) for t in self._tensors]
+            self._tensors = _cut(self._tensors, length, self.model)
 
     def __init__(self, model: OnnxCausalLM) -> None:
         super().__init__(model)
@@ -254,8 +254,13 @@ def truncate(cache: KVCache, length: int, model: OnnxCausalLM) -> None:
     """Keep the first ``length`` positions of every layer's keys and values."""
     if length >= cache.length:
         return
-    cache.tensors = [owned_ortvalue(t.numpy()[:, :, :length, :], model.device) for t in cache.tensors]
+    cache.tensors = _cut(cache.tensors, length, model)
     del cache.token_ids[length:]
+
+
+def _cut(tensors: list[ort.OrtValue], length: int, model: OnnxCausalLM) -> list[ort.OrtValue]:
+    """Copies of [batch, heads, positions, dim] keys or values holding their first ``length`` positions."""
+    return [owned_ortvalue(t.numpy()[:, :, :length], model.device) for t in tensors]
 
 
 def _pad_length(array: np.ndarray, width: int) -> np.ndarray:

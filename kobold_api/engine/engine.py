@@ -236,7 +236,6 @@ class Engine:
         self._jobs_lock = threading.Lock()
         self._running: dict[str, Job] = {}
         self.perf = PerfStats()
-        self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._run, name="kobold-engine", daemon=True)
         self._worker.start()
 
@@ -285,7 +284,7 @@ class Engine:
         """
         job = Job(request, genkey or f"KCPP{uuid.uuid4().hex[:8].upper()}", cancel_token or CancelToken(),
                   owner=owner, pace=self._stream_pace, worker_alive=self._worker_alive)
-        if self._stopping.is_set() or not self._worker_alive():
+        if self._queue.closed or not self._worker_alive():
             raise QueueFullError("The server is shutting down.")
         with self._jobs_lock:
             self._queue.put(job)
@@ -335,10 +334,10 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the worker; running and queued jobs end (aborted) rather than hang."""
-        self._stopping.set()
+        waiting = self._queue.close()  # refuses new jobs from here on
         for job in list(self._jobs.values()):
             job.cancel()
-        for job in self._queue.close():  # never started: ended here, the worker never sees them
+        for job in waiting:  # never started: ended here, the worker never sees them
             job.error = RuntimeError("server is shutting down")
             self._end(job)
 

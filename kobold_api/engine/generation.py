@@ -120,7 +120,7 @@ class TextGenerator:
         tokenized apart), as KoboldCpp keeps a few prompt tokens after even the longest memory.
         """
         context = min(request.max_context_length, self.model.info.context_length)
-        budget = max(1, context - request.max_new_tokens)
+        _, budget = token_budget(request.max_new_tokens, context)
         bos = self.model.info.bos_token_id
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
@@ -242,14 +242,15 @@ class Sequence:
         while True:
             if token in self.eos_ids:
                 return self._finish(STOP_EOS), None
-            if not self.bans.phrases:
+            if not self.bans.active and not self.bans.held:  # no bans, or no rewinds left
                 delta = self._append(token, logits)
                 break
             decoder_state = self.decoder.snapshot()
             delta = self._append(token, logits)
             rewind = self.bans.add(HeldToken(token, delta, np.array(logits, copy=True), decoder_state, banned))
             if rewind is None:
-                stop_at = self.bans.stop_token(self.matcher.stop_strings)
+                stop_end = self.matcher.stop_end(self.bans.held_text)
+                stop_at = None if stop_end is None else self.bans.token_ending_at(stop_end)
                 if stop_at is not None:  # generation ends there: later tokens were never returned
                     self._take_back(stop_at + 1)
                 delta = self.bans.release(final=stop_at is not None)
@@ -319,6 +320,15 @@ class Sequence:
             token_logprobs=self.token_logprobs,
         )
         return chunks + [GenerationChunk("", self.result)]
+
+
+def token_budget(max_new_tokens: int, context: int) -> tuple[int, int]:
+    """(reply tokens, prompt tokens) for a ``context``: the one rule every route uses for
+    "prompt + reply must fit". The reply is capped so that ``min(context - 4, 16)`` prompt tokens
+    always fit (KoboldCpp's rule, which SillyTavern relies on when it asks for more than the
+    server has); the prompt gets the rest."""
+    reply = max(1, min(max_new_tokens, context - min(max(context - 4, 0), 16)))
+    return reply, max(1, context - reply)
 
 
 def keep_tail(ids: list[int], budget: int, bos: int | None) -> tuple[list[int], int]:

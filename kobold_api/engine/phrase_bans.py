@@ -35,10 +35,11 @@ class HeldToken:
     #: Decoder state from before this token (see ``IncrementalDecoder.snapshot``).
     decoder_state: tuple[int, int, int]
     banned: set[int] = field(default_factory=set)
+    #: ``text`` lower-cased, once: the matching reads it on every step while the token is held.
+    folded: str = field(init=False, repr=False)
 
-    @property
-    def folded(self) -> str:
-        return self.text.lower()
+    def __post_init__(self) -> None:
+        self.folded = self.text.lower()
 
 
 @dataclass
@@ -82,18 +83,17 @@ class PhraseBanGuard:
         culprit = self.held[index]
         return Rewind(index, culprit.banned | {culprit.token_id})
 
-    def stop_token(self, stop_strings: list[str]) -> int | None:
-        """Index of the held token that completes the first of ``stop_strings`` in the held text,
-        if any: generation ends there, so the tokens after it are never returned (nor counted)."""
-        text = "".join(held.text for held in self.held)
-        found = [(at, -len(stop)) for stop in stop_strings if stop and (at := text.find(stop)) != -1]
-        if not found:
-            return None
-        start, negative_length = min(found)
-        position, last_char = 0, start - negative_length - 1
+    @property
+    def held_text(self) -> str:
+        return "".join(held.text for held in self.held)
+
+    def token_ending_at(self, end: int) -> int:
+        """Index of the held token whose text holds character ``end - 1`` of :attr:`held_text`
+        (the token that completes a stop string ending there)."""
+        position = 0
         for index, held in enumerate(self.held):
             position += len(held.text)
-            if position > last_char:
+            if position >= end:
                 return index
         return len(self.held) - 1
 

@@ -73,14 +73,17 @@ class PrefixCache:
             self.hits += 1
             self.reused_tokens += best_length
             entry = self._entries[best_key]
-            if best_length >= len(entry.token_ids) - 1:
-                # The request continues this very sequence: it takes the cache over (and may
-                # write past the prefix in place); its own cache will replace the entry.
+            if best_length >= len(entry.token_ids) - 1 or entry.cache.arena is not None:
+                # The request continues this very sequence, or branches from a sequence that
+                # still holds whole decode buffers (a regenerated or trimmed last reply, the
+                # usual chat branch): it takes the cache over and writes past the prefix in
+                # place, so nothing is copied; its own cache replaces the entry, and the next
+                # branch from the same history starts from that one.
                 del self._entries[best_key]
                 self._total_bytes -= entry.nbytes
                 return entry.cache, best_length
-            # A branch (same system prompt or history, a different continuation): the entry
-            # stays for other branches and the caller gets a read-only view to copy from.
+            # A branch from a cache copied out of a busy batch: the entry stays for other
+            # branches and the caller gets a read-only view to copy from.
             self._entries.move_to_end(best_key)
             return KVCache(list(entry.cache.tensors), list(entry.cache.token_ids)), best_length
 

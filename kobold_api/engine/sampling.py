@@ -843,12 +843,9 @@ class MirostatSampler:
             return values.size
         return max(1, int(math.exp(log_k)))
 
-    def observe(self, scores: np.ndarray, token: int) -> float:
-        """Update ``mu`` from the token drawn from ``scores``; returns the surprise (bits)."""
-        _, values = _unmasked(scores)
-        top = values.max()
-        total = float(np.exp(values - top).sum(dtype=np.float64))
-        log_p = float(scores[token]) - float(top) - math.log(total)
+    def observe(self, log_p: float) -> float:
+        """Update ``mu`` from the drawn token's natural-log probability under the distribution
+        it was drawn from (the draw has it at hand: no softmax here); returns the surprise (bits)."""
         surprise = -log_p / math.log(2.0)
         # Kept in [0, MU_LIMIT] bits: a huge eta must not drive mu to +-inf (then NaN).
         self.mu = min(max(self.mu - self.eta * (surprise - self.tau), 0.0), self.MU_LIMIT)
@@ -1166,17 +1163,20 @@ class TokenSampler:
             return choice
         for processor in self._processors:
             scores = processor(scores, token_ids)
-        choice = self._draw(scores)
+        choice, log_p = self._draw(scores)
         if self._mirostat is not None:
-            self._mirostat.observe(scores, choice)
+            self._mirostat.observe(log_p)
         return choice
 
-    def _draw(self, scores: np.ndarray) -> int:
-        """Inverse-CDF draw: one uniform per step keeps seeded runs reproducible."""
+    def _draw(self, scores: np.ndarray) -> tuple[int, float]:
+        """Inverse-CDF draw (one uniform per step keeps seeded runs reproducible); returns the
+        token and its log-probability under ``scores``."""
         indices, values = _unmasked(scores)
         if values.size == 0:
             raise ValueError("no token left to sample: every token is masked")
-        weights = np.exp(values - values.max())
+        top = values.max()
+        weights = np.exp(values - top)
         total = float(weights.sum(dtype=np.float64))
         position = _locate_mass(weights, self._rng.random() * total, side="right")
-        return int(position if indices is None else indices[position])
+        log_p = float(values[position]) - float(top) - math.log(total)
+        return int(position if indices is None else indices[position]), log_p

@@ -45,6 +45,15 @@ class StopMatcher:
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return StopMatch(buffer[: len(buffer) - keep])
 
+    def stop_end(self, pending: str) -> int | None:
+        """Where in ``pending`` (text not fed yet) the first stop string would end, searching the
+        withheld text plus ``pending`` as :meth:`feed` will; None if none does. Lets a caller
+        that holds tokens back (phrase bans) end generation at the right token."""
+        if self.stopped is not None or not self.stop_strings or not pending:
+            return None
+        at, hit = self._earliest_match(self._held + pending)
+        return None if hit is None else at + len(hit) - len(self._held)
+
     def flush(self) -> str:
         """At the end of generation the withheld tail is ordinary text after all."""
         text, self._held = self._held, ""

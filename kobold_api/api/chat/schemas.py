@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ...chat.prompt import MODES
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..fields import FieldReader
-from ..kobold.schemas import read_banned_phrases, read_sampling
+from ..generation_fields import read_ban_eos, read_banned_phrases, read_sampling, read_stop_strings
 
 DEFAULT_CHARACTER = "Assistant"
 DEFAULT_USER = "You"
-MODES = ("chat", "instruct", "chat-instruct")
 
 
 @dataclass
@@ -59,12 +59,11 @@ def parse_chat_input(body: Mapping[str, Any], defaults: GenerationDefaults) -> C
         max_new_tokens=reader.integer("max_new_tokens", "max_length", default=defaults.max_length, minimum=1),
         max_context_length=reader.integer("truncation_length", "max_context_length",
                                           default=defaults.max_context_length, minimum=16),
-        stop_strings=reader.string_list("stopping_strings", "stop_sequence")
-        + reader.comma_strings("custom_stopping_strings"),
+        stop_strings=read_stop_strings(reader),
         template_name=reader.string("instruction_template"),
         chat_instruct_command=reader.string("chat_instruct_command", "chat-instruct_command"),
         sampling=read_sampling(reader, defaults),
-        ban_eos=reader.boolean("ban_eos_token", default=False),
+        ban_eos=read_ban_eos(reader),
         banned_phrases=read_banned_phrases(reader),
     )
     if sum([parsed.regenerate, parsed.continue_last, parsed.impersonate]) > 1:

@@ -21,7 +21,7 @@ from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptBuildE
 from ...chat.store import ConversationNotFound, ConversationStore, MessageNotFound, StoreError
 from ...chat.templates import ChatTemplate, get_named_template
 from ...engine.engine import Engine, GenerationFailed, Job
-from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult
+from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
 from ..context import model_chat_template
@@ -334,10 +334,12 @@ class ChatService:
                user_input: str | None) -> tuple[BuiltPrompt, GenerationRequest]:
         """The prompt and engine request; when impersonating, ``user_input`` starts the user's line."""
         context = min(parsed.max_context_length, jobs.context_size(self.settings, self.engine))
+        max_new, budget = token_budget(parsed.max_new_tokens, context)
         # The builder counts text only; the engine adds the tokenizer's specials (a BOS) on top.
-        budget = context - parsed.max_new_tokens - self.engine.tokenizer.added_per_prompt
-        if budget < 16:
-            raise ValidationError({"max_new_tokens": [f"Leaves only {budget} tokens of a {context}-token "
+        budget -= self.engine.tokenizer.added_per_prompt
+        if max_new < parsed.max_new_tokens or budget < 16:  # the server builds this prompt: say so
+            left = context - parsed.max_new_tokens - self.engine.tokenizer.added_per_prompt
+            raise ValidationError({"max_new_tokens": [f"Leaves only {left} tokens of a {context}-token "
                                                       "context for the prompt."]})
         try:
             prompt = self.builder.build(PromptRequest(
@@ -350,7 +352,7 @@ class ChatService:
         except PromptBuildError as exc:
             raise ApiError(400, {"msg": str(exc), "type": "prompt_error"}) from exc
         request = GenerationRequest(
-            prompt=prompt.text, max_new_tokens=parsed.max_new_tokens, max_context_length=context,
+            prompt=prompt.text, max_new_tokens=max_new, max_context_length=context,
             sampling=parsed.sampling, stop_strings=prompt.stop_strings, trim_stop=True,
             ban_eos=parsed.ban_eos, banned_phrases=parsed.banned_phrases,
         )

@@ -11,15 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ...engine.generation import GenerationRequest
-from ...engine.sampling import (
-    DEFAULT_DRY_SEQUENCE_BREAKERS, SamplingParams, TokenSampler, normalize_sampler_order,
-)
+from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..fields import FieldReader
-
-MAX_STOP_STRINGS = 256
-MAX_BANNED_PHRASES = 256
-MAX_BANNED_PHRASE_CHARS = 200
+from ..generation_fields import read_ban_eos, read_banned_phrases, read_n, read_sampling, read_stop_strings
 
 
 @dataclass
@@ -53,91 +48,12 @@ class KoboldGenerationInput:
         )
 
 
-def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> SamplingParams:
-    """The sampler fields shared by the Kobold, chat and OpenAI routes (KoboldCpp's extras included)."""
-    rep_pen_values = [
-        reader.number(name, default=1.0, minimum=0.0)
-        for name in ("rep_pen", "repetition_penalty", "repeat_penalty") if reader.has(name)
-    ]
-    seed = reader.integer("sampler_seed", "seed", default=-1, minimum=-1, maximum=2**64 - 1)
-    # text-generation-webui's do_sample false means greedy, whatever the temperature says.
-    greedy = not reader.boolean("do_sample", default=True)
-    params = SamplingParams(
-        temperature=0.0 if greedy else reader.number("temperature", default=defaults.temperature, minimum=0.0),
-        top_k=reader.integer("top_k", default=defaults.top_k, minimum=0),
-        top_a=reader.number("top_a", default=defaults.top_a, minimum=0.0),
-        top_p=reader.number("top_p", default=defaults.top_p, minimum=0.0, maximum=1.0),
-        tfs=reader.number("tfs", default=defaults.tfs, minimum=0.0, maximum=1.0),
-        typical=reader.number("typical", "typical_p", default=defaults.typical, minimum=0.0, maximum=1.0),
-        min_p=reader.number("min_p", default=defaults.min_p, minimum=0.0, maximum=1.0),
-        rep_pen=max(rep_pen_values) if rep_pen_values else defaults.rep_pen,
-        rep_pen_range=reader.integer("rep_pen_range", "repetition_penalty_range",
-                                     default=defaults.rep_pen_range, minimum=0),
-        rep_pen_slope=reader.number("rep_pen_slope", default=defaults.rep_pen_slope, minimum=0.0),
-        presence_penalty=reader.number("presence_penalty", default=0.0, minimum=-2.0, maximum=2.0),
-        frequency_penalty=reader.number("frequency_penalty", default=0.0, minimum=-2.0, maximum=2.0),
-        sampler_order=_sampler_order(reader, defaults),
-        seed=seed if seed >= 0 else None,
-        logit_bias=reader.token_bias("logit_bias"),
-        banned_token_ids=_custom_token_bans(reader),
-        # Upper bounds far above any useful setting keep a request from overflowing the maths
-        # (a 500 mid-generation) or allocating without limit.
-        mirostat=reader.integer("mirostat", "mirostat_mode", default=0, minimum=0, maximum=2),
-        mirostat_tau=reader.number("mirostat_tau", default=5.0, minimum=0.0, maximum=100.0),
-        mirostat_eta=reader.number("mirostat_eta", default=0.1, minimum=0.0, maximum=1.0),
-        dynatemp_range=reader.number("dynatemp_range", default=0.0, minimum=0.0, maximum=100.0),
-        dynatemp_exponent=reader.number("dynatemp_exponent", default=1.0, minimum=0.0, maximum=100.0),
-        smoothing_factor=reader.number("smoothing_factor", default=0.0, minimum=0.0, maximum=100.0),
-        smoothing_curve=reader.number("smoothing_curve", default=1.0, maximum=10.0),
-        xtc_threshold=reader.number("xtc_threshold", default=0.2, maximum=1.0),
-        xtc_probability=reader.number("xtc_probability", default=0.0, minimum=0.0, maximum=1.0),
-        dry_multiplier=reader.number("dry_multiplier", default=0.0, minimum=0.0, maximum=100.0),
-        dry_base=reader.number("dry_base", default=1.75, maximum=100.0),
-        dry_allowed_length=reader.integer("dry_allowed_length", default=2, maximum=1000),
-        dry_penalty_last_n=reader.integer("dry_penalty_last_n", default=320, minimum=-1),
-        # SillyTavern sends the breakers as a JSON-encoded string
-        dry_sequence_breakers=reader.string_list("dry_sequence_breakers") if reader.has("dry_sequence_breakers")
-        else list(DEFAULT_DRY_SEQUENCE_BREAKERS),
-    )
-    if not reader.errors:
-        _check_combination(reader, params)
-    return params
-
-
-def read_banned_phrases(reader: FieldReader) -> list[str]:
-    """KoboldCpp's phrase bans (``banned_strings``, alias ``banned_tokens``): a list, or a
-    JSON-encoded list, of text the model may never write. Bounded, since every token that may
-    start a phrase keeps a copy of its logits until the phrase is ruled out."""
-    phrases = reader.string_list("banned_strings", "banned_tokens")
-    if len(phrases) > MAX_BANNED_PHRASES or any(len(phrase) > MAX_BANNED_PHRASE_CHARS for phrase in phrases):
-        reader.errors.setdefault("banned_strings", []).append(
-            f"At most {MAX_BANNED_PHRASES} phrases of at most {MAX_BANNED_PHRASE_CHARS} characters.")
-        return []
-    return phrases
-
-
-def _check_combination(reader: FieldReader, params: SamplingParams) -> None:
-    """Settings checked only when their sampler is on (a client may leave stale values for one it
-    turned off) are the engine's to judge: build the chain once and report what it refuses under
-    the field its message names."""
-    try:
-        TokenSampler(params)
-    except ValueError as exc:
-        name = str(exc).split(" ", 1)[0]
-        reader.errors.setdefault(name if hasattr(params, name) else "sampler", []).append(str(exc))
-
-
 def parse_generation_input(
     body: Mapping[str, Any], defaults: GenerationDefaults, require_prompt: bool = True
 ) -> KoboldGenerationInput:
     """Validate a Kobold generate body; raises ValidationError (422) listing every bad field."""
     reader = FieldReader(body)
     prompt = reader.string("prompt", required=require_prompt, default="") or ""
-    stop_strings = reader.string_list("stop_sequence") + reader.comma_strings("custom_stopping_strings") \
-        + reader.string_list("stopping_strings", "stop")
-    if len(stop_strings) > MAX_STOP_STRINGS:
-        reader.errors.setdefault("stop_sequence", []).append(
-            f"Longer than maximum length {MAX_STOP_STRINGS}.")
     parsed = KoboldGenerationInput(
         prompt=prompt,
         memory=reader.string("memory", default="") or "",
@@ -146,11 +62,10 @@ def parse_generation_input(
         max_context_length=reader.integer("max_context_length", "truncation_length",
                                           default=defaults.max_context_length, minimum=1),
         sampling=read_sampling(reader, defaults),
-        stop_strings=list(dict.fromkeys(stop_strings)),
+        stop_strings=read_stop_strings(reader),
         trim_stop=reader.boolean("trim_stop", default=defaults.trim_stop),
-        ban_eos=reader.boolean("use_default_badwordsids", default=False)
-        or reader.boolean("ban_eos_token", default=False) or reader.boolean("bypass_eos", default=False),
-        n=reader.integer("n", default=1, minimum=1, maximum=5),
+        ban_eos=read_ban_eos(reader),
+        n=read_n(reader),
         genkey=reader.string("genkey", default="") or "",
         banned_phrases=read_banned_phrases(reader),
     )
@@ -161,20 +76,3 @@ def parse_generation_input(
         reader.boolean(flag, default=False)
     reader.raise_if_errors()
     return parsed
-
-
-def _sampler_order(reader: FieldReader, defaults: GenerationDefaults) -> list[int]:
-    """KoboldCpp's rule (1 to 7 distinct ids; the engine owns it), reported as a 422 field error."""
-    order = reader.integer_list("sampler_order")
-    if order is None:
-        return list(defaults.sampler_order)
-    try:
-        return normalize_sampler_order(order)
-    except ValueError as exc:
-        reader.errors.setdefault("sampler_order", []).append(str(exc))
-        return list(defaults.sampler_order)
-
-
-def _custom_token_bans(reader: FieldReader) -> list[int]:
-    """KoboldCpp's ``custom_token_bans``: a comma string (or list) of token ids."""
-    return reader.token_ids("custom_token_bans")

@@ -13,7 +13,7 @@ from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..errors import ValidationError
 from ..fields import FieldReader
-from ..kobold.schemas import read_banned_phrases, read_sampling
+from ..generation_fields import read_ban_eos, read_banned_phrases, read_n, read_sampling, read_stop_strings
 
 ROLES = ("system", "user", "assistant")
 
@@ -65,11 +65,11 @@ def _common(reader: FieldReader, defaults: GenerationDefaults) -> dict[str, Any]
         "model": reader.string("model"),
         "max_tokens": max_tokens or None,
         "sampling": read_sampling(reader, _openai_defaults(defaults)),
-        "stop": reader.string_list("stop") + reader.string_list("stop_sequence", "stopping_strings"),
-        "n": reader.integer("n", default=1, minimum=1, maximum=8),
+        "stop": read_stop_strings(reader),
+        "n": read_n(reader),
         "stream": reader.boolean("stream", default=False),
         "include_usage": bool((stream_options or {}).get("include_usage", False)),
-        "ban_eos": reader.boolean("ban_eos_token", "ignore_eos", default=False),
+        "ban_eos": read_ban_eos(reader),
         "banned_phrases": read_banned_phrases(reader),
         "truncation_length": reader.integer("truncation_length", "max_context_length", "num_ctx", default=0,
                                             minimum=1) or None,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ...chat.templates import ChatTemplateError
 from ...engine.engine import Engine, GenerationFailed, Job
-from ...engine.generation import GenerationRequest, GenerationResult
+from ...engine.generation import GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
 from ..context import model_chat_template
@@ -157,10 +157,8 @@ class OpenAIService:
 
     # --- shared -----------------------------------------------------------------------
     def _max_tokens(self, parsed: OpenAIInput) -> int:
-        """``max_tokens`` (or the default), kept below the context so some prompt always fits
-        (KoboldCpp's rule: at most context - min(max(context - 4, 0), 16))."""
-        context = self._context(parsed)
-        return min(parsed.max_tokens or self.settings.generation.max_length, context - min(max(context - 4, 0), 16))
+        """``max_tokens`` (or the default), kept below the context so some prompt always fits."""
+        return token_budget(parsed.max_tokens or self.settings.generation.max_length, self._context(parsed))[0]
 
     def _context(self, parsed: OpenAIInput) -> int:
         """The server's context, or less where the client's ``truncation_length`` asks for less."""
