@@ -17,7 +17,7 @@ from kobold_api.engine.sampling import NEG_INF, SamplingParams, TokenSampler
 
 #: One dict per sampler set-up: the sampler switched on, with an edge of each of its settings.
 EDGES: list[dict] = [
-    *({"temperature": t} for t in (0.0, 1e-9, 0.01, 1.0, 100.0)),
+    *({"temperature": t} for t in (0.0, 1e-9, 0.01, 1.0, 100.0, 1e300)),
     *({"top_k": k} for k in (1, 2, 10**9)),
     *({"top_a": a} for a in (1e-9, 1.0, 100.0)),
     *({"top_p": p} for p in (0.0, 1e-9, 0.5, 1.0)),
@@ -25,17 +25,21 @@ EDGES: list[dict] = [
     *({"typical": t} for t in (0.0, 1e-9, 0.5)),
     *({"min_p": p} for p in (1e-9, 0.5, 1.0)),
     *({"rep_pen": r, "rep_pen_range": n, "rep_pen_slope": s}
-      for r, n, s in itertools.product((1e-9, 1.1, 100.0), (0, 1), (0.0, 1.0, 10.0))),
+      for r, n, s in itertools.product((1e-300, 1e-9, 1.1, 100.0, 1e300), (0, 1, 40), (0.0, 1.0, 10.0))),
+    {"logit_bias": {10**30: 5.0, "3": -1e308}, "banned_token_ids": [10**40]},  # ids past any vocabulary
     *({"presence_penalty": p, "frequency_penalty": f} for p, f in ((-2.0, 2.0), (2.0, -2.0), (2.0, 2.0))),
     *({"mirostat": m, "mirostat_tau": tau, "mirostat_eta": eta}
       for m, tau, eta in itertools.product((1, 2), (0.0, 10.0), (0.0, 1.0))),
     *({"dynatemp_range": r, "dynatemp_exponent": e, "temperature": t}
-      for r, e, t in itertools.product((0.5, 100.0), (0.0, 1.0, 10.0), (0.01, 1.0))),
+      for r, e, t in itertools.product((0.5, 100.0), (0.0, 1.0, 10.0), (0.01, 1.0, 1e300))),
     *({"smoothing_factor": f, "smoothing_curve": c} for f, c in itertools.product((0.01, 100.0), (1.0, 10.0))),
     *({"xtc_probability": 1.0, "xtc_threshold": t} for t in (0.0, 0.1, 0.5)),
     *({"dry_multiplier": m, "dry_base": b, "dry_allowed_length": n, "dry_penalty_last_n": last}
       for m, b, n, last in itertools.product((0.8, 100.0), (1.0, 100.0), (1, 2), (-1, 0, 1))),
     {"top_k": 1, "top_p": 0.0, "typical": 0.0, "tfs": 0.0, "min_p": 1.0, "top_a": 100.0, "temperature": 1e-9},
+    # an extreme rep_pen before every truncation sampler (the fuzzer's 500: inf, then NaN in top_p)
+    *({"rep_pen": r, "rep_pen_range": 0, "top_p": 0.9, "typical": 0.5, "tfs": 0.9, "min_p": 0.1,
+       "sampler_order": [6, 0, 1, 2, 3, 4, 5]} for r in (1e-300, 1e300)),
 ]
 
 

@@ -14,83 +14,87 @@ from flask import Blueprint, Response, jsonify
 
 from .. import __version__
 from ..chat.prompt import MODES
-from .generation_fields import MAX_N
+from .context import services
+from .generation_fields import EOS_BAN_FIELDS, MAX_N, STOP_STRING_FIELDS, sampler_schema
 
 docs = Blueprint("docs", __name__)
 
 _NUMBER, _INTEGER, _STRING, _BOOLEAN = {"type": "number"}, {"type": "integer"}, {"type": "string"}, {"type": "boolean"}
 _STRINGS = {"type": "array", "items": _STRING}
+#: How lenient readers take a list of strings: a list, or one string (a JSON-encoded list when it
+#: starts with "[", as SillyTavern sends, else a single item).
+_STRING_LIST = {"anyOf": [_STRINGS, _STRING]}
 
-GENERATION_INPUT: dict[str, Any] = {
-    "type": "object",
-    "required": ["prompt"],
-    "additionalProperties": True,
-    "properties": {
-        "prompt": _STRING, "memory": _STRING,
-        "max_length": {**_INTEGER, "minimum": 1, "description": "tokens to generate"},
-        "max_context_length": {**_INTEGER, "minimum": 1, "description": "prompt is left-truncated to this minus max_length"},
-        "temperature": {**_NUMBER, "minimum": 0}, "top_k": {**_INTEGER, "minimum": 0},
-        "top_a": {**_NUMBER, "minimum": 0}, "top_p": {**_NUMBER, "minimum": 0, "maximum": 1},
-        "tfs": {**_NUMBER, "minimum": 0, "maximum": 1}, "typical": {**_NUMBER, "minimum": 0, "maximum": 1},
-        "min_p": {**_NUMBER, "minimum": 0, "maximum": 1}, "rep_pen": {**_NUMBER, "minimum": 0},
-        "rep_pen_range": {**_INTEGER, "minimum": 0}, "rep_pen_slope": {**_NUMBER, "minimum": 0},
-        "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
-        "sampler_order": {"type": "array", "items": _INTEGER, "description": "ids 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen"},
-        "sampler_seed": {**_INTEGER, "description": "-1 or absent: random"},
-        "mirostat": {"enum": [0, 1, 2], "description": "1 or 2: Mirostat v1/v2 (replaces the truncating samplers)"},
-        "mirostat_tau": _NUMBER, "mirostat_eta": _NUMBER,
-        "dynatemp_range": {**_NUMBER, "minimum": 0, "description": "temperature +- range, by the entropy"},
-        "dynatemp_exponent": _NUMBER,
-        "smoothing_factor": {**_NUMBER, "minimum": 0, "description": "quadratic sampling"}, "smoothing_curve": _NUMBER,
-        "xtc_threshold": _NUMBER, "xtc_probability": {**_NUMBER, "minimum": 0, "maximum": 1},
-        "dry_multiplier": {**_NUMBER, "minimum": 0, "description": "DRY repetition penalty; 0 = off"},
-        "dry_base": _NUMBER, "dry_allowed_length": _INTEGER,
-        "dry_penalty_last_n": {**_INTEGER, "description": "0 or -1: the whole context"},
-        "dry_sequence_breakers": {"description": "list of strings, or that list JSON-encoded (as SillyTavern sends)"},
-        "stop_sequence": _STRINGS,
-        "custom_stopping_strings": {"description": "list, JSON string or comma list; merged with stop_sequence"},
-        "trim_stop": {**_BOOLEAN, "description": "cut the stop string from the output (default true)"},
-        "use_default_badwordsids": _BOOLEAN, "ban_eos_token": _BOOLEAN,
-        "logit_bias": {"type": "object", "additionalProperties": _NUMBER},
-        "custom_token_bans": {"description": "comma list of token ids"},
-        "banned_strings": {"description": "phrases never written (list or JSON list; alias banned_tokens)"},
-        "n": {**_INTEGER, "minimum": 1, "maximum": MAX_N}, "genkey": _STRING, "quiet": _BOOLEAN,
-    },
-}
-CHAT_INPUT: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": True,
-    "properties": {
-        "user_input": _STRING,
-        "history": {"type": "object", "properties": {"internal": {"type": "array"}, "visible": {"type": "array"}}},
-        "mode": {"enum": list(MODES)},
-        "character": _STRING, "your_name": _STRING, "conversation_id": _STRING,
-        "regenerate": _BOOLEAN, "_continue": _BOOLEAN, "impersonate": _BOOLEAN,
-        "instruction_template": _STRING, "chat_instruct_command": _STRING,
-        "stopping_strings": _STRINGS, "custom_stopping_strings": {"description": "list or comma list"},
-        "max_new_tokens": _INTEGER, "truncation_length": _INTEGER,
-    },
-}
-OPENAI_COMPLETION: dict[str, Any] = {
-    "type": "object", "required": ["prompt"], "additionalProperties": True,
-    "properties": {"model": _STRING, "prompt": {"description": "string, list of strings, or token ids"},
-                   "max_tokens": _INTEGER, "logprobs": _INTEGER,
-                   "temperature": _NUMBER, "top_p": _NUMBER, "stop": {"oneOf": [_STRING, _STRINGS]},
-                   "seed": _INTEGER, "n": {**_INTEGER, "minimum": 1, "maximum": MAX_N}, "echo": _BOOLEAN, "stream": _BOOLEAN,
-                   "stream_options": {"type": "object"}, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER},
-}
-OPENAI_CHAT: dict[str, Any] = {
-    "type": "object", "required": ["messages"], "additionalProperties": True,
-    "properties": {"model": _STRING, "messages": {"type": "array", "items": {"type": "object"}},
-                   "max_tokens": _INTEGER, "temperature": _NUMBER, "top_p": _NUMBER,
-                   "stop": {"oneOf": [_STRING, _STRINGS]}, "seed": _INTEGER, "n": {**_INTEGER, "minimum": 1, "maximum": MAX_N}, "stream": _BOOLEAN,
-                   "stream_options": {"type": "object"}, "response_format": {"type": "object"},
-                   "logprobs": _BOOLEAN, "top_logprobs": _INTEGER,
-                   "character": {**_STRING, "description": "extension: answer as this character (server-side chat)"},
-                   "conversation_id": {**_STRING, "description": "extension: use and store a server-side conversation"}},
-}
+
+def _generation_options(**properties: Any) -> dict[str, Any]:
+    """A request object with the options every generating route shares (from the tables the
+    readers validate with) plus its own ``properties``."""
+    samplers = sampler_schema()
+    return {
+        "type": "object",
+        "additionalProperties": True,
+        "properties": {
+            **samplers["properties"],
+            **{name: _STRING_LIST for name in STOP_STRING_FIELDS},
+            **{name: _BOOLEAN for name in EOS_BAN_FIELDS},
+            "banned_strings": {**_STRING_LIST, "description": "phrases never written (alias banned_tokens)"},
+            "banned_tokens": _STRING_LIST,
+            "custom_token_bans": {"description": "comma list (or list) of token ids never generated"},
+            **properties,
+        },
+        "allOf": samplers["allOf"],
+    }
+
+
+_N = {**_INTEGER, "minimum": 1, "maximum": MAX_N}
+GENERATION_INPUT: dict[str, Any] = {**_generation_options(
+    prompt=_STRING, memory=_STRING,
+    max_length={**_INTEGER, "minimum": 1, "description": "tokens to generate"},
+    max_context_length={**_INTEGER, "minimum": 1, "description": "prompt is left-truncated to this minus max_length"},
+    trim_stop={**_BOOLEAN, "description": "cut the stop string from the output (default true)"},
+    n=_N, genkey=_STRING, quiet=_BOOLEAN,
+), "required": ["prompt"]}
+CHAT_INPUT: dict[str, Any] = _generation_options(
+    user_input=_STRING,
+    history={"type": "object", "properties": {"internal": {"type": "array"}, "visible": {"type": "array"}}},
+    mode={"enum": list(MODES)},
+    character=_STRING, your_name=_STRING, conversation_id=_STRING,
+    regenerate=_BOOLEAN, _continue=_BOOLEAN, impersonate=_BOOLEAN,
+    instruction_template=_STRING, chat_instruct_command=_STRING,
+    max_new_tokens={**_INTEGER, "minimum": 1}, truncation_length={**_INTEGER, "minimum": 16},
+)
+_OPENAI = dict(model=_STRING, max_tokens={**_INTEGER, "minimum": 1}, n=_N, stream=_BOOLEAN,
+               stream_options={"type": "object"})
+#: A token id; bounded by the loaded model's vocabulary in the served document.
+_TOKEN_ID = {**_INTEGER, "minimum": 0, "x-token-id": True}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": _TOKEN_ID}
+OPENAI_COMPLETION: dict[str, Any] = {**_generation_options(
+    **_OPENAI, prompt={"anyOf": [_STRING, _TOKEN_IDS, {"type": "array", "minItems": 1,
+                                                       "items": {"anyOf": [_STRING, _TOKEN_IDS]}}],
+                       "description": "text, token ids, or a list of either"},
+    logprobs={**_INTEGER, "minimum": 0, "maximum": 20}, echo=_BOOLEAN,
+), "required": ["prompt"]}
+OPENAI_CHAT: dict[str, Any] = {**_generation_options(
+    **_OPENAI, messages={"type": "array", "minItems": 1,
+                         "contains": {"type": "object", "required": ["role"],
+                                      "properties": {"role": {"enum": ["user", "assistant"]}}},
+                         "items": {
+        "type": "object", "required": ["role"],
+        "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                       "content": {"anyOf": [_STRING, {"type": "array", "items": {"type": "object"}},
+                                             {"type": "null"}]}}}},
+    response_format={"type": "object"}, logprobs=_BOOLEAN, top_logprobs={**_INTEGER, "minimum": 0, "maximum": 20},
+    character={**_STRING, "description": "extension: answer as this character (server-side chat)"},
+    conversation_id={**_STRING, "description": "extension: use and store a server-side conversation"},
+), "required": ["messages"]}
 GENKEY = {"type": "object", "properties": {"genkey": _STRING}}
 TOKENCOUNT = {"type": "object", "properties": {"prompt": _STRING}}
+DETOKENIZE = {"type": "object", "properties": {"ids": {"type": "array", "items": _TOKEN_ID}}}
+NEW_CONVERSATION = {"type": "object", "properties": {
+    "character": _STRING, "user_name": _STRING, "title": _STRING, "greeting_index": {**_INTEGER, "minimum": 0}}}
+RENAME = {"type": "object", "required": ["title"], "properties": {"title": _STRING}}
+MESSAGE_EDIT = {"type": "object", "properties": {"text": _STRING, "swipe_id": {**_INTEGER, "minimum": 0}},
+                "anyOf": [{"required": ["text"]}, {"required": ["swipe_id"]}]}
 
 # (path, method, tag, summary, request schema or None)
 ROUTES: list[tuple[str, str, str, str, dict[str, Any] | None]] = []
@@ -118,7 +122,7 @@ ROUTES += [
     ("/api/extra/abort", "post", "KoboldCpp", "Abort by genkey, or without one the caller's running and waiting generations; an empty body is fine", GENKEY),
     ("/api/extra/tokencount", "post", "KoboldCpp", "{\"value\": count, \"ids\": [...]}", TOKENCOUNT),
     ("/api/extra/tokenize", "post", "KoboldCpp", "Alias of tokencount", TOKENCOUNT),
-    ("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", {"type": "object", "properties": {"ids": {"type": "array", "items": _INTEGER}}}),
+    ("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", DETOKENIZE),
     ("/api/v1/chat", "post", "Chat", "One chat turn; stateless with history, or stored with conversation_id", CHAT_INPUT),
     ("/api/v1/chat/stream", "post", "Chat", "Streaming chat turn (SSE); the last event carries the history", CHAT_INPUT),
     ("/api/v1/token-count", "post", "text-generation-webui", "{\"results\": [{\"tokens\": n}]}", TOKENCOUNT),
@@ -128,12 +132,12 @@ ROUTES += [
     ("/api/v1/characters/{name}", "get", "Characters", "A character as a V2 card", None),
     ("/api/v1/characters/{name}", "delete", "Characters", "Delete a character", None),
     ("/api/v1/conversations", "get", "Conversations", "List conversations (?character=)", None),
-    ("/api/v1/conversations", "post", "Conversations", "Start a conversation: {character, user_name, title?, greeting_index?}", {"type": "object"}),
+    ("/api/v1/conversations", "post", "Conversations", "Start a conversation: {character, user_name, title?, greeting_index?}", NEW_CONVERSATION),
     ("/api/v1/conversations/{conversation_id}", "get", "Conversations", "A conversation with all messages and swipes", None),
-    ("/api/v1/conversations/{conversation_id}", "patch", "Conversations", "Rename: {title}", {"type": "object"}),
+    ("/api/v1/conversations/{conversation_id}", "patch", "Conversations", "Rename: {title}", RENAME),
     ("/api/v1/conversations/{conversation_id}", "delete", "Conversations", "Delete a conversation", None),
     ("/api/v1/conversations/{conversation_id}/export", "get", "Conversations", "Export as JSON", None),
-    ("/api/v1/conversations/{conversation_id}/messages/{index}", "patch", "Conversations", "Edit text ({text}) or pick a swipe ({swipe_id})", {"type": "object"}),
+    ("/api/v1/conversations/{conversation_id}/messages/{index}", "patch", "Conversations", "Edit text ({text}) or pick a swipe ({swipe_id})", MESSAGE_EDIT),
     ("/api/v1/conversations/{conversation_id}/messages/{index}", "delete", "Conversations", "Delete a message", None),
     ("/v1/models", "get", "OpenAI", "Models list", None),
     ("/v1/completions", "post", "OpenAI", "Text completion (stream: true for SSE ending in [DONE])", OPENAI_COMPLETION),
@@ -144,22 +148,67 @@ ROUTES += [
 ]
 
 
-def openapi_document() -> dict[str, Any]:
+def _bound_token_ids(schema: Any, vocab_size: int | None) -> Any:
+    """A copy of ``schema`` whose token ids are bounded by ``vocab_size`` (when known)."""
+    if isinstance(schema, list):
+        return [_bound_token_ids(item, vocab_size) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: _bound_token_ids(value, vocab_size) for key, value in schema.items() if key != "x-token-id"}
+    if schema.get("x-token-id") and vocab_size:
+        bounded["maximum"] = vocab_size - 1
+    return bounded
+
+
+#: Operations that create something, what they answer it with, and the operations that take
+#: it in their path (OpenAPI links: clients and fuzzers can follow them).
+CREATES = {
+    ("/api/v1/conversations", "post"): ("201", "conversation_id", "$response.body#/result/id"),
+    ("/api/v1/characters", "post"): ("201", "name", "$response.body#/result/name"),
+}
+
+
+def _operation_id(path: str, method: str) -> str:
+    return method + "".join(f"_{part.strip('{}')}" for part in path.split("/") if part)
+
+
+def _links(path: str, method: str) -> dict[str, Any]:
+    """The ``responses`` entry of an operation in :data:`CREATES`, linked to its consumers."""
+    status, parameter, source = CREATES[(path, method)]
+    links = {_operation_id(target, target_method): {"operationId": _operation_id(target, target_method),
+                                                      "parameters": {parameter: source}}
+             for target, target_method, *_ in ROUTES if f"{{{parameter}}}" in target
+             and "{index}" not in target}  # message routes also need an index the creator does not give
+    return {status: {"description": "Created", "links": links}}
+
+
+#: Routes whose body may be left out (SillyTavern sends none to abort).
+OPTIONAL_BODIES = {"/api/extra/abort", "/api/extra/generate/check", "/api/v1/stop-stream"}
+
+
+def openapi_document(vocab_size: int | None = None) -> dict[str, Any]:
+    """The document; with ``vocab_size`` (the loaded model's) token ids are bounded by it."""
     paths: dict[str, dict[str, Any]] = {}
     for path, method, tag, summary, schema in ROUTES:
-        operation: dict[str, Any] = {"tags": [tag], "summary": summary,
+        schema = _bound_token_ids(schema, vocab_size)
+        operation: dict[str, Any] = {"tags": [tag], "summary": summary, "operationId": _operation_id(path, method),
                                      "responses": {"200": {"description": "OK"}}}
+        if (path, method) in CREATES:
+            operation["responses"] = _links(path, method)
         parameters = [{"name": part[1:-1], "in": "path", "required": True, "schema": _STRING}
                       for part in path.split("/") if part.startswith("{")]
         if parameters:
             operation["parameters"] = parameters
         if schema is not None:
             media = "application/octet-stream" if schema.get("format") == "binary" else "application/json"
-            operation["requestBody"] = {"content": {media: {"schema": schema}}}
+            operation["requestBody"] = {"content": {media: {"schema": schema}},
+                                        "required": path not in OPTIONAL_BODIES}
         if method in ("post", "put", "patch") and tag != "Docs":
             operation["responses"]["422"] = {"description": "Validation error: {\"detail\": {field: [message]}}"}
+        operation["responses"]["default"] = {"description": "An error, in the route family's shape: "
+                                                            "{\"detail\": {\"msg\", \"type\"}} or OpenAI's {\"error\": {...}}"}
         paths.setdefault(path, {})[method] = operation
-    return {"openapi": "3.0.3", "info": {"title": "kobold_api", "version": __version__,
+    return {"openapi": "3.1.0", "info": {"title": "kobold_api", "version": __version__,
                                          "description": "KoboldAI / KoboldCpp compatible API, server-side chat and OpenAI-compatible routes. "
                                                         "text-generation-webui's websocket streams (/api/v1/stream, /api/v1/chat-stream) "
                                                         "listen on ws_port (5005), outside this document."},
@@ -168,7 +217,7 @@ def openapi_document() -> dict[str, Any]:
 
 @docs.route("/openapi.json", methods=["GET"], strict_slashes=False)
 def openapi_json() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(services().engine.tokenizer.vocab_size))
 
 
 @docs.route("/docs", methods=["GET"], strict_slashes=False)

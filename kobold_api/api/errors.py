@@ -99,7 +99,11 @@ def init_app(app: Flask) -> None:
     def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
         kind = "key_error" if status == 404 else f"generic.error_{status}"
-        return error_response(ApiError(status, {"msg": error.description or error.name, "type": kind}))
+        response = error_response(ApiError(status, {"msg": error.description or error.name, "type": kind}))
+        for name, value in error.get_headers():  # e.g. a 405's Allow: the methods the route takes
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:

@@ -7,6 +7,9 @@ knows every alias, every lenient form and every bound, so the routes cannot drif
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..engine.sampling import (
     DEFAULT_DRY_SEQUENCE_BREAKERS, SamplingParams, TokenSampler, normalize_sampler_order,
 )
@@ -19,6 +22,10 @@ MAX_BANNED_PHRASE_CHARS = 200
 #: Results per request (``n``), on every route: KoboldAI United's bound (they decode together
 #: in one batch).
 MAX_N = 5
+
+
+STOP_STRING_FIELDS = ("stop_sequence", "stop", "stopping_strings", "custom_stopping_strings")
+EOS_BAN_FIELDS = ("ban_eos_token", "use_default_badwordsids", "bypass_eos", "ignore_eos")
 
 
 def read_stop_strings(reader: FieldReader) -> list[str]:
@@ -36,56 +43,137 @@ def read_stop_strings(reader: FieldReader) -> list[str]:
 
 def read_ban_eos(reader: FieldReader) -> bool:
     """Whether the end-of-sequence token is banned, by any client's name for it."""
-    return any([reader.boolean(name, default=False)
-                for name in ("ban_eos_token", "use_default_badwordsids", "bypass_eos", "ignore_eos")])
+    return any([reader.boolean(name, default=False) for name in EOS_BAN_FIELDS])
 
 
 def read_n(reader: FieldReader) -> int:
     return reader.integer("n", default=1, minimum=1, maximum=MAX_N)
 
 
+@dataclass(frozen=True)
+class Number:
+    """One numeric field: its wire name, the other spellings clients send, and the bounds it is
+    always held to. The readers validate with it and the OpenAPI document is written from it."""
+
+    names: tuple[str, ...]
+    minimum: float | None = None
+    maximum: float | None = None
+    integer: bool = False
+    description: str = ""
+
+    def read(self, reader: FieldReader, default: Any) -> Any:
+        if self.integer:
+            return reader.integer(*self.names, default=default, minimum=self.minimum, maximum=self.maximum)
+        return reader.number(*self.names, default=default, minimum=self.minimum, maximum=self.maximum)
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "integer" if self.integer else "number"}
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.maximum
+        if self.description:
+            schema["description"] = self.description
+        return schema
+
+
+#: Upper bounds far above any useful setting keep a request from overflowing the maths (a 500
+#: mid-generation) or allocating without limit.
+SAMPLER_NUMBERS: dict[str, Number] = {field.names[0]: field for field in (
+    Number(("temperature",), 0.0),
+    Number(("top_k",), 0, integer=True, description="0 = off"),
+    Number(("top_a",), 0.0),
+    Number(("top_p",), 0.0, 1.0),
+    Number(("tfs",), 0.0, 1.0),
+    Number(("typical", "typical_p"), 0.0, 1.0),
+    Number(("min_p",), 0.0, 1.0),
+    Number(("rep_pen", "repetition_penalty", "repeat_penalty"), 0.0, description="0 or 1 = off"),
+    Number(("rep_pen_range", "repetition_penalty_range"), 0, integer=True),
+    Number(("rep_pen_slope",), 0.0),
+    Number(("presence_penalty",), -2.0, 2.0),
+    Number(("frequency_penalty",), -2.0, 2.0),
+    Number(("sampler_seed", "seed"), -1, 2**64 - 1, integer=True, description="-1 or absent: random"),
+    Number(("mirostat", "mirostat_mode"), 0, 2, integer=True, description="1 or 2: Mirostat v1/v2"),
+    Number(("mirostat_tau",), 0.0, 100.0),
+    Number(("mirostat_eta",), 0.0, 1.0),
+    Number(("dynatemp_range",), 0.0, 100.0, description="temperature +- range, by the entropy"),
+    Number(("dynatemp_exponent",), 0.0, 100.0),
+    Number(("smoothing_factor",), 0.0, 100.0, description="quadratic sampling; 0 = off"),
+    Number(("smoothing_curve",), None, 10.0, description="at least 1 while smoothing_factor is on"),
+    Number(("xtc_threshold",), None, 1.0, description="0 to 1 while xtc_probability is on"),
+    Number(("xtc_probability",), 0.0, 1.0),
+    Number(("dry_multiplier",), 0.0, 100.0, description="DRY repetition penalty; 0 = off"),
+    Number(("dry_base",), None, 100.0, description="at least 1 while dry_multiplier is on"),
+    Number(("dry_allowed_length",), None, 1000, integer=True, description="at least 1 while dry_multiplier is on"),
+    Number(("dry_penalty_last_n",), -1, integer=True, description="0 or -1: the whole context"),
+)}
+#: What a sampler demands of its settings only while it is on (a client may leave stale values
+#: for one it turned off): (the switch, its "off" value, {setting: minimum while on}).
+WHILE_ON: tuple[tuple[str, float, dict[str, float]], ...] = (
+    ("smoothing_factor", 0.0, {"smoothing_curve": 1.0}),
+    ("xtc_probability", 0.0, {"xtc_threshold": 0.0}),
+    ("dry_multiplier", 0.0, {"dry_base": 1.0, "dry_allowed_length": 1}),
+)
+
+
+def sampler_schema() -> dict[str, Any]:
+    """The sampler fields as JSON Schema: ``properties`` (every spelling) and ``allOf`` (the
+    while-on rules), from the same table the reader validates with."""
+    properties = {name: field.schema() for field in SAMPLER_NUMBERS.values() for name in field.names}
+    properties.update({
+        "sampler_order": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 6},
+                          "minItems": 1, "maxItems": 7, "uniqueItems": True,
+                          "description": "ids 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen"},
+        "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                       "additionalProperties": {"type": "number"}, "description": "token id -> bias (clamped to +-100)"},
+        "dry_sequence_breakers": {"description": "list of strings, or that list JSON-encoded (as SillyTavern sends)"},
+        "do_sample": {"type": "boolean", "description": "false: greedy (text-generation-webui)"},
+    })
+    rules = [{"anyOf": [{"properties": {switch: {"type": "number", "maximum": off, "minimum": off}}},
+                        {"properties": {name: {"minimum": minimum} for name, minimum in settings.items()}}]}
+             for switch, off, settings in WHILE_ON]
+    return {"properties": properties, "allOf": rules}
+
+
 def read_sampling(reader: FieldReader, defaults: GenerationDefaults) -> SamplingParams:
     """The sampler fields shared by the Kobold, chat and OpenAI routes (KoboldCpp's extras included)."""
-    rep_pen_values = [
-        reader.number(name, default=1.0, minimum=0.0)
-        for name in ("rep_pen", "repetition_penalty", "repeat_penalty") if reader.has(name)
-    ]
-    seed = reader.integer("sampler_seed", "seed", default=-1, minimum=-1, maximum=2**64 - 1)
+    fields = SAMPLER_NUMBERS
+    rep_pen = fields["rep_pen"]
+    rep_pen_values = [Number((name,), rep_pen.minimum).read(reader, 1.0) for name in rep_pen.names if reader.has(name)]
+    seed = fields["sampler_seed"].read(reader, -1)
     # text-generation-webui's do_sample false means greedy, whatever the temperature says.
     greedy = not reader.boolean("do_sample", default=True)
+    temperature = fields["temperature"].read(reader, defaults.temperature)
     params = SamplingParams(
-        temperature=0.0 if greedy else reader.number("temperature", default=defaults.temperature, minimum=0.0),
-        top_k=reader.integer("top_k", default=defaults.top_k, minimum=0),
-        top_a=reader.number("top_a", default=defaults.top_a, minimum=0.0),
-        top_p=reader.number("top_p", default=defaults.top_p, minimum=0.0, maximum=1.0),
-        tfs=reader.number("tfs", default=defaults.tfs, minimum=0.0, maximum=1.0),
-        typical=reader.number("typical", "typical_p", default=defaults.typical, minimum=0.0, maximum=1.0),
-        min_p=reader.number("min_p", default=defaults.min_p, minimum=0.0, maximum=1.0),
+        temperature=0.0 if greedy else temperature,
+        top_k=fields["top_k"].read(reader, defaults.top_k),
+        top_a=fields["top_a"].read(reader, defaults.top_a),
+        top_p=fields["top_p"].read(reader, defaults.top_p),
+        tfs=fields["tfs"].read(reader, defaults.tfs),
+        typical=fields["typical"].read(reader, defaults.typical),
+        min_p=fields["min_p"].read(reader, defaults.min_p),
         rep_pen=max(rep_pen_values) if rep_pen_values else defaults.rep_pen,
-        rep_pen_range=reader.integer("rep_pen_range", "repetition_penalty_range",
-                                     default=defaults.rep_pen_range, minimum=0),
-        rep_pen_slope=reader.number("rep_pen_slope", default=defaults.rep_pen_slope, minimum=0.0),
-        presence_penalty=reader.number("presence_penalty", default=0.0, minimum=-2.0, maximum=2.0),
-        frequency_penalty=reader.number("frequency_penalty", default=0.0, minimum=-2.0, maximum=2.0),
+        rep_pen_range=fields["rep_pen_range"].read(reader, defaults.rep_pen_range),
+        rep_pen_slope=fields["rep_pen_slope"].read(reader, defaults.rep_pen_slope),
+        presence_penalty=fields["presence_penalty"].read(reader, 0.0),
+        frequency_penalty=fields["frequency_penalty"].read(reader, 0.0),
         sampler_order=_sampler_order(reader, defaults),
         seed=seed if seed >= 0 else None,
         logit_bias=reader.token_bias("logit_bias"),
         banned_token_ids=_custom_token_bans(reader),
-        # Upper bounds far above any useful setting keep a request from overflowing the maths
-        # (a 500 mid-generation) or allocating without limit.
-        mirostat=reader.integer("mirostat", "mirostat_mode", default=0, minimum=0, maximum=2),
-        mirostat_tau=reader.number("mirostat_tau", default=5.0, minimum=0.0, maximum=100.0),
-        mirostat_eta=reader.number("mirostat_eta", default=0.1, minimum=0.0, maximum=1.0),
-        dynatemp_range=reader.number("dynatemp_range", default=0.0, minimum=0.0, maximum=100.0),
-        dynatemp_exponent=reader.number("dynatemp_exponent", default=1.0, minimum=0.0, maximum=100.0),
-        smoothing_factor=reader.number("smoothing_factor", default=0.0, minimum=0.0, maximum=100.0),
-        smoothing_curve=reader.number("smoothing_curve", default=1.0, maximum=10.0),
-        xtc_threshold=reader.number("xtc_threshold", default=0.2, maximum=1.0),
-        xtc_probability=reader.number("xtc_probability", default=0.0, minimum=0.0, maximum=1.0),
-        dry_multiplier=reader.number("dry_multiplier", default=0.0, minimum=0.0, maximum=100.0),
-        dry_base=reader.number("dry_base", default=1.75, maximum=100.0),
-        dry_allowed_length=reader.integer("dry_allowed_length", default=2, maximum=1000),
-        dry_penalty_last_n=reader.integer("dry_penalty_last_n", default=320, minimum=-1),
+        mirostat=fields["mirostat"].read(reader, 0),
+        mirostat_tau=fields["mirostat_tau"].read(reader, 5.0),
+        mirostat_eta=fields["mirostat_eta"].read(reader, 0.1),
+        dynatemp_range=fields["dynatemp_range"].read(reader, 0.0),
+        dynatemp_exponent=fields["dynatemp_exponent"].read(reader, 1.0),
+        smoothing_factor=fields["smoothing_factor"].read(reader, 0.0),
+        smoothing_curve=fields["smoothing_curve"].read(reader, 1.0),
+        xtc_threshold=fields["xtc_threshold"].read(reader, 0.2),
+        xtc_probability=fields["xtc_probability"].read(reader, 0.0),
+        dry_multiplier=fields["dry_multiplier"].read(reader, 0.0),
+        dry_base=fields["dry_base"].read(reader, 1.75),
+        dry_allowed_length=fields["dry_allowed_length"].read(reader, 2),
+        dry_penalty_last_n=fields["dry_penalty_last_n"].read(reader, 320),
         # SillyTavern sends the breakers as a JSON-encoded string
         dry_sequence_breakers=reader.string_list("dry_sequence_breakers") if reader.has("dry_sequence_breakers")
         else list(DEFAULT_DRY_SEQUENCE_BREAKERS),

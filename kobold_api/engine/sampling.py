@@ -200,10 +200,15 @@ def _require_int(name: str, value: object, minimum: int) -> int:
     return number
 
 
+#: Larger ids than any vocabulary has; an id past it is stored as this (it then matches no
+#: token, as any id beyond the vocabulary does) instead of overflowing int64.
+_NO_TOKEN = 2**62
+
+
 def _token_id_array(name: str, token_ids: Iterable[object]) -> np.ndarray:
     """Token ids as int64; decimal strings pass too, since JSON object keys are strings."""
     ids = [
-        _require_int(name, int(token_id) if _is_decimal(token_id) else token_id, 0)
+        min(_require_int(name, int(token_id) if _is_decimal(token_id) else token_id, 0), _NO_TOKEN)
         for token_id in token_ids
     ]
     return np.asarray(ids, dtype=np.int64)
@@ -324,9 +329,9 @@ class LogitBiasSampler:
             raise ValueError("logit_bias must map token ids to biases")
         self.token_ids = _token_id_array("logit_bias", logit_bias.keys())
         biases = [_require_real("logit_bias", bias) for bias in logit_bias.values()]
-        self.biases = np.clip(
-            np.asarray(biases, dtype=np.float32), -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS
-        )
+        self.biases = np.clip(  # clipped before the cast to float32, which 1e308 would overflow
+            np.asarray(biases, dtype=np.float64), -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS
+        ).astype(np.float32)
 
     def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
         in_vocab = self.token_ids < logits.size
@@ -344,6 +349,11 @@ class TokenBanSampler:
     def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
         logits[self.token_ids[self.token_ids < logits.size]] = NEG_INF
         return logits
+
+
+#: Bound for a logit an extreme penalty pushed out of range: finite, and far enough below
+#: float32's limit that differences of two such logits stay finite too.
+_MAX_LOGIT = 1e37
 
 
 class RepetitionPenaltySampler:
@@ -393,9 +403,16 @@ class RepetitionPenaltySampler:
         token_ids, distance = np.unique(window[::-1], return_index=True)
         in_vocab = (token_ids >= 0) & (token_ids < logits.size)
         token_ids, distance = token_ids[in_vocab], distance[in_vocab]
-        factor = self.factors(distance)
         scores = logits[token_ids]
-        logits[token_ids] = np.where(scores <= 0, scores * factor, scores / factor)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            factor = self.factors(distance)
+            penalized = np.where(scores <= 0, scores * factor, scores / factor)
+        # An extreme rep_pen (1e-300 and 1e300 are valid numbers) must not leave inf or NaN for
+        # the samplers after it: the few penalized logits stay finite (0 * inf is 0), and a
+        # token masked before stays masked.
+        penalized = np.nan_to_num(penalized, nan=0.0, posinf=_MAX_LOGIT, neginf=-_MAX_LOGIT)
+        penalized[scores == NEG_INF] = NEG_INF
+        logits[token_ids] = penalized
         return logits
 
 
@@ -632,8 +649,12 @@ class TemperatureSampler:
 def _apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Divide ``logits`` by ``temperature`` in place; 0, or a temperature so small that the
     division overflows float32 (a dynamic temperature can come out at 1e-300), keeps only the
-    most likely token(s)."""
-    scale = np.float32(temperature)
+    most likely token(s); one too large for float32 leaves them all equally likely."""
+    with np.errstate(over="ignore"):
+        scale = np.float32(temperature)
+    if scale == np.inf:  # past float32 (1e39 and up): every token left is equally likely
+        logits[logits > NEG_INF] = 0.0
+        return logits
     if scale >= 1.0:  # cannot overflow: in place, no copy
         np.divide(logits, scale, out=logits)
         return logits

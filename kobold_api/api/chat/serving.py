@@ -108,7 +108,7 @@ class ChatService:
         return {"results": [_character_summary(c) for c in self.characters.list()]}
 
     def get_character(self, name: str) -> dict[str, Any]:
-        return {"result": character_to_v2_dict(self._character(name))}
+        return {"result": character_to_v2_dict(self._existing_character(name))}
 
     def upload_character(self, data: bytes, name: str | None, overwrite: bool) -> dict[str, Any]:
         try:
@@ -124,12 +124,17 @@ class ChatService:
         return {"result": _character_summary(character)}
 
     def delete_character(self, name: str) -> dict[str, Any]:
-        self._character(name)
-        try:
-            self.characters.delete(name)
-        except UnsafeNameError as exc:
-            raise ApiError(400, {"msg": f"Invalid character name: {exc}", "type": "bad_name"}) from exc
+        self._existing_character(name)
+        self.characters.delete(name)
         return {"success": True}
+
+    def _existing_character(self, name: str) -> Character:
+        """For the routes that name a character in their path: a name no file can have (control
+        characters, separators, a leading dot) names no character, so it is a 404 like any other."""
+        try:
+            return self.characters.get(name)
+        except (UnsafeNameError, KeyError):
+            raise not_found_error(f"No character named {name!r}.") from None
 
     def _character(self, name: str) -> Character:
         try:

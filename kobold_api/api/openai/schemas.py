@@ -87,8 +87,13 @@ def parse_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> C
 
 
 def _is_token_list(value: Any) -> bool:
+    """Non-negative whole numbers (40.0 counts, as JSON clients send it)."""
     return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+        isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 and float(t).is_integer() for t in value)
+
+
+def _token_list(value: list[Any]) -> list[int]:
+    return [int(t) for t in value]
 
 
 def _prompts(value: Any, reader: FieldReader) -> list[str | list[int]]:
@@ -96,9 +101,9 @@ def _prompts(value: Any, reader: FieldReader) -> list[str | list[int]]:
     if isinstance(value, str):
         return [value]
     if _is_token_list(value):
-        return [list(value)]
+        return [_token_list(value)]
     if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_list(p) for p in value):
-        return list(value)
+        return [p if isinstance(p, str) else _token_list(p) for p in value]
     reader.errors["prompt"] = ["Must be a string, a list of strings, or token ids."]
     return []
 

@@ -102,21 +102,25 @@ class OpenAIService:
         """Extension: ``character`` and/or ``conversation_id`` route the turn through the server-side chat.
 
         The last user message is the new input; with ``conversation_id`` the stored history
-        is used (and the turn stored), otherwise earlier messages become the history.
+        is used (and the turn stored), otherwise earlier messages become the history. A last
+        message of the assistant's is continued (OpenAI clients' "prefill"), as ``_continue``.
         """
         model = self._response_model()
         parsed = parse_chat_completion(body, self.settings.generation)
         turns = [m for m in parsed.messages if m["role"] in ("user", "assistant")]
-        if not turns or turns[-1]["role"] != "user":
-            raise ApiError(400, {"msg": "The last message must be the user's new message.", "type": "bad_input"},
+        while turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+            turns.pop()  # an empty assistant message asks for a reply, like none at all
+        if not turns:
+            raise ApiError(400, {"msg": "Send at least one user or assistant message.", "type": "bad_input"},
                            param="messages")
+        continuing = turns[-1]["role"] == "assistant"
         rows: list[list[str]] = []
-        for message in turns[:-1]:
+        for message in turns if continuing else turns[:-1]:
             if message["role"] == "user" or not rows or rows[-1][1]:
                 rows.append(["", ""])
             rows[-1][0 if message["role"] == "user" else 1] = message["content"]
-        chat_body = {**body, "user_input": turns[-1]["content"], "history": {"internal": rows},
-                     "stopping_strings": parsed.stop}
+        chat_body = {**body, "user_input": "" if continuing else turns[-1]["content"], "history": {"internal": rows},
+                     "_continue": continuing, "stopping_strings": parsed.stop}
         if parsed.max_tokens:
             chat_body["max_new_tokens"] = parsed.max_tokens
         chat_input = chat.parse(chat_body)
