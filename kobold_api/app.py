@@ -9,7 +9,7 @@ from flask import Flask
 from .api import errors, security
 from .api.chat.routes import chat
 from .api.chat.serving import ChatService
-from .api.context import EXTENSION_KEY, Services
+from .api.services import EXTENSION_KEY, Services
 from .api.docs import docs
 from .api.kobold.routes import extra, kobold
 from .api.kobold.serving import KoboldService
@@ -17,6 +17,7 @@ from .api.openai.routes import openai
 from .api.openai.serving import OpenAIService
 from .api.textgen.routes import textgen
 from .api.textgen.serving import TextgenService
+from .chat.templates import template_for_model
 from .engine.engine import Engine
 from .settings import Settings, load_settings
 
@@ -37,12 +38,14 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     plus a fresh Flask object.
     """
     engine = engine or load_engine(settings)
-    chat_service = ChatService.from_settings(engine, settings)
+    # The loaded model's own chat template (ChatML when its folder has none), built once.
+    template = template_for_model(engine.tokenizer.chat_template, engine.tokenizer.eos_token, engine.model_name)
+    chat_service = ChatService.from_settings(engine, settings, template)
     bundle = Services(
         settings=settings,
         engine=engine,
         kobold=KoboldService(engine, settings),
-        openai=OpenAIService(engine, settings),
+        openai=OpenAIService(engine, settings, template),
         chat=chat_service,
         textgen=TextgenService(engine, settings, chat_service),
     )

@@ -230,7 +230,7 @@ def test_engine_queue_runs_jobs_one_at_a_time_and_bounds_the_queue(tiny_model_di
         assert engine.abort(running.genkey)
         assert running.wait().stop_reason == STOP_ABORT
         assert queued.wait().completion_tokens == 5
-        assert engine.perf.total_gens == 2
+        assert engine.stats.total_generations == 2
     finally:
         engine.shutdown()
 

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kobold_api.chat.store import (
+from kobold_api.chat.conversations import (
     MIGRATIONS,
     Conversation,
     ConversationNotFound,

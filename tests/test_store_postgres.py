@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from kobold_api.chat.store import ConversationStore
+from kobold_api.chat.conversations import ConversationStore
 
 pytest.importorskip("psycopg2", reason="psycopg2 is not installed")
 

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify
 
 from .. import __version__
 from ..chat.prompt import MODES
-from .context import services
+from .services import services
 from .generation_fields import EOS_BAN_FIELDS, MAX_N, STOP_STRING_FIELDS, sampler_schema
 
 docs = Blueprint("docs", __name__)

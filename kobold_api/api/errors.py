@@ -14,6 +14,11 @@ from typing import Any
 from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ..chat.cards import CardError
+from ..chat.characters import CardTooLargeError, CharacterExistsError, UnsafeNameError
+from ..chat.prompt import PromptBuildError
+from ..chat.conversations import ConversationNotFound, MessageNotFound, StoreError, SwipeNotFound
+
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +66,32 @@ def bad_input_error(message: str) -> ApiError:
     return ApiError(400, {"msg": message, "type": "bad_input"}, openai_type="invalid_request_error")
 
 
+#: The chat layer's exceptions, answered the same way wherever they surface (the most specific
+#: class first): (class, status, type, message prefix).
+_DOMAIN_ERRORS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int, str, str], ...] = (
+    (CardTooLargeError, 413, "card_too_large", ""),
+    (CardError, 400, "bad_card", "Invalid character card: "),
+    (UnsafeNameError, 400, "bad_name", "Invalid character name: "),
+    (CharacterExistsError, 409, "exists", ""),
+    (PromptBuildError, 400, "prompt_error", ""),
+    ((ConversationNotFound, MessageNotFound, SwipeNotFound), 404, "key_error", ""),
+    (StoreError, 400, "bad_input", ""),
+)
+#: The classes to register a handler for (each subclass is found through its base).
+DOMAIN_ERRORS = (CardError, UnsafeNameError, CharacterExistsError, PromptBuildError, StoreError)
+
+
+def domain_error(error: Exception) -> ApiError:
+    """The HTTP answer to one of :data:`DOMAIN_ERRORS` (the one place they are mapped)."""
+    message = str(error.args[0]) if error.args else str(error)
+    for kind, status, name, prefix in _DOMAIN_ERRORS:
+        if isinstance(error, kind):
+            if kind is CharacterExistsError:
+                message += " Send overwrite=true to replace it."
+            return ApiError(status, {"msg": prefix + message, "type": name})
+    raise TypeError(f"not a domain error: {error!r}")
+
+
 def internal_error(error: BaseException, what: str = "Internal server error") -> tuple[str, str]:
     """Log ``error`` with its traceback under a new request id; return (id, message for the
     client). The message never holds the exception's text, which can hold paths, prompts or
@@ -94,6 +125,9 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
         return error_response(error)
+
+    for kind in DOMAIN_ERRORS:
+        app.register_error_handler(kind, lambda error: error_response(domain_error(error)))
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:

@@ -143,22 +143,15 @@ class Job:
 
 
 @dataclass
-class PerfStats:
-    """Figures of the last finished generation, for /api/extra/perf."""
+class EngineStats:
+    """Counters and the last finished generation; each API turns them into its own figures
+    (KoboldCpp's /api/extra/perf), so the engine stays protocol-free."""
 
-    last_process: float = 0.0
-    last_eval: float = 0.0
-    last_token_count: int = 0
-    last_input_count: int = 0
-    last_reused_count: int = 0
-    last_seed: int = -1
-    total_gens: int = 0
-    stop_reason: int = -1
-    started_at: float = field(default_factory=time.time)
+    total_generations: int = 0
+    last_result: GenerationResult | None = None
     last_finished_at: float = field(default_factory=time.time)
 
 
-_KOBOLD_STOP_REASON = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
 
 
 class JobQueue:
@@ -235,7 +228,7 @@ class Engine:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._jobs_lock = threading.Lock()
         self._running: dict[str, Job] = {}
-        self.perf = PerfStats()
+        self.stats = EngineStats()
         self._worker = threading.Thread(target=self._run, name="kobold-engine", daemon=True)
         self._worker.start()
 
@@ -436,16 +429,9 @@ class Engine:
     def _record(self, result: GenerationResult | None) -> None:
         if result is None:
             return
-        perf = self.perf
-        perf.last_process = result.prefill_seconds
-        perf.last_eval = result.decode_seconds
-        perf.last_token_count = result.completion_tokens
-        perf.last_input_count = result.prompt_tokens
-        perf.last_reused_count = result.reused_tokens
-        perf.last_seed = result.seed if result.seed is not None else -1
-        perf.total_gens += 1
-        perf.stop_reason = _KOBOLD_STOP_REASON.get(result.stop_reason, -1)
-        perf.last_finished_at = time.time()
+        self.stats.total_generations += 1
+        self.stats.last_result = result
+        self.stats.last_finished_at = time.time()
 
 
 def _swap_remove(items: list, index: int) -> None:

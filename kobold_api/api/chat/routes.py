@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
-from ..context import request_json, services
+from ..services import request_json, services
 from ..fields import FieldReader
 from ..sse import disconnect_probe, sse_response
 

@@ -13,19 +13,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-from ...chat.cards import CardError, character_to_v2_dict
+from ...chat.cards import character_to_v2_dict
 from ...chat.character import Character
-from ...chat.characters import (SHIPPED_CHARACTERS, CardTooLargeError, CharacterExistsError, CharacterStore,
-                               UnsafeNameError)
-from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptBuildError, PromptRequest, clean_reply
-from ...chat.store import ConversationNotFound, ConversationStore, MessageNotFound, StoreError
+from ...chat.characters import SHIPPED_CHARACTERS, CharacterStore, UnsafeNameError
+from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptRequest, clean_reply
+from ...chat.conversations import ConversationStore
 from ...chat.templates import ChatTemplate, get_named_template
 from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
-from ..context import model_chat_template
-from ..errors import ApiError, ValidationError, not_found_error
+from ..errors import DOMAIN_ERRORS, ApiError, ValidationError, domain_error, not_found_error
 from ..fields import FieldReader
 from ..sse import EventStream, sse_event
 from .schemas import DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, parse_chat_input
@@ -65,7 +63,8 @@ class TurnPlan:
 
 @dataclass
 class TurnEvent:
-    """One step of a streamed turn: new text, the stored result (last), or an error (last)."""
+    """One step of a streamed turn: new text, the turn's result (last: see ``ChatService.turn``),
+    or an error (last)."""
 
     text: str = ""
     result: dict[str, Any] | None = None
@@ -81,27 +80,27 @@ def _kobold_events(events: Iterator[TurnEvent]) -> Iterator[bytes]:
         if event.error is not None:
             yield sse_event({"token": "", "finish_reason": "error", "error": event.error}, "message")
         elif event.result is not None:
-            yield sse_event({"token": "", "finish_reason": event.finish_reason, **event.result}, "message")
+            yield sse_event({"token": "", "finish_reason": event.finish_reason, "results": [event.result]}, "message")
         else:
             yield sse_event({"token": event.text, "finish_reason": None}, "message")
 
 
 class ChatService:
     def __init__(self, engine: Engine, settings: Settings, characters: CharacterStore,
-                 conversations: ConversationStore) -> None:
+                 conversations: ConversationStore, model_template: ChatTemplate) -> None:
         self.engine = engine
         self.settings = settings
         self.characters = characters
         self.conversations = conversations
-        self.model_template: ChatTemplate = model_chat_template(engine)
+        self.model_template = model_template
         self.builder = PromptBuilder(engine.tokenizer.count, self.model_template)
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings: Settings) -> "ChatService":
+    def from_settings(cls, engine: Engine, settings: Settings, model_template: ChatTemplate) -> "ChatService":
         return cls(engine, settings,
                    CharacterStore(settings.characters_path, max_bytes=settings.max_upload_mb * 2**20,
                                   shipped=SHIPPED_CHARACTERS),
-                   ConversationStore(settings.resolved_database_url))
+                   ConversationStore(settings.resolved_database_url), model_template)
 
     # --- characters -------------------------------------------------------------------
     def list_characters(self) -> dict[str, Any]:
@@ -111,16 +110,7 @@ class ChatService:
         return {"result": character_to_v2_dict(self._existing_character(name))}
 
     def upload_character(self, data: bytes, name: str | None, overwrite: bool) -> dict[str, Any]:
-        try:
-            character = self.characters.save(data, name or None, overwrite=overwrite)
-        except CardTooLargeError as exc:
-            raise ApiError(413, {"msg": str(exc), "type": "card_too_large"}) from exc
-        except CardError as exc:
-            raise ApiError(400, {"msg": f"Invalid character card: {exc}", "type": "bad_card"}) from exc
-        except UnsafeNameError as exc:
-            raise ApiError(400, {"msg": f"Invalid character name: {exc}", "type": "bad_name"}) from exc
-        except CharacterExistsError as exc:
-            raise ApiError(409, {"msg": f"{exc} Send overwrite=true to replace it.", "type": "exists"}) from exc
+        character = self.characters.save(data, name or None, overwrite=overwrite)
         return {"result": _character_summary(character)}
 
     def delete_character(self, name: str) -> dict[str, Any]:
@@ -137,10 +127,9 @@ class ChatService:
             raise not_found_error(f"No character named {name!r}.") from None
 
     def _character(self, name: str) -> Character:
+        """A character named in a request body (an unsafe name is a 400 there, via errors)."""
         try:
             return self.characters.get(name)
-        except UnsafeNameError as exc:
-            raise ApiError(400, {"msg": f"Invalid character name: {exc}", "type": "bad_name"}) from exc
         except KeyError:
             raise not_found_error(f"No character named {name!r}.") from None
 
@@ -168,20 +157,20 @@ class ChatService:
         return {"results": [c.to_dict(include_messages=False) for c in self.conversations.list(character)]}
 
     def get_conversation(self, conversation_id: str) -> dict[str, Any]:
-        return {"result": self._call(self.conversations.get, conversation_id).to_dict()}
+        return {"result": self.conversations.get(conversation_id).to_dict()}
 
     def rename_conversation(self, conversation_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
         reader = FieldReader(body)
         title = reader.string("title", required=True)
         reader.raise_if_errors()
-        return {"result": self._call(self.conversations.rename, conversation_id, title).to_dict()}
+        return {"result": self.conversations.rename(conversation_id, title).to_dict()}
 
     def delete_conversation(self, conversation_id: str) -> dict[str, Any]:
-        self._call(self.conversations.delete, conversation_id)
+        self.conversations.delete(conversation_id)
         return {"success": True}
 
     def export_conversation(self, conversation_id: str) -> dict[str, Any]:
-        return self._call(self.conversations.export, conversation_id)
+        return self.conversations.export(conversation_id)
 
     def edit_message(self, conversation_id: str, index: int, body: Mapping[str, Any]) -> dict[str, Any]:
         reader = FieldReader(body)
@@ -193,9 +182,9 @@ class ChatService:
         release = self._turn_lock(conversation_id, lambda: False)
         try:
             if swipe_id is not None:
-                self._call(self.conversations.set_swipe, conversation_id, index, swipe_id)
+                self.conversations.set_swipe(conversation_id, index, swipe_id)
             if text is not None:
-                self._call(self.conversations.edit_message, conversation_id, index, text)
+                self.conversations.edit_message(conversation_id, index, text)
         finally:
             release()
         return self.get_conversation(conversation_id)
@@ -203,26 +192,23 @@ class ChatService:
     def delete_message(self, conversation_id: str, index: int) -> dict[str, Any]:
         release = self._turn_lock(conversation_id, lambda: False)
         try:
-            self._call(self.conversations.delete_message, conversation_id, index)
+            self.conversations.delete_message(conversation_id, index)
         finally:
             release()
         return self.get_conversation(conversation_id)
-
-    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return method(*args)
-        except ConversationNotFound as exc:
-            raise not_found_error(f"No conversation {args[0]!r}.") from exc
-        except (MessageNotFound, IndexError) as exc:
-            raise ApiError(404, {"msg": str(exc).strip("'\""), "type": "key_error"}) from exc
-        except StoreError as exc:
-            raise ApiError(400, {"msg": str(exc), "type": "bad_input"}) from exc
 
     # --- /api/v1/chat -----------------------------------------------------------------
     def parse(self, body: Mapping[str, Any]) -> ChatInput:
         return parse_chat_input(body, self.settings.generation)
 
     def chat(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
+        """``/api/v1/chat``'s answer: ``{"results": [turn]}``."""
+        return {"results": [self.turn(parsed, disconnected)]}
+
+    def turn(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
+        """One chat turn, stored when it is a conversation's: ``text``, ``history``, the token
+        counts, ``finish_reason`` (and ``conversation_id``/``conversation`` for a stored one).
+        Other APIs (OpenAI's character extension) call this with a :class:`ChatInput` they built."""
         release = self._turn_lock(parsed.conversation_id, disconnected)
         try:
             plan = self._plan(parsed)
@@ -267,7 +253,7 @@ class ChatService:
         """
         if not conversation_id:
             return lambda: None
-        self._call(self.conversations.get, conversation_id)  # 404 before a lock is made for it
+        self.conversations.get(conversation_id)  # 404 before a lock is made for it
         lock = self.conversations.lock(conversation_id)
         deadline = time.monotonic() + TURN_WAIT_SECONDS
         while not lock.acquire(timeout=0.2):
@@ -298,7 +284,7 @@ class ChatService:
             for chunk in job.chunks(disconnected):
                 if chunk.result is not None:
                     body = self._finish(plan, chunk.result)
-                    final = body["results"][0]["text"]
+                    final = body["text"]
                     if final.startswith(sent) and len(final) > len(sent):
                         yield text_event(final[len(sent):], final)
                     yield TurnEvent(result=body, finish_reason=chunk.result.finish_reason)
@@ -311,7 +297,9 @@ class ChatService:
         except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield TurnEvent(error=jobs.stream_failure(exc))
         except ApiError as exc:
-            yield TurnEvent(error=str(exc))
+            yield TurnEvent(error=exc.message)
+        except DOMAIN_ERRORS as exc:  # e.g. the conversation was deleted while the reply formed
+            yield TurnEvent(error=domain_error(exc).message)
 
     def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:
@@ -320,7 +308,7 @@ class ChatService:
         body.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     dropped_turns=plan.prompt.dropped_turns, dropped_examples=plan.prompt.dropped_examples,
                     finish_reason=result.finish_reason)
-        return {"results": [body]}
+        return body
 
     def _plan(self, parsed: ChatInput) -> TurnPlan:
         if parsed.conversation_id:
@@ -346,16 +334,13 @@ class ChatService:
             left = context - parsed.max_new_tokens - self.engine.tokenizer.added_per_prompt
             raise ValidationError({"max_new_tokens": [f"Leaves only {left} tokens of a {context}-token "
                                                       "context for the prompt."]})
-        try:
-            prompt = self.builder.build(PromptRequest(
-                character, user_name, history, None if parsed.continue_last else user_input,
-                max_prompt_tokens=budget, mode=parsed.mode,
-                continue_last=parsed.continue_last, impersonate=parsed.impersonate,
-                chat_instruct_command=parsed.chat_instruct_command, template=self._template(parsed),
-                extra_stop_strings=parsed.stop_strings,
-            ))
-        except PromptBuildError as exc:
-            raise ApiError(400, {"msg": str(exc), "type": "prompt_error"}) from exc
+        prompt = self.builder.build(PromptRequest(
+            character, user_name, history, None if parsed.continue_last else user_input,
+            max_prompt_tokens=budget, mode=parsed.mode,
+            continue_last=parsed.continue_last, impersonate=parsed.impersonate,
+            chat_instruct_command=parsed.chat_instruct_command, template=self._template(parsed),
+            extra_stop_strings=parsed.stop_strings,
+        ))
         request = GenerationRequest(
             prompt=prompt.text, max_new_tokens=max_new, max_context_length=context,
             sampling=parsed.sampling, stop_strings=prompt.stop_strings, trim_stop=True,
@@ -386,7 +371,7 @@ class ChatService:
 
     def _plan_stored(self, parsed: ChatInput) -> TurnPlan:
         conversation_id = parsed.conversation_id or ""
-        conversation = self._call(self.conversations.get, conversation_id)
+        conversation = self.conversations.get(conversation_id)
         character = self._character(conversation.character)
         user_name = conversation.user_name
         messages = list(conversation.messages)
@@ -411,12 +396,12 @@ class ChatService:
 
         def commit(reply: str) -> dict[str, Any]:
             if parsed.regenerate:
-                self._call(self.conversations.add_swipe, conversation_id, last_index, reply)
+                self.conversations.add_swipe(conversation_id, last_index, reply)
             elif parsed.continue_last:
-                self._call(self.conversations.append_to_message, conversation_id, last_index, reply)
+                self.conversations.append_to_message(conversation_id, last_index, reply)
             elif not parsed.impersonate:  # an impersonated line is a suggestion, not a stored turn
-                self._call(self.conversations.add_turn, conversation_id, user_input, reply, character.display_name)
-            stored = self._call(self.conversations.get, conversation_id)
+                self.conversations.add_turn(conversation_id, user_input, reply, character.display_name)
+            stored = self.conversations.get(conversation_id)
             return {"text": reply, "conversation_id": conversation_id, "history": _stored_history(stored),
                     "conversation": stored.to_dict()}
 

@@ -21,6 +21,10 @@ KOBOLD_API_VERSION = "1.2.5"
 KOBOLDCPP_COMPAT_VERSION = "1.80"
 
 
+#: KoboldCpp's numbers for why the last generation ended (/api/extra/perf ``stop_reason``).
+_KOBOLD_STOP_REASON = {"length": 0, "eos": 1, "stop_string": 2, "abort": -1}
+
+
 class KoboldService:
     """Kobold/KoboldCpp semantics on top of the engine."""
 
@@ -51,19 +55,23 @@ class KoboldService:
         return min(self.settings.generation.max_context_length, self.context_size)
 
     def perf(self) -> dict[str, Any]:
-        perf = self.engine.perf
-        now = time.time()
-        speed = perf.last_token_count / perf.last_eval if perf.last_eval else 0.0
+        """KoboldCpp's figures of the last generation, from the engine's protocol-free stats."""
+        stats, now = self.engine.stats, time.time()
+        last = stats.last_result
+        process, decode = (last.prefill_seconds, last.decode_seconds) if last else (0.0, 0.0)
+        tokens, prompt = (last.completion_tokens, last.prompt_tokens) if last else (0, 0)
         return {
-            "last_process": round(perf.last_process, 4), "last_eval": round(perf.last_eval, 4),
-            "last_token_count": perf.last_token_count, "last_input_count": perf.last_input_count,
-            "last_reused_count": perf.last_reused_count,
-            "last_seed": perf.last_seed, "total_gens": perf.total_gens, "stop_reason": perf.stop_reason,
+            "last_process": round(process, 4), "last_eval": round(decode, 4),
+            "last_token_count": tokens, "last_input_count": prompt,
+            "last_reused_count": last.reused_tokens if last else 0,
+            "last_seed": last.seed if last and last.seed is not None else -1,
+            "total_gens": stats.total_generations,
+            "stop_reason": _KOBOLD_STOP_REASON.get(last.stop_reason, -1) if last else -1,
             "total_img_gens": 0,  # KoboldCpp's image generations: none here
-            "last_process_speed": round(perf.last_input_count / perf.last_process, 2) if perf.last_process else 0,
-            "last_eval_speed": round(speed, 2), "queue": self.engine.queued, "idle": 0 if self.engine.busy else 1,
-            "hordeexitcounter": 0, "uptime": round(now - self.started_at, 1),
-            "idletime": 0.0 if self.engine.busy else round(now - perf.last_finished_at, 1), "quiet": False,
+            "last_process_speed": round(prompt / process, 2) if process else 0,
+            "last_eval_speed": round(tokens / decode, 2) if decode else 0.0, "queue": self.engine.queued,
+            "idle": 0 if self.engine.busy else 1, "hordeexitcounter": 0, "uptime": round(now - self.started_at, 1),
+            "idletime": 0.0 if self.engine.busy else round(now - stats.last_finished_at, 1), "quiet": False,
         }
 
     # --- generation -------------------------------------------------------------------

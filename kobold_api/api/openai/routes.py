@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..context import request_json, services
+from ..services import request_json, services
 from ..sse import disconnect_probe, sse_response
 from .schemas import parse_completion
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ...chat.templates import ChatTemplateError
+from ...chat.templates import ChatTemplate, ChatTemplateError
 from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
-from ..context import model_chat_template
 from ..errors import ApiError
 from ..sse import EventStream, sse_event
 from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
@@ -20,11 +20,18 @@ if TYPE_CHECKING:
     from ..chat.serving import ChatService, TurnEvent
 
 
+#: What a chat completion may carry for the server-side chat (the extension): everything else
+#: (messages, samplers, limits) is read as the OpenAI route reads it.
+CHAT_EXTENSION_FIELDS = ("character", "conversation_id", "mode", "your_name", "name1", "user_name",
+                         "instruction_template", "chat_instruct_command", "chat-instruct_command",
+                         "truncation_length", "max_context_length")
+
+
 class OpenAIService:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, template: ChatTemplate) -> None:
         self.engine = engine
         self.settings = settings
-        self.template = model_chat_template(engine)
+        self.template = template
         self.created = int(time.time())
 
     # --- models -----------------------------------------------------------------------
@@ -119,15 +126,17 @@ class OpenAIService:
             if message["role"] == "user" or not rows or rows[-1][1]:
                 rows.append(["", ""])
             rows[-1][0 if message["role"] == "user" else 1] = message["content"]
-        chat_body = {**body, "user_input": "" if continuing else turns[-1]["content"], "history": {"internal": rows},
-                     "_continue": continuing, "stopping_strings": parsed.stop}
-        if parsed.max_tokens:
-            chat_body["max_new_tokens"] = parsed.max_tokens
-        chat_input = chat.parse(chat_body)
+        # The chat fields of the body (which character, mode, template...), then this request's
+        # own turn, samplers and limits, as the OpenAI route read them (its defaults included).
+        chat_fields = chat.parse({key: body[key] for key in CHAT_EXTENSION_FIELDS if key in body})
+        chat_input = replace(
+            chat_fields, user_input="" if continuing else turns[-1]["content"], history=rows,
+            continue_last=continuing, sampling=parsed.sampling, stop_strings=parsed.stop, ban_eos=parsed.ban_eos,
+            banned_phrases=parsed.banned_phrases, max_new_tokens=parsed.max_tokens or chat_fields.max_new_tokens)
         if parsed.stream:
             events, close = chat.stream_turn(chat_input, disconnected)
             return EventStream(self._turn_chunks(events, model, parsed.include_usage), on_close=close)
-        result = chat.chat(chat_input, disconnected)["results"][0]
+        result = chat.turn(chat_input, disconnected)
         message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
         if "conversation_id" in result:
             message["conversation_id"] = result["conversation_id"]
@@ -152,7 +161,7 @@ class OpenAIService:
             if event.result is None:
                 yield chunk({"content": event.text})
                 continue
-            result = event.result["results"][0]
+            result = event.result
             delta = {"conversation_id": result["conversation_id"]} if "conversation_id" in result else {}
             yield chunk(delta, event.finish_reason)
             if include_usage:

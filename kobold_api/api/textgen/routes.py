@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..context import request_json, services
+from ..services import request_json, services
 
 textgen = Blueprint("textgen", __name__)
 

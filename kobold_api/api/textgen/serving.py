@@ -61,7 +61,7 @@ class TextgenService:
                 if event.history is not None:
                     yield {"event": "text_stream", "history": event.history}
                 elif event.result is not None:
-                    yield {"event": "text_stream", "history": event.result["results"][0]["history"]}
+                    yield {"event": "text_stream", "history": event.result["history"]}
 
         return self._numbered(histories(), close)
 

@@ -22,8 +22,8 @@ from websockets.protocol import State
 from websockets.sync.server import ServerConnection, serve
 from werkzeug.test import EnvironBuilder
 
-from ..context import EXTENSION_KEY, Services
-from ..errors import ApiError, internal_error
+from ..services import EXTENSION_KEY, Services
+from ..errors import DOMAIN_ERRORS, ApiError, domain_error, internal_error
 from ..fields import json_body
 from ..security import key_matches
 
@@ -86,6 +86,9 @@ class WebSocketServer:
                                           "type": "timeout"})
         except ApiError as exc:
             _send_error(connection, exc.status, exc.detail)
+        except DOMAIN_ERRORS as exc:  # an unknown character, a prompt that cannot fit...
+            error = domain_error(exc)
+            _send_error(connection, error.status, error.detail)
         except ConnectionClosed:
             raise
         except Exception as exc:  # a bug: logged with an id, the client gets only the id

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from flask import current_app, request
 
-from ..chat.templates import ChatTemplate, template_for_model
 from ..engine.engine import Engine
 from ..settings import Settings
 from .errors import ApiError
@@ -37,12 +36,6 @@ class Services:
 
 def services() -> Services:
     return current_app.extensions[EXTENSION_KEY]
-
-
-def model_chat_template(engine: Engine) -> ChatTemplate:
-    """The loaded model's own chat template (ChatML when its folder has none)."""
-    tokenizer = engine.tokenizer
-    return template_for_model(tokenizer.chat_template, tokenizer.eos_token, engine.model_name)
 
 
 def request_json(lenient: bool = False) -> dict[str, Any]:
