@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine.sampling import (
-    DEFAULT_DRY_SEQUENCE_BREAKERS, SamplingParams, TokenSampler, normalize_sampler_order,
+    DEFAULT_DRY_SEQUENCE_BREAKERS, SamplingParams, SettingError, TokenSampler, normalize_sampler_order,
 )
 from ..settings import GenerationDefaults
 from .fields import FieldReader
@@ -198,12 +198,11 @@ def read_banned_phrases(reader: FieldReader) -> list[str]:
 def _check_combination(reader: FieldReader, params: SamplingParams) -> None:
     """Settings checked only when their sampler is on (a client may leave stale values for one it
     turned off) are the engine's to judge: build the chain once and report what it refuses under
-    the field its message names."""
+    the field it names."""
     try:
         TokenSampler(params)
-    except ValueError as exc:
-        name = str(exc).split(" ", 1)[0]
-        reader.errors.setdefault(name if hasattr(params, name) else "sampler", []).append(str(exc))
+    except SettingError as exc:
+        reader.errors.setdefault(exc.field, []).append(str(exc))
 
 
 def _sampler_order(reader: FieldReader, defaults: GenerationDefaults) -> list[int]:

@@ -156,6 +156,14 @@ class SamplingParams:
         return replace(self, seed=self.seed + index)
 
 
+class SettingError(ValueError):
+    """A sampler setting out of range; ``field`` is its wire name (what a 422 is filed under)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 # --------------------------------------------------------------------------
 # Validation helpers: every error names the wire field so clients can fix it.
 # --------------------------------------------------------------------------
@@ -164,39 +172,39 @@ class SamplingParams:
 def _require_real(name: str, value: object) -> float:
     """Accept ints and floats (not bools, not NaN/inf) so JSON numbers work."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a number (got {value!r})")
+        raise SettingError(name, f"{name} must be a number (got {value!r})")
     number = float(value)
     if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number (got {value!r})")
+        raise SettingError(name, f"{name} must be a finite number (got {value!r})")
     return number
 
 
 def _require_between(name: str, value: object, low: float, high: float) -> float:
     number = _require_real(name, value)
     if not low <= number <= high:
-        raise ValueError(f"{name} must be between {low:g} and {high:g} (got {value!r})")
+        raise SettingError(name, f"{name} must be between {low:g} and {high:g} (got {value!r})")
     return number
 
 
 def _require_at_least(name: str, value: object, minimum: float) -> float:
     number = _require_real(name, value)
     if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum:g} (got {value!r})")
+        raise SettingError(name, f"{name} must be at least {minimum:g} (got {value!r})")
     return number
 
 
 def _require_int(name: str, value: object, minimum: int) -> int:
     """Accept integral numbers, including floats like 40.0 that JSON clients send."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer (got {value!r})")
+        raise SettingError(name, f"{name} must be an integer (got {value!r})")
     if isinstance(value, Integral):
         number = int(value)
     elif isinstance(value, Real) and float(value).is_integer():
         number = int(value)
     else:
-        raise ValueError(f"{name} must be an integer (got {value!r})")
+        raise SettingError(name, f"{name} must be an integer (got {value!r})")
     if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum} (got {value!r})")
+        raise SettingError(name, f"{name} must be at least {minimum} (got {value!r})")
     return number
 
 
@@ -221,15 +229,15 @@ def _is_decimal(value: object) -> bool:
 def _mirostat_mode(value: object) -> int:
     mode = _require_int("mirostat", value, 0)
     if mode > 2:
-        raise ValueError(f"mirostat must be 0 (off), 1 or 2 (got {value!r})")
+        raise SettingError("mirostat", f"mirostat must be 0 (off), 1 or 2 (got {value!r})")
     return mode
 
 
 def _string_list(name: str, value: object) -> list[str]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a list of strings")
+        raise SettingError(name, f"{name} must be a list of strings")
     if not all(isinstance(item, str) for item in value):
-        raise ValueError(f"{name} must be a list of strings (got {value!r})")
+        raise SettingError(name, f"{name} must be a list of strings (got {value!r})")
     return list(value)
 
 
@@ -326,7 +334,7 @@ class LogitBiasSampler:
 
     def __init__(self, logit_bias: Mapping[int, float]) -> None:
         if not isinstance(logit_bias, Mapping):
-            raise ValueError("logit_bias must map token ids to biases")
+            raise SettingError("logit_bias", "logit_bias must map token ids to biases")
         self.token_ids = _token_id_array("logit_bias", logit_bias.keys())
         biases = [_require_real("logit_bias", bias) for bias in logit_bias.values()]
         self.biases = np.clip(  # clipped before the cast to float32, which 1e308 would overflow
@@ -382,7 +390,7 @@ class RepetitionPenaltySampler:
     def __init__(self, penalty: float, penalty_range: int = 0, slope: float = 0.0) -> None:
         self.penalty = _require_real("rep_pen", penalty)
         if not self.penalty > 0:
-            raise ValueError(f"rep_pen must be greater than 0 (got {penalty!r})")
+            raise SettingError("rep_pen", f"rep_pen must be greater than 0 (got {penalty!r})")
         self.penalty_range = _require_int("rep_pen_range", penalty_range, 0)
         self.slope = _require_at_least("rep_pen_slope", slope, 0.0)
         self.ramped = self.slope != 0.0 and self.penalty_range > 1
@@ -823,7 +831,7 @@ class MirostatSampler:
     def __init__(self, version: int, tau: float = 5.0, eta: float = 0.1) -> None:
         self.version = _mirostat_mode(version)
         if self.version == 0:
-            raise ValueError("mirostat must be 1 or 2 to build a Mirostat sampler")
+            raise SettingError("mirostat", "mirostat must be 1 or 2 to build a Mirostat sampler")
         self.tau = _require_at_least("mirostat_tau", tau, 0.0)
         self.eta = _require_at_least("mirostat_eta", eta, 0.0)
         self.mu = 2.0 * self.tau
@@ -991,16 +999,16 @@ def normalize_sampler_order(sampler_order: Sequence[object]) -> list[int]:
     simply not applied, as in KoboldCpp.
     """
     if isinstance(sampler_order, (str, bytes)) or not isinstance(sampler_order, Sequence):
-        raise ValueError("sampler_order must be a list of sampler ids")
+        raise SettingError("sampler_order", "sampler_order must be a list of sampler ids")
     order = [_require_int("sampler_order", sampler_id, 0) for sampler_id in sampler_order]
     if not order:
-        raise ValueError("sampler_order must not be empty")
+        raise SettingError("sampler_order", "sampler_order must not be empty")
     if len(order) < len(SamplerId) and SamplerId.REP_PEN not in order:
         order.insert(0, int(SamplerId.REP_PEN))
     if any(sampler_id >= len(SamplerId) for sampler_id in order):
-        raise ValueError(f"sampler_order ids must be between 0 and 6 (got {order})")
+        raise SettingError("sampler_order", f"sampler_order ids must be between 0 and 6 (got {order})")
     if len(set(order)) != len(order):
-        raise ValueError(f"sampler_order must not repeat an id (got {order})")
+        raise SettingError("sampler_order", f"sampler_order must not repeat an id (got {order})")
     return order
 
 
