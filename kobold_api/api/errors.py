@@ -16,8 +16,8 @@ from werkzeug.exceptions import HTTPException
 
 from ..chat.cards import CardError
 from ..chat.characters import CardTooLargeError, CharacterExistsError, UnsafeNameError
-from ..chat.prompt import PromptBuildError
 from ..chat.conversations import ConversationNotFound, MessageNotFound, StoreError, SwipeNotFound
+from ..chat.prompt import PromptBuildError
 
 log = logging.getLogger(__name__)
 
