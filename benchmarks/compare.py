@@ -1087,7 +1087,7 @@ def main() -> int:
     ]
     md = (f"# kobold_api vs llama.cpp vs optimum ({meta['date']})\n\n"
           f"SmolLM2-135M-Instruct (kobold_api: its importer's ONNX graph, quant "
-          f"{os.environ.get('KOBOLD_API_QUANT', 'auto (int8 for this model)')}; llama.cpp: GGUF Q4_1; optimum: fp32 "
+          f"{os.environ.get('KOBOLD_API_QUANT', 'auto (mixed for this model)')}; llama.cpp: GGUF Q4_1; optimum: fp32 "
           f"export of the de-quantized GGUF), {os.cpu_count()} CPUs, {THREADS} threads each. "
           f"Versions: {json.dumps(meta['versions'])}.\n\n{table}\n\n"
           + "\n".join(f"- {note}" for note in footnotes + notes) + "\n")
