@@ -14,8 +14,9 @@ from flask import Blueprint, Response, jsonify
 
 from .. import __version__
 from ..chat.prompt import MODES
-from .services import services
 from .generation_fields import EOS_BAN_FIELDS, MAX_N, STOP_STRING_FIELDS, sampler_schema
+from .openai.schemas import MESSAGE_ROLES
+from .services import services
 
 docs = Blueprint("docs", __name__)
 
@@ -80,7 +81,7 @@ OPENAI_CHAT: dict[str, Any] = {**_generation_options(
                                       "properties": {"role": {"enum": ["user", "assistant"]}}},
                          "items": {
         "type": "object", "required": ["role"],
-        "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "properties": {"role": {"enum": list(MESSAGE_ROLES)},
                        "content": {"anyOf": [_STRING, {"type": "array", "items": {"type": "object"}},
                                              {"type": "null"}]}}}},
     response_format={"type": "object"}, logprobs=_BOOLEAN, top_logprobs={**_INTEGER, "minimum": 0, "maximum": 20},

@@ -70,6 +70,8 @@ class TurnEvent:
     result: dict[str, Any] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    #: The HTTP status the error would have had before the headers went out.
+    error_status: int = 500
     #: With ``stream_turn(..., with_history=True)``: the whole history so far, on text events.
     history: dict[str, list[list[str]]] | None = None
 
@@ -107,31 +109,28 @@ class ChatService:
         return {"results": [_character_summary(c) for c in self.characters.list()]}
 
     def get_character(self, name: str) -> dict[str, Any]:
-        return {"result": character_to_v2_dict(self._existing_character(name))}
+        return {"result": character_to_v2_dict(self._character(name, in_path=True))}
 
     def upload_character(self, data: bytes, name: str | None, overwrite: bool) -> dict[str, Any]:
         character = self.characters.save(data, name or None, overwrite=overwrite)
         return {"result": _character_summary(character)}
 
     def delete_character(self, name: str) -> dict[str, Any]:
-        self._existing_character(name)
+        self._character(name, in_path=True)
         self.characters.delete(name)
         return {"success": True}
 
-    def _existing_character(self, name: str) -> Character:
-        """For the routes that name a character in their path: a name no file can have (control
-        characters, separators, a leading dot) names no character, so it is a 404 like any other."""
-        try:
-            return self.characters.get(name)
-        except (UnsafeNameError, KeyError):
-            raise not_found_error(f"No character named {name!r}.") from None
-
-    def _character(self, name: str) -> Character:
-        """A character named in a request body (an unsafe name is a 400 there, via errors)."""
+    def _character(self, name: str, in_path: bool = False) -> Character:
+        """The character ``name``. In a request body an unsafe name is a 400 (through errors);
+        in a route's path (``in_path``) a name no file can have names no character: a 404."""
         try:
             return self.characters.get(name)
         except KeyError:
-            raise not_found_error(f"No character named {name!r}.") from None
+            pass
+        except UnsafeNameError:
+            if not in_path:
+                raise
+        raise not_found_error(f"No character named {name!r}.")
 
     # --- conversations ----------------------------------------------------------------
     def create_conversation(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -297,9 +296,10 @@ class ChatService:
         except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield TurnEvent(error=jobs.stream_failure(exc))
         except ApiError as exc:
-            yield TurnEvent(error=exc.message)
+            yield TurnEvent(error=exc.message, error_status=exc.status)
         except DOMAIN_ERRORS as exc:  # e.g. the conversation was deleted while the reply formed
-            yield TurnEvent(error=domain_error(exc).message)
+            error = domain_error(exc)
+            yield TurnEvent(error=error.message, error_status=error.status)
 
     def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:

@@ -16,6 +16,8 @@ from ..fields import FieldReader
 from ..generation_fields import read_ban_eos, read_banned_phrases, read_n, read_sampling, read_stop_strings
 
 ROLES = ("system", "user", "assistant")
+#: Every role a message may carry: ``developer`` is read as ``system``; ``tool`` is kept.
+MESSAGE_ROLES = (*ROLES, "developer", "tool")
 
 
 @dataclass
@@ -129,7 +131,7 @@ def _messages(value: Any, reader: FieldReader) -> list[dict[str, str]]:
         return []
     messages = []
     for index, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in (*ROLES, "developer", "tool"):
+        if not isinstance(message, dict) or message.get("role") not in MESSAGE_ROLES:
             reader.errors.setdefault("messages", []).append(
                 f"messages[{index}] needs a role of system, user or assistant.")
             continue

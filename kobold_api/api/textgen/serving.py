@@ -56,7 +56,7 @@ class TextgenService:
         def histories() -> Iterator[dict[str, Any]]:
             for event in events:
                 if event.error is not None:
-                    yield {"event": "error", "status": 500, "detail": {"msg": event.error}}
+                    yield {"event": "error", "status": event.error_status, "detail": {"msg": event.error}}
                     return
                 if event.history is not None:
                     yield {"event": "text_stream", "history": event.history}
