@@ -30,8 +30,8 @@ def card_bytes(name: str, **data: object) -> bytes:
 
 def test_save_then_get_and_list(tmp_path: Path) -> None:
     store = CharacterStore(tmp_path)
-    saved = store.save(card_bytes("Alice", future={"x": 1}), None)
-    assert saved.name == "Alice"
+    stem, saved = store.save(card_bytes("Alice", future={"x": 1}), None)
+    assert stem == "Alice" and saved.name == "Alice"
     assert (tmp_path / "Alice.json").is_file()
     stored = json.loads((tmp_path / "Alice.json").read_text(encoding="utf-8"))
     assert stored["spec"] == "chara_card_v2" and stored["data"]["future"] == {"x": 1}

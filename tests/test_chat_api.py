@@ -328,6 +328,26 @@ def test_delete_character(server: Any, characters_dir: Path) -> None:
     assert again.status_code == 404
 
 
+def test_character_id_finds_exactly_one_of_two_cards_with_one_name(server: Any) -> None:
+    # Two uploads of a card named "Twin" under their own file names: the id each upload answers
+    # with (and the list shows) gets, and deletes, exactly that card.
+    ids = []
+    for stem, description in (("twin-a", "first"), ("twin-b", "second")):
+        response = upload(server, {"name": "Twin", "description": description}, name=stem)
+        assert response.status_code == 201, response.text
+        assert response.json()["result"]["name"] == "Twin"
+        ids.append(response.json()["result"]["id"])
+    assert ids == ["twin-a", "twin-b"]
+    listed = [c for c in server.get(CHARS).json()["results"] if c["name"] == "Twin"]
+    assert [c["id"] for c in listed] == ids
+    assert server.get(f"{CHARS}/twin-b").json()["result"]["data"]["description"] == "second"
+    assert server.request("DELETE", f"{CHARS}/twin-a").status_code == 200
+    assert server.get(f"{CHARS}/twin-a").status_code == 404
+    assert server.get(f"{CHARS}/Twin").json()["result"]["data"]["description"] == "second"
+    assert server.request("DELETE", f"{CHARS}/Twin").status_code == 200
+    assert server.get(f"{CHARS}/Twin").status_code == 404 and server.get(f"{CHARS}/twin-b").status_code == 404
+
+
 def test_get_missing_character_404(server: Any) -> None:
     response = server.get(f"{CHARS}/Nobody Here")
     assert response.status_code == 404
@@ -380,9 +400,12 @@ def test_create_conversation_greeting_and_swipes(server: Any) -> None:
 
 
 def test_create_conversation_errors(server: Any) -> None:
+    # A well-formed request the character cannot satisfy (it has two greetings): a conflict.
     bad_index = server.post(CONVS, json={"character": "Mira Vance", "greeting_index": 2})
-    assert bad_index.status_code == 422, bad_index.text
-    assert "greeting_index" in bad_index.json()["detail"]
+    assert bad_index.status_code == 409, bad_index.text
+    assert bad_index.json()["detail"]["type"] == "conflict" and "greeting_index" in bad_index.json()["detail"]["msg"]
+    malformed = server.post(CONVS, json={"character": "Mira Vance", "greeting_index": -1})
+    assert malformed.status_code == 422 and "greeting_index" in malformed.json()["detail"], malformed.text
     missing = server.post(CONVS, json={"character": "Nobody"})
     assert missing.status_code == 404, missing.text
     assert server.get(CONVS).json()["results"] == []
@@ -454,7 +477,8 @@ def test_edit_and_delete_messages(server: Any) -> None:
     assert greeting["swipe_id"] == 1 and greeting["text"] == original["swipes"][1]
 
     # Bad edits.
-    assert server.request("PATCH", f"{CONVS}/{cid}/messages/0", json={"swipe_id": 5}).status_code in (400, 404)
+    beyond = server.request("PATCH", f"{CONVS}/{cid}/messages/0", json={"swipe_id": 5})
+    assert beyond.status_code == 409 and beyond.json()["detail"]["type"] == "conflict", beyond.text
     assert server.request("PATCH", f"{CONVS}/{cid}/messages/0", json={}).status_code == 422
     assert server.request("PATCH", f"{CONVS}/{cid}/messages/99", json={"text": "x"}).status_code == 404
     assert get_conversation(server, cid)["messages"][0]["swipe_id"] == 1
@@ -551,8 +575,8 @@ def test_stateless_regenerate_with_nothing_to_regenerate(server: Any) -> None:
     for history in ([], [["<|BEGIN-VISIBLE-CHAT|>", "Greeting."]]):
         response = server.post(CHAT, json={"user_input": "", "history": {"internal": history, "visible": history},
                                            "regenerate": True, **FAST})
-        assert response.status_code == 400, response.text
-        detail_msg(response)
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"]["type"] == "conflict" and detail_msg(response)
 
 
 def test_stateless_continue_appends(server: Any) -> None:
@@ -657,13 +681,6 @@ def test_stateful_prompt_holds_earlier_turns(server: Any) -> None:
     assert grown >= len("You: ping\n") + first["completion_tokens"] // 2, (first, second)
 
 
-def test_stateful_needs_user_input(server: Any) -> None:
-    cid = new_conversation(server, character="Assistant")["id"]
-    response = server.post(CHAT, json={"conversation_id": cid, **FAST})
-    assert response.status_code == 422, response.text
-    assert get_conversation(server, cid)["message_count"] == 1
-
-
 def test_stateful_regenerate_adds_swipe(server: Any) -> None:
     cid = new_conversation(server, character="Mira Vance")["id"]
     first = chat(server, conversation_id=cid, user_input="Hello?", max_new_tokens=16, seed=11)
@@ -690,8 +707,8 @@ def test_stateful_regenerate_and_continue_need_a_reply(server: Any) -> None:
     before = get_conversation(server, cid)
     # Only the greeting: there is no reply to regenerate.
     response = server.post(CHAT, json={"conversation_id": cid, "regenerate": True, **FAST})
-    assert response.status_code == 400, response.text
-    detail_msg(response)
+    assert response.status_code == 409, response.text
+    assert response.json()["detail"]["type"] == "conflict" and detail_msg(response)
     assert get_conversation(server, cid)["messages"] == before["messages"]
     # Last message from the user (its reply was deleted): nothing to regenerate or continue.
     chat(server, conversation_id=cid, user_input="hello", **FAST)
@@ -700,8 +717,19 @@ def test_stateful_regenerate_and_continue_need_a_reply(server: Any) -> None:
     assert before["messages"][-1]["role"] == "user"
     for flag in ("regenerate", "_continue"):
         response = server.post(CHAT, json={"conversation_id": cid, flag: True, **FAST})
-        assert response.status_code == 400, (flag, response.text)
+        assert response.status_code == 409, (flag, response.text)
     assert get_conversation(server, cid)["messages"] == before["messages"]
+
+
+def test_stateful_empty_input_lets_the_character_speak_again(server: Any) -> None:
+    # SillyTavern's "send nothing": no user message is stored, the character adds a reply.
+    cid = new_conversation(server, character="Mira Vance")["id"]
+    chat(server, conversation_id=cid, user_input="hello", **FAST)
+    result = chat(server, conversation_id=cid, user_input="", **FAST)
+    messages = get_conversation(server, cid)["messages"]
+    assert [m["role"] for m in messages] == ["character", "user", "character", "character"]
+    assert messages[-1]["text"] == result["text"]
+    assert result["history"]["internal"][-1] == ["", result["text"]]
 
 
 def test_stateful_continue_extends_last_reply(server: Any) -> None:
@@ -746,7 +774,7 @@ def test_stateful_character_without_greeting(server: Any) -> None:
     conv = new_conversation(server, character="Mute")
     assert conv["messages"] == [] and conv["message_count"] == 0
     cid = conv["id"]
-    assert server.post(CHAT, json={"conversation_id": cid, "regenerate": True, **FAST}).status_code == 400
+    assert server.post(CHAT, json={"conversation_id": cid, "regenerate": True, **FAST}).status_code == 409
     result = chat(server, conversation_id=cid, user_input="hi", **FAST)
     messages = get_conversation(server, cid)["messages"]
     assert [m["role"] for m in messages] == ["user", "character"]
@@ -805,9 +833,11 @@ def test_concurrent_turns_are_serialized(server: Any) -> None:
 
 
 @pytest.mark.parametrize("body, status", [
-    ({"max_new_tokens": 5000}, 422),
-    ({"max_new_tokens": 1100, "truncation_length": 1200}, 400),
-    ({"user_input": "x" * 3000, "truncation_length": 1200, "max_new_tokens": 16}, 400),
+    # A reply longer than the context is capped as on every route (KoboldCpp's rule); then the
+    # card's definition no longer fits what is left: a conflict with the character, not bad input.
+    ({"max_new_tokens": 5000}, 409),
+    ({"max_new_tokens": 1100, "truncation_length": 1200}, 409),
+    ({"user_input": "x" * 3000, "truncation_length": 1200, "max_new_tokens": 16}, 409),
     ({"mode": "story"}, 422),
     ({"temperature": -1}, 422),
 ])
@@ -1018,6 +1048,6 @@ def test_abandoned_stream_does_not_block_the_conversation(server: Any) -> None:
 
 
 def test_stream_validation_error_is_json(server: Any) -> None:
-    response = server.post(STREAM, json={"user_input": "x", "max_new_tokens": 5000})
+    response = server.post(STREAM, json={"user_input": "x", "temperature": -1})
     assert response.status_code == 422, response.text
     assert response.headers["Content-Type"].startswith("application/json")

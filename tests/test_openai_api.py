@@ -613,3 +613,14 @@ def test_chat_completion_with_character_is_stateless(client: openai.OpenAI, mode
     response = requests.post(server.url + "/v1/chat/completions", timeout=30,
                              json={"messages": messages, "character": "Nobody Here"})
     assert response.status_code == 404 and "error" in response.json()
+
+
+def test_chat_completion_with_character_and_no_turn_lets_the_character_speak(client: openai.OpenAI,
+                                                                             model_id: str) -> None:
+    # Only a system message (or an empty assistant "reply here" message): the character opens.
+    for messages in ([{"role": "system", "content": "Be brief."}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": ""}]):
+        chat = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6, temperature=0,
+                                              extra_body={"character": "Mira Vance"})
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+        assert chat.choices[0].finish_reason in ("stop", "length")

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from ..chat.cards import CardError
 from ..chat.characters import CardTooLargeError, CharacterExistsError, UnsafeNameError
 from ..chat.conversations import ConversationNotFound, MessageNotFound, StoreError, SwipeNotFound
-from ..chat.prompt import PromptBuildError
+from ..chat.prompt import PromptBuildError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,12 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int, 
     (CardError, 400, "bad_card", "Invalid character card: "),
     (UnsafeNameError, 400, "bad_name", "Invalid character name: "),
     (CharacterExistsError, 409, "exists", ""),
+    # The request is well formed; the character's definition and the new message need more of
+    # the context than the reply leaves: a conflict with the stored card, as greeting_index is.
+    (PromptTooLongError, 409, "prompt_too_long", "The context is too small for this chat: "),
     (PromptBuildError, 400, "prompt_error", ""),
-    ((ConversationNotFound, MessageNotFound, SwipeNotFound), 404, "key_error", ""),
+    ((ConversationNotFound, MessageNotFound), 404, "key_error", ""),
+    (SwipeNotFound, 409, "conflict", ""),  # the message is there; the body names a swipe it lacks
     (StoreError, 400, "bad_input", ""),
 )
 #: The classes to register a handler for (each subclass is found through its base).

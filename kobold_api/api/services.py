@@ -13,7 +13,7 @@ from flask import current_app, request
 from ..engine.engine import Engine
 from ..settings import Settings
 from .errors import ApiError
-from .fields import json_body
+from .request_model import json_body
 
 if TYPE_CHECKING:
     from .chat.serving import ChatService

@@ -190,9 +190,14 @@ class CharacterStore:
 
     def list(self) -> list[Character]:
         """All loadable characters, sorted by name; one broken file never hides the others."""
+        return [character for _, character in self.entries()]
+
+    def entries(self) -> list[tuple[str, Character]]:
+        """Every loadable character with its id (its file's stem: the name that always finds
+        exactly this card, where two cards may carry the same name), sorted by name."""
         with self._lock:
-            characters = [copy.deepcopy(c) for _, c in self._loaded()]
-        return sorted(characters, key=lambda c: c.name.casefold())
+            entries = [(path.stem, copy.deepcopy(c)) for path, c in self._loaded()]
+        return sorted(entries, key=lambda entry: (entry[1].name.casefold(), entry[0].casefold()))
 
     def path_of(self, name: str) -> Path:
         """The file holding character ``name`` (file stem first, then card name)."""
@@ -240,8 +245,9 @@ class CharacterStore:
         name: str | None = None,
         overwrite: bool = False,
         filename_hint: str | None = None,
-    ) -> Character:
+    ) -> tuple[str, Character]:
         """Validate and store a card; PNG bytes are kept verbatim, everything else becomes V2 JSON.
+        Returns the card's id (the file stem it was stored under) and the card.
 
         ``name`` (validated strictly) chooses the file stem; without it the card's own name is
         cleaned into one. Raises :class:`CardTooLargeError`, :class:`CardError`,
@@ -282,7 +288,7 @@ class CharacterStore:
                 if old != target:
                     old.unlink(missing_ok=True)
             self._cache.clear()
-        return character
+        return target.stem, character
 
     def delete(self, name: str) -> None:
         """Remove a character's file(s); ``KeyError`` if there is no such character.

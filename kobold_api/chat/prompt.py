@@ -62,7 +62,8 @@ class PromptTooLongError(PromptBuildError):
         self.max_prompt_tokens = max_prompt_tokens
         super().__init__(
             f"prompt needs {prompt_tokens} tokens after dropping all example dialogue and "
-            f"history, but only {max_prompt_tokens} are available"
+            f"history, but only {max_prompt_tokens} are available (raise the context size or ask "
+            "for a shorter reply)"
         )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from ..services import request_json, services
-from ..fields import FieldReader
 from ..sse import disconnect_probe, sse_response
+from .schemas import UploadQuery
 
 chat = Blueprint("chat", __name__)
 
@@ -35,8 +35,8 @@ def list_characters() -> Response:
 @_route("/characters", ["POST"])
 def upload_character() -> Response:
     """Body: the card itself (JSON, YAML or PNG bytes). Query: ``name``, ``overwrite``."""
-    overwrite = FieldReader(request.args).boolean("overwrite", default=False)
-    result = services().chat.upload_character(request.get_data(), request.args.get("name"), overwrite)
+    query = UploadQuery.parse(request.args.to_dict())
+    result = services().chat.upload_character(request.get_data(), query.name, bool(query.overwrite))
     return jsonify(result), 201
 
 

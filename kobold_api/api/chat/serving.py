@@ -23,10 +23,11 @@ from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
-from ..errors import DOMAIN_ERRORS, ApiError, ValidationError, domain_error, not_found_error
-from ..fields import FieldReader
+from ..errors import DOMAIN_ERRORS, ApiError, domain_error, not_found_error
 from ..sse import EventStream, sse_event
-from .schemas import DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, parse_chat_input
+from .schemas import (
+    DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, MessageEditBody, NewConversationBody, RenameBody, parse_chat_input,
+)
 
 #: text-generation-webui marks the greeting row's user half with this.
 BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
@@ -106,43 +107,37 @@ class ChatService:
 
     # --- characters -------------------------------------------------------------------
     def list_characters(self) -> dict[str, Any]:
-        return {"results": [_character_summary(c) for c in self.characters.list()]}
+        return {"results": [_character_summary(stem, c) for stem, c in self.characters.entries()]}
 
     def get_character(self, name: str) -> dict[str, Any]:
-        return {"result": character_to_v2_dict(self._character(name, in_path=True))}
+        return {"result": character_to_v2_dict(self._character(name))}
 
     def upload_character(self, data: bytes, name: str | None, overwrite: bool) -> dict[str, Any]:
-        character = self.characters.save(data, name or None, overwrite=overwrite)
-        return {"result": _character_summary(character)}
+        stem, character = self.characters.save(data, name or None, overwrite=overwrite)
+        return {"result": _character_summary(stem, character)}
 
     def delete_character(self, name: str) -> dict[str, Any]:
-        self._character(name, in_path=True)
+        self._character(name)
         self.characters.delete(name)
         return {"success": True}
 
-    def _character(self, name: str, in_path: bool = False) -> Character:
-        """The character ``name``. In a request body an unsafe name is a 400 (through errors);
-        in a route's path (``in_path``) a name no file can have names no character: a 404."""
+    def _character(self, name: str) -> Character:
+        """The character ``name``; a 404 when there is none, a name no file can have included."""
         try:
             return self.characters.get(name)
-        except KeyError:
-            pass
-        except UnsafeNameError:
-            if not in_path:
-                raise
-        raise not_found_error(f"No character named {name!r}.")
+        except (KeyError, UnsafeNameError):
+            raise not_found_error(f"No character named {name!r}.") from None
 
     # --- conversations ----------------------------------------------------------------
     def create_conversation(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        reader = FieldReader(body)
-        character = self._character(reader.string("character", default=DEFAULT_CHARACTER) or DEFAULT_CHARACTER)
-        user_name = reader.string("user_name", "your_name", "name1", default=DEFAULT_USER) or DEFAULT_USER
-        title = reader.string("title")
-        greeting_index = reader.integer("greeting_index", default=0, minimum=0)
-        reader.raise_if_errors()
+        parsed = NewConversationBody.parse(body)
+        character = self._character(parsed.character or DEFAULT_CHARACTER)
+        user_name = parsed.user_name or DEFAULT_USER
+        title, greeting_index = parsed.title, parsed.greeting_index or 0
         greetings = [clean_reply(g, character.display_name, user_name) for g in character.greetings]
-        if greetings and greeting_index >= len(greetings):
-            raise ValidationError({"greeting_index": [f"The character has {len(greetings)} greetings."]})
+        if greetings and greeting_index >= len(greetings):  # the request is fine; the character has fewer
+            raise ApiError(409, {"msg": f"greeting_index: {character.name} has {len(greetings)} greetings.",
+                                 "type": "conflict"}, param="greeting_index")
         greetings = greetings[greeting_index:] + greetings[:greeting_index]
         conversation = self.conversations.create(character.name, user_name, greetings, title)
         return {"result": conversation.to_dict()}
@@ -159,9 +154,7 @@ class ChatService:
         return {"result": self.conversations.get(conversation_id).to_dict()}
 
     def rename_conversation(self, conversation_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        reader = FieldReader(body)
-        title = reader.string("title", required=True)
-        reader.raise_if_errors()
+        title = RenameBody.parse(body).title
         return {"result": self.conversations.rename(conversation_id, title).to_dict()}
 
     def delete_conversation(self, conversation_id: str) -> dict[str, Any]:
@@ -172,12 +165,8 @@ class ChatService:
         return self.conversations.export(conversation_id)
 
     def edit_message(self, conversation_id: str, index: int, body: Mapping[str, Any]) -> dict[str, Any]:
-        reader = FieldReader(body)
-        text = reader.string("text")
-        swipe_id = reader.integer("swipe_id", default=-1, minimum=0) if reader.has("swipe_id") else None
-        reader.raise_if_errors()
-        if text is None and swipe_id is None:
-            raise ValidationError({"text": ["Send text to edit the message or swipe_id to select a swipe."]})
+        edit = MessageEditBody.parse(body)
+        text, swipe_id = edit.text, edit.swipe_id
         release = self._turn_lock(conversation_id, lambda: False)
         try:
             if swipe_id is not None:
@@ -318,10 +307,7 @@ class ChatService:
     def _template(self, parsed: ChatInput) -> ChatTemplate | None:
         if not parsed.template_name or parsed.template_name == "None":
             return None
-        try:
-            return get_named_template(parsed.template_name)
-        except KeyError as exc:
-            raise ValidationError({"instruction_template": [str(exc).strip("'\"")]}) from exc
+        return get_named_template(parsed.template_name)  # the name was checked with the request
 
     def _build(self, parsed: ChatInput, character: Character, user_name: str, history: list[ChatMessage],
                user_input: str | None) -> tuple[BuiltPrompt, GenerationRequest]:
@@ -329,11 +315,7 @@ class ChatService:
         context = min(parsed.max_context_length, jobs.context_size(self.settings, self.engine))
         max_new, budget = token_budget(parsed.max_new_tokens, context)
         # The builder counts text only; the engine adds the tokenizer's specials (a BOS) on top.
-        budget -= self.engine.tokenizer.added_per_prompt
-        if max_new < parsed.max_new_tokens or budget < 16:  # the server builds this prompt: say so
-            left = context - parsed.max_new_tokens - self.engine.tokenizer.added_per_prompt
-            raise ValidationError({"max_new_tokens": [f"Leaves only {left} tokens of a {context}-token "
-                                                      "context for the prompt."]})
+        budget = max(0, budget - self.engine.tokenizer.added_per_prompt)
         prompt = self.builder.build(PromptRequest(
             character, user_name, history, None if parsed.continue_last else user_input,
             max_prompt_tokens=budget, mode=parsed.mode,
@@ -354,8 +336,8 @@ class ChatService:
         user_input: str | None = parsed.user_input or None
         if (parsed.regenerate or parsed.continue_last) and (not rows or not rows[-1][1] or (
                 parsed.regenerate and len(rows) == 1 and _is_greeting_row(rows[0]))):
-            raise ApiError(400, {"msg": "Nothing to regenerate or continue: the history has no reply yet.",
-                                 "type": "bad_input"})
+            raise ApiError(409, {"msg": "Nothing to regenerate or continue: the history has no reply yet.",
+                                 "type": "conflict"})
         if parsed.regenerate:
             user_input = rows.pop()[0] or None
         history = _rows_to_messages(rows)
@@ -378,15 +360,13 @@ class ChatService:
         user_input: str | None = parsed.user_input or None
         if parsed.regenerate or parsed.continue_last:
             if not messages or messages[-1].role != "character" or (parsed.regenerate and len(messages) == 1):
-                raise ApiError(400, {"msg": "The last message is not a reply that can be regenerated or continued.",
-                                     "type": "bad_input"})
+                raise ApiError(409, {"msg": "The last message is not a reply that can be regenerated or continued.",
+                                     "type": "conflict"})
         prompt_messages = messages[:-1] if parsed.regenerate else messages
         history = [ChatMessage("user" if m.role == "user" else "character", m.text)
                    for m in prompt_messages if m.role in ("user", "character")]
         if parsed.regenerate:
-            user_input = None
-        elif not (parsed.continue_last or parsed.impersonate) and not user_input:
-            raise ValidationError({"user_input": ["Missing data for required field."]})
+            user_input = None  # an empty user_input on a new turn: the character speaks again
         prompt, request = self._build(parsed, character, user_name, history, user_input)
         last_index = messages[-1].index if messages else 0
         rows_before = _stored_rows(conversation)
@@ -425,8 +405,9 @@ class ChatService:
                         char_name, preview)
 
 
-def _character_summary(character: Character) -> dict[str, Any]:
-    return {"name": character.name, "description": character.description[:300],
+def _character_summary(stem: str, character: Character) -> dict[str, Any]:
+    """``id``: the card's file stem, which finds exactly this card where ``name`` may be shared."""
+    return {"id": stem, "name": character.name, "description": character.description[:300],
             "greetings": len(character.greetings), "tags": character.tags, "format": character.source_format,
             "has_lorebook": bool(character.character_book and character.character_book.entries)}
 

@@ -100,12 +100,12 @@ def extra_generate_stream() -> Response:
 
 @_route(extra, "/generate/check", ["GET"])
 def extra_generate_check() -> Response:
-    return jsonify(services().kobold.check_request(request.args.get("genkey")))
+    return jsonify(services().kobold.check_request(request.args.to_dict()))
 
 
 @_route(extra, "/generate/check", ["POST"])
 def extra_generate_check_post() -> Response:
-    return jsonify(services().kobold.check_request(request_json().get("genkey")))
+    return jsonify(services().kobold.check_request(request_json(lenient=True)))
 
 
 @_route(extra, "/abort", ["POST"])

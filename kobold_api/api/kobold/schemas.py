@@ -8,13 +8,16 @@ Unknown keys are ignored, as United does since API 1.2.5.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, create_model
+from pydantic_core import PydanticCustomError
 
 from ...engine.generation import GenerationRequest
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
-from ..fields import FieldReader
-from ..generation_fields import read_ban_eos, read_banned_phrases, read_n, read_sampling, read_stop_strings
+from ..generation_options import N, GenerationOptions
+from ..request_model import Bool, Count, RequestModel, TokenIds, spellings
 
 
 @dataclass
@@ -48,31 +51,72 @@ class KoboldGenerationInput:
         )
 
 
-def parse_generation_input(
-    body: Mapping[str, Any], defaults: GenerationDefaults, require_prompt: bool = True
-) -> KoboldGenerationInput:
+#: Client-side options of KoboldAI's UI: validated for the shape of a 422, without effect here
+#: (memory and world info are the client's).
+CLIENT_SIDE_FLAGS = ("quiet", "use_story", "use_memory", "use_authors_note", "use_world_info", "use_userscripts",
+                     "singleline", "frmttriminc", "frmtrmblln", "frmtrmspch", "frmtadsnsp",
+                     "disable_input_formatting", "sampler_full_determinism")
+_WithClientFlags: type[GenerationOptions] = create_model(  # type: ignore[call-overload]
+    "KoboldClientFlags", __base__=GenerationOptions, **{flag: (Bool | None, None) for flag in CLIENT_SIDE_FLAGS})
+
+
+class KoboldGenerateBody(_WithClientFlags):  # type: ignore[misc, valid-type]
+    """KoboldAI's GenerationInput: ranges after KoboldAI United (so a 422 reads like United's), the
+    extra keys after KoboldCpp, text-generation-webui's names as further spellings."""
+
+    prompt: str
+    memory: str | None = None
+    max_length: Count | None = spellings(  # type: ignore[valid-type]
+        "max_length", "max_new_tokens", "max_tokens", description="tokens to generate")
+    max_context_length: Count | None = spellings(  # type: ignore[valid-type]
+        "max_context_length", "truncation_length", description="the prompt is cut to this minus max_length")
+    trim_stop: Bool | None = Field(None, description="cut the stop string from the output (default true)")
+    n: N | None = None  # type: ignore[valid-type]
+    genkey: str | None = None
+
+    def to_input(self, defaults: GenerationDefaults) -> KoboldGenerationInput:
+        return KoboldGenerationInput(
+            prompt=self.prompt,
+            memory=self.memory or "",
+            max_length=self.max_length or defaults.max_length,
+            max_context_length=self.max_context_length or defaults.max_context_length,
+            sampling=self.sampling(defaults),
+            stop_strings=self.stop_strings,
+            trim_stop=defaults.trim_stop if self.trim_stop is None else self.trim_stop,
+            ban_eos=self.ban_eos,
+            n=self.n or 1,
+            genkey=self.genkey or "",
+            banned_phrases=self.banned_phrases,
+        )
+
+
+def parse_generation_input(body: Any, defaults: GenerationDefaults) -> KoboldGenerationInput:
     """Validate a Kobold generate body; raises ValidationError (422) listing every bad field."""
-    reader = FieldReader(body)
-    prompt = reader.string("prompt", required=require_prompt, default="") or ""
-    parsed = KoboldGenerationInput(
-        prompt=prompt,
-        memory=reader.string("memory", default="") or "",
-        max_length=reader.integer("max_length", "max_new_tokens", "max_tokens", default=defaults.max_length,
-                                  minimum=1),
-        max_context_length=reader.integer("max_context_length", "truncation_length",
-                                          default=defaults.max_context_length, minimum=1),
-        sampling=read_sampling(reader, defaults),
-        stop_strings=read_stop_strings(reader),
-        trim_stop=reader.boolean("trim_stop", default=defaults.trim_stop),
-        ban_eos=read_ban_eos(reader),
-        n=read_n(reader),
-        genkey=reader.string("genkey", default="") or "",
-        banned_phrases=read_banned_phrases(reader),
-    )
-    # Validated for the shape of a 422, otherwise without effect here (memory/world info are client-side).
-    for flag in ("quiet", "use_story", "use_memory", "use_authors_note", "use_world_info", "use_userscripts",
-                 "singleline", "frmttriminc", "frmtrmblln", "frmtrmspch", "frmtadsnsp",
-                 "disable_input_formatting", "sampler_full_determinism"):
-        reader.boolean(flag, default=False)
-    reader.raise_if_errors()
-    return parsed
+    return KoboldGenerateBody.parse(body).to_input(defaults)
+
+
+class TokenCountBody(RequestModel):
+    prompt: str | None = spellings("prompt", "content", "text")
+
+
+class DetokenizeBody(RequestModel):
+    ids: TokenIds | None = spellings("ids", "tokens")
+
+
+class GenkeyBody(RequestModel):
+    """Which generation to check or abort; anything but a string means "the caller's" (SillyTavern
+    sends no body at all to abort)."""
+
+    genkey: Annotated[str | None, BeforeValidator(lambda value: value if isinstance(value, str) else None)] = None
+
+
+def _no_soft_prompt(name: str) -> str:
+    if name:
+        raise PydanticCustomError("soft_prompt", "No soft prompts are available on this server.")
+    return name
+
+
+class SoftPromptBody(RequestModel):
+    """Soft prompts do not exist here: only "none" (an empty name) can be set."""
+
+    value: Annotated[str, AfterValidator(_no_soft_prompt), WithJsonSchema({"const": ""})] | None = None

@@ -9,10 +9,9 @@ from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import CancelToken
 from ...settings import Settings
 from .. import jobs
-from ..errors import ApiError, ValidationError
-from ..fields import FieldReader
+from ..errors import ApiError
 from ..sse import EventStream, sse_event
-from .schemas import KoboldGenerationInput
+from .schemas import DetokenizeBody, GenkeyBody, KoboldGenerationInput, SoftPromptBody, TokenCountBody
 
 #: The KoboldAI United API level we implement (>= 1.2.2 enables stop_sequence in SillyTavern).
 KOBOLD_API_VERSION = "1.2.5"
@@ -111,30 +110,23 @@ class KoboldService:
 
     def set_soft_prompt(self, body: dict[str, Any]) -> dict[str, Any]:
         """Only "no soft prompt" exists here; naming one is a validation error, as in United."""
-        if body.get("value") not in ("", None):
-            raise ValidationError({"value": ["No soft prompts are available on this server."]})
+        SoftPromptBody.parse(body)
         return {}
 
-    # --- tokenizer --------------------------------------------------------------------
     def abort_request(self, body: dict[str, Any]) -> dict[str, str]:
-        genkey = body.get("genkey")
-        return self.abort(genkey if isinstance(genkey, str) else None)
+        return self.abort(GenkeyBody.parse(body).genkey)
 
-    def check_request(self, genkey: object) -> dict[str, Any]:
-        return self.check(genkey if isinstance(genkey, str) else None)
+    def check_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.check(GenkeyBody.parse(body).genkey)
 
+    # --- tokenizer --------------------------------------------------------------------
     def tokencount(self, body: dict[str, Any]) -> dict[str, Any]:
-        reader = FieldReader(body)
-        text = reader.string("prompt", "content", "text", default="") or ""
-        reader.raise_if_errors()
-        ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.engine.tokenizer.encode(TokenCountBody.parse(body).prompt or "", add_special_tokens=False)
         return {"value": len(ids), "ids": ids}
 
     def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
-        reader = FieldReader(body)
-        ids = reader.integer_list("ids", "tokens") or []
-        reader.raise_if_errors()
-        if any(i < 0 or i >= self.engine.tokenizer.vocab_size for i in ids):
+        ids = DetokenizeBody.parse(body).ids or []
+        if any(i >= self.engine.tokenizer.vocab_size for i in ids):
             raise ApiError(400, {"msg": "token id out of range", "type": "bad_input"})
         return {"result": self.engine.tokenizer.decode(ids, skip_special_tokens=False), "success": True}
 

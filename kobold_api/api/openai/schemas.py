@@ -7,13 +7,15 @@ sends them), with OpenAI's own defaults where OpenAI defines one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
-from ..errors import ValidationError
-from ..fields import FieldReader
-from ..generation_fields import read_ban_eos, read_banned_phrases, read_n, read_sampling, read_stop_strings
+from ..generation_options import N, GenerationOptions
+from ..request_model import TOKEN_ID_SCHEMA, Bool, Count, RequestModel, number, spellings
 
 ROLES = ("system", "user", "assistant")
 #: Every role a message may carry: ``developer`` is read as ``system``; ``tool`` is kept.
@@ -56,36 +58,31 @@ def _openai_defaults(defaults: GenerationDefaults) -> GenerationDefaults:
                    typical=1.0, rep_pen=1.0)
 
 
-def _common(reader: FieldReader, defaults: GenerationDefaults) -> dict[str, Any]:
-    stream_options = reader.raw("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        reader.errors.setdefault("stream_options", []).append("Must be an object.")
-        stream_options = {}
-    max_tokens = reader.integer("max_tokens", "max_completion_tokens", "max_length", "max_new_tokens",
-                                "n_predict", default=0, minimum=1)
-    return {
-        "model": reader.string("model"),
-        "max_tokens": max_tokens or None,
-        "sampling": read_sampling(reader, _openai_defaults(defaults)),
-        "stop": read_stop_strings(reader),
-        "n": read_n(reader),
-        "stream": reader.boolean("stream", default=False),
-        "include_usage": bool((stream_options or {}).get("include_usage", False)),
-        "ban_eos": read_ban_eos(reader),
-        "banned_phrases": read_banned_phrases(reader),
-        "truncation_length": reader.integer("truncation_length", "max_context_length", "num_ctx", default=0,
-                                            minimum=1) or None,
-    }
+class StreamOptions(RequestModel):
+    include_usage: Bool | None = None
 
 
-def parse_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> CompletionInput:
-    reader = FieldReader(body)
-    prompts = _prompts(body.get("prompt"), reader)
-    logprobs = reader.integer("logprobs", default=-1, minimum=0, maximum=20) if reader.has("logprobs") else -1
-    common = _common(reader, defaults)
-    echo = reader.boolean("echo", default=False)
-    reader.raise_if_errors()
-    return CompletionInput(**common, logprobs=logprobs if logprobs >= 0 else None, prompts=prompts, echo=echo)
+class OpenAIOptions(GenerationOptions):
+    """What both OpenAI routes take: OpenAI's fields, plus every Kobold sampler and spelling."""
+
+    model: str | None = Field(None, description="any name: the loaded model answers")
+    max_tokens: Count | None = spellings("max_tokens", "max_completion_tokens", "max_length", "max_new_tokens",
+                                         "n_predict")
+    n: N | None = None  # type: ignore[valid-type]
+    stream: Bool | None = None
+    stream_options: StreamOptions | None = None
+    truncation_length: Count | None = spellings(
+        "truncation_length", "max_context_length", "num_ctx", description="the client's context size")
+
+    def common(self, defaults: GenerationDefaults) -> dict[str, Any]:
+        """The :class:`OpenAIInput` fields, OpenAI's defaults where a sampler was not sent."""
+        return {
+            "model": self.model, "max_tokens": self.max_tokens, "sampling": self.sampling(_openai_defaults(defaults)),
+            "stop": self.stop_strings, "n": self.n or 1, "stream": bool(self.stream),
+            "include_usage": bool(self.stream_options and self.stream_options.include_usage),
+            "ban_eos": self.ban_eos, "banned_phrases": self.banned_phrases,
+            "truncation_length": self.truncation_length,
+        }
 
 
 def _is_token_list(value: Any) -> bool:
@@ -94,59 +91,80 @@ def _is_token_list(value: Any) -> bool:
         isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 and float(t).is_integer() for t in value)
 
 
-def _token_list(value: list[Any]) -> list[int]:
-    return [int(t) for t in value]
-
-
-def _prompts(value: Any, reader: FieldReader) -> list[str | list[int]]:
+def _prompts(value: Any) -> list[str | list[int]]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists."""
     if isinstance(value, str):
         return [value]
     if _is_token_list(value):
-        return [_token_list(value)]
+        return [[int(t) for t in value]]
     if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_list(p) for p in value):
-        return [p if isinstance(p, str) else _token_list(p) for p in value]
-    reader.errors["prompt"] = ["Must be a string, a list of strings, or token ids."]
-    return []
+        return [p if isinstance(p, str) else [int(t) for t in p] for p in value]
+    raise PydanticCustomError("prompt", "Must be a string, a list of strings, or token ids.")
 
 
-def parse_chat_completion(body: Mapping[str, Any], defaults: GenerationDefaults) -> ChatCompletionInput:
-    reader = FieldReader(body)
-    messages = _messages(body.get("messages"), reader)
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            reader.errors["response_format"] = ["Only {\"type\": \"text\"} is supported by this server."]
-    wants_logprobs = reader.boolean("logprobs", default=False)
-    top_logprobs = reader.integer("top_logprobs", default=0, minimum=0, maximum=20)
-    common = _common(reader, defaults)
-    reader.raise_if_errors()
-    return ChatCompletionInput(**common, logprobs=top_logprobs if wants_logprobs else None, messages=messages)
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": TOKEN_ID_SCHEMA}
+Prompts = Annotated[list[Any], BeforeValidator(_prompts), WithJsonSchema(
+    {"anyOf": [{"type": "string"}, _TOKEN_IDS, {"type": "array", "minItems": 1,
+                                                "items": {"anyOf": [{"type": "string"}, _TOKEN_IDS]}}],
+     "description": "text, token ids, or a list of either"})]
 
 
-def _messages(value: Any, reader: FieldReader) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        reader.errors["messages"] = ["Must be a non-empty list of messages."]
-        return []
-    messages = []
-    for index, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in MESSAGE_ROLES:
-            reader.errors.setdefault("messages", []).append(
-                f"messages[{index}] needs a role of system, user or assistant.")
-            continue
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content
-                              if isinstance(part, dict) and part.get("type") == "text")
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            reader.errors.setdefault("messages", []).append(f"messages[{index}].content must be a string.")
-            continue
-        role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": content})
-    return messages
+class CompletionBody(OpenAIOptions):
+    prompt: Prompts
+    logprobs: number(0, 20, integer=True) | None = None  # type: ignore[valid-type]
+    echo: Bool | None = None
+
+    def to_input(self, defaults: GenerationDefaults) -> CompletionInput:
+        return CompletionInput(**self.common(defaults), logprobs=self.logprobs, prompts=self.prompt,
+                               echo=bool(self.echo))
 
 
-__all__ = ["ChatCompletionInput", "CompletionInput", "ValidationError", "parse_chat_completion", "parse_completion"]
+def parse_completion(body: Any, defaults: GenerationDefaults) -> CompletionInput:
+    return CompletionBody.parse(body).to_input(defaults)
+
+
+def _content(value: Any) -> str:
+    """A message's text: a string, or the text parts of a content list (``null`` is empty)."""
+    if isinstance(value, list):
+        return "".join(part.get("text", "") for part in value
+                       if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+    if not isinstance(value, str):
+        raise PydanticCustomError("content", "Must be a string or a list of content parts.")
+    return value
+
+
+Content = Annotated[str, BeforeValidator(_content), WithJsonSchema(
+    {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]})]
+
+
+class Message(RequestModel):
+    role: Literal[MESSAGE_ROLES]  # type: ignore[valid-type]
+    content: Content = ""
+
+    def as_dict(self) -> dict[str, str]:
+        """``developer`` is OpenAI's newer name for ``system``."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+def _text_format(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or value.get("type") != "text":
+        raise PydanticCustomError("response_format", "Only {\"type\": \"text\"} is supported by this server.")
+    return value
+
+
+class ChatCompletionBody(OpenAIOptions):
+    messages: list[Message] = Field(min_length=1)
+    response_format: Annotated[dict[str, Any], BeforeValidator(_text_format), WithJsonSchema(
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}})] | None = None
+    logprobs: Bool | None = None
+    top_logprobs: number(0, 20, integer=True) | None = None  # type: ignore[valid-type]
+    character: str | None = Field(None, description="extension: answer as this character (server-side chat)")
+    conversation_id: str | None = Field(None, description="extension: use and store a server-side conversation")
+
+    def to_input(self, defaults: GenerationDefaults) -> ChatCompletionInput:
+        return ChatCompletionInput(**self.common(defaults), logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                                   messages=[message.as_dict() for message in self.messages])
+
+
+def parse_chat_completion(body: Any, defaults: GenerationDefaults) -> ChatCompletionInput:
+    return ChatCompletionBody.parse(body).to_input(defaults)

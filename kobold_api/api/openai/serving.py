@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 #: What a chat completion may carry for the server-side chat (the extension): everything else
 #: (messages, samplers, limits) is read as the OpenAI route reads it.
 CHAT_EXTENSION_FIELDS = ("character", "conversation_id", "mode", "your_name", "name1", "user_name",
-                         "instruction_template", "chat_instruct_command", "chat-instruct_command",
-                         "truncation_length", "max_context_length")
+                         "instruction_template", "chat_instruct_command", "chat-instruct_command")
 
 
 class OpenAIService:
@@ -110,17 +109,15 @@ class OpenAIService:
 
         The last user message is the new input; with ``conversation_id`` the stored history
         is used (and the turn stored), otherwise earlier messages become the history. A last
-        message of the assistant's is continued (OpenAI clients' "prefill"), as ``_continue``.
+        message of the assistant's is continued (OpenAI clients' "prefill"), as ``_continue``;
+        with no user or assistant message the character speaks first.
         """
         model = self._response_model()
         parsed = parse_chat_completion(body, self.settings.generation)
         turns = [m for m in parsed.messages if m["role"] in ("user", "assistant")]
         while turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
             turns.pop()  # an empty assistant message asks for a reply, like none at all
-        if not turns:
-            raise ApiError(400, {"msg": "Send at least one user or assistant message.", "type": "bad_input"},
-                           param="messages")
-        continuing = turns[-1]["role"] == "assistant"
+        continuing = bool(turns) and turns[-1]["role"] == "assistant"
         rows: list[list[str]] = []
         for message in turns if continuing else turns[:-1]:
             if message["role"] == "user" or not rows or rows[-1][1]:
@@ -130,9 +127,10 @@ class OpenAIService:
         # own turn, samplers and limits, as the OpenAI route read them (its defaults included).
         chat_fields = chat.parse({key: body[key] for key in CHAT_EXTENSION_FIELDS if key in body})
         chat_input = replace(
-            chat_fields, user_input="" if continuing else turns[-1]["content"], history=rows,
+            chat_fields, user_input="" if continuing or not turns else turns[-1]["content"], history=rows,
             continue_last=continuing, sampling=parsed.sampling, stop_strings=parsed.stop, ban_eos=parsed.ban_eos,
-            banned_phrases=parsed.banned_phrases, max_new_tokens=parsed.max_tokens or chat_fields.max_new_tokens)
+            banned_phrases=parsed.banned_phrases, max_new_tokens=parsed.max_tokens or chat_fields.max_new_tokens,
+            max_context_length=parsed.truncation_length or chat_fields.max_context_length)
         if parsed.stream:
             events, close = chat.stream_turn(chat_input, disconnected)
             return EventStream(self._turn_chunks(events, model, parsed.include_usage), on_close=close)

@@ -20,8 +20,7 @@ from ...engine.engine import Engine, GenerationFailed
 from ...settings import Settings
 from .. import jobs
 from ..chat.serving import ChatService
-from ..fields import FieldReader
-from ..kobold.schemas import parse_generation_input
+from ..kobold.schemas import TokenCountBody, parse_generation_input
 
 Events = Iterator[dict[str, Any]]
 
@@ -33,9 +32,7 @@ class TextgenService:
         self.chat = chat
 
     def token_count(self, body: dict[str, Any]) -> dict[str, Any]:
-        reader = FieldReader(body)
-        text = reader.string("prompt", default="") or ""
-        reader.raise_if_errors()
+        text = TokenCountBody.parse(body).prompt or ""
         return {"results": [{"tokens": self.engine.tokenizer.count(text)}]}
 
     def stop_stream(self) -> dict[str, str]:

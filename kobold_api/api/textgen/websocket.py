@@ -24,7 +24,7 @@ from werkzeug.test import EnvironBuilder
 
 from ..services import EXTENSION_KEY, Services
 from ..errors import DOMAIN_ERRORS, ApiError, domain_error, internal_error
-from ..fields import json_body
+from ..request_model import json_body
 from ..security import key_matches
 
 log = logging.getLogger(__name__)

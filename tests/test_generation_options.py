@@ -9,7 +9,7 @@ import pytest
 
 from kobold_api.api.chat.schemas import parse_chat_input
 from kobold_api.api.errors import ValidationError
-from kobold_api.api.generation_fields import MAX_N, MAX_STOP_STRINGS
+from kobold_api.api.generation_options import MAX_N, MAX_STOP_STRINGS
 from kobold_api.api.kobold.schemas import parse_generation_input
 from kobold_api.api.openai.schemas import parse_chat_completion, parse_completion
 from kobold_api.settings import GenerationDefaults
