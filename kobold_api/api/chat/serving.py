@@ -366,7 +366,8 @@ class ChatService:
         history = [ChatMessage("user" if m.role == "user" else "character", m.text)
                    for m in prompt_messages if m.role in ("user", "character")]
         if parsed.regenerate:
-            user_input = None  # an empty user_input on a new turn: the character speaks again
+            user_input = None
+        # A new turn with an empty user_input stores no user message: the character speaks again.
         prompt, request = self._build(parsed, character, user_name, history, user_input)
         last_index = messages[-1].index if messages else 0
         rows_before = _stored_rows(conversation)
