@@ -7,6 +7,7 @@ from typing import Callable
 from flask import Flask
 
 from .api import errors, security
+from .api.access import AccessPolicy
 from .api.chat.routes import chat
 from .api.chat.serving import ChatService
 from .api.services import EXTENSION_KEY, Services
@@ -40,10 +41,12 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     engine = engine or load_engine(settings)
     # The loaded model's own chat template (ChatML when its folder has none), built once.
     template = template_for_model(engine.tokenizer.chat_template, engine.tokenizer.eos_token, engine.model_name)
-    chat_service = ChatService.from_settings(engine, settings, template)
+    access = AccessPolicy.from_settings(settings)
+    chat_service = ChatService.from_settings(engine, settings, template, security.origin_check(access))
     bundle = Services(
         settings=settings,
         engine=engine,
+        access=access,
         kobold=KoboldService(engine, settings),
         openai=OpenAIService(engine, settings, template),
         chat=chat_service,
@@ -52,7 +55,7 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     app.extensions[EXTENSION_KEY] = bundle
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_upload_mb, 1) * 2**20 + 2**16
     errors.init_app(app)
-    security.init_app(app, settings)
+    security.init_app(app, settings, access)
     app.register_blueprint(kobold, url_prefix="/api/v1")
     app.register_blueprint(kobold, url_prefix="/api/latest", name="kobold_latest")
     app.register_blueprint(extra, url_prefix="/api/extra")

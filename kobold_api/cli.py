@@ -14,7 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", help="settings JSON file (default: ./settings.json if present)")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="prepare the model if needed and start the server")
-    serve.add_argument("--host")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: "
+                       "the network, better with --api-key)")
+    serve.add_argument("--listen", action="store_true", help="listen on the network (same as --host 0.0.0.0)")
     serve.add_argument("--port", type=int)
     serve.add_argument("--ws-port", dest="ws_port", type=int,
                        help="text-generation-webui websocket streaming port (default 5005; 0 = off)")
@@ -23,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--provider", choices=PROVIDERS)
     serve.add_argument("--quant", choices=QUANTS, help="precision of the prepared model (auto: on the CPU mixed under 0.5B "
                        "parameters, int4 above; fp16 on CUDA; mixed: 4-bit ffn gate/up inside, 8-bit elsewhere)")
-    serve.add_argument("--api-key", dest="api_key")
+    serve.add_argument("--api-key", dest="api_key", help="key every API request must carry (Bearer or X-Api-Key)")
+    serve.add_argument("--admin-key", dest="admin_key",
+                       help="key for destructive and admin routes (deleting or replacing characters)")
+    serve.add_argument("--allowed-hosts", dest="allowed_hosts",
+                       help="extra Host names to answer to, comma-separated (a reverse proxy's public name)")
+    serve.add_argument("--cors-origins", dest="cors_origins",
+                       help="extra browser origins trusted with stored chats and characters, comma-separated")
     serve.add_argument("--settings", dest="sub_settings", help=argparse.SUPPRESS)
     prepare = commands.add_parser("prepare", help="download and build a model into the cache, then exit")
     prepare.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
@@ -43,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {key: getattr(args, key, None) for key in ("host", "port", "ws_port", "model", "data_dir", "provider",
-                                                 "quant", "api_key")}
+                                                 "quant", "api_key", "admin_key", "allowed_hosts", "cors_origins")}
+    if getattr(args, "listen", False) and not args.host:
+        overrides["host"] = "0.0.0.0"
     try:
         settings = load_settings(getattr(args, "sub_settings", None) or args.settings, overrides=overrides)
     except SettingsError as exc:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from waitress import serve as waitress_serve
 
+from .api.access import exposure_warnings
 from .api.textgen.websocket import WebSocketServer
 from .app import create_app, load_engine
 from .settings import Settings
@@ -27,11 +29,23 @@ def waitress_options(settings: Settings) -> dict:
     }
 
 
+def warn_loudly(messages: list[str]) -> None:
+    """A banner on the terminal and in the log, whatever ``log_level`` says."""
+    for message in messages:
+        rule = "!" * 78
+        banner = f"\n{rule}\n!! WARNING: {message}\n{rule}"
+        if log.isEnabledFor(logging.WARNING):
+            log.warning("%s", banner)
+        else:
+            print(banner, file=sys.stderr, flush=True)
+
+
 def serve(settings: Settings) -> None:
     engine = load_engine(settings, progress=lambda message: log.info("%s", message))
     app = create_app(settings, engine)
     log.info("kobold_api serving %s on http://%s:%d (Kobold API at /api, OpenAI API at /v1)",
              engine.model_name, settings.host, settings.port)
+    warn_loudly(exposure_warnings(settings))
     websockets = None
     if settings.ws_port:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,12 @@ PROVIDERS = ("auto", "cpu", "cuda")
 DATABASE_FILE = "conversations.db"
 #: Precisions a model can be prepared at (``engine/importer/precision.py`` says what each means).
 QUANTS = ("auto", "int4", "mixed", "int8", "fp16", "fp32")
+
+
+#: What a ``cors_origins`` entry must look like: scheme://host[:port], ``*`` allowed in the host.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9*_.-]+)(:[0-9]{1,5})?", re.IGNORECASE)
+#: An ``allowed_hosts`` entry: a name or IP (a leading dot takes the subdomains too).
+_HOST_NAME = re.compile(r"\.?([a-z0-9_-]+\.)*[a-z0-9_-]+\.?|\[?[0-9a-f:.]+\]?", re.IGNORECASE)
 
 
 class SettingsError(ValueError):
@@ -53,7 +60,9 @@ class GenerationDefaults:
 class Settings:
     """Everything the server can be told; see README.md for what each field does."""
 
-    host: str = "0.0.0.0"
+    #: The address to listen on: loopback unless the user opts in to the network (``--listen`` or
+    #: ``--host 0.0.0.0``); the server warns at start-up when it listens beyond loopback without a key.
+    host: str = "127.0.0.1"
     port: int = 5000
     #: text-generation-webui's legacy websocket streaming (``/api/v1/stream``, ``/api/v1/chat-stream``); 0 = off.
     ws_port: int = 5005
@@ -74,12 +83,34 @@ class Settings:
     queue_size: int = 16
     max_batch_size: int = 8
     prefix_cache_mb: int = 256
-    cors_origins: str = "*"
+    #: Browser origins trusted with stored data (characters, conversations), comma-separated, on
+    #: top of the server's own page and localhost origins; ``*`` wildcards a part, ``*`` alone
+    #: trusts every origin. Generation and probe routes answer any origin whatever this says.
+    cors_origins: str = ""
+    #: Host names the server answers to besides localhost names, IP addresses, this machine's
+    #: name and ``host``, comma-separated (a reverse proxy's public name; ``.example.com`` takes its
+    #: subdomains too; ``*`` turns the check off). Any other Host header gets a 403.
+    allowed_hosts: str = ""
     api_key: str = ""
+    #: Needed for destructive and admin routes (deleting or replacing characters) when set; the
+    #: plain ``api_key`` is refused there. Empty: those routes take what every route takes.
+    admin_key: str = ""
     open_probes: bool = True
     max_upload_mb: int = 8
     log_level: str = "INFO"
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    @staticmethod
+    def _list(value: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return self._list(self.cors_origins)
+
+    @property
+    def allowed_host_list(self) -> tuple[str, ...]:
+        return self._list(self.allowed_hosts)
 
     @property
     def data_path(self) -> Path:
@@ -97,7 +128,6 @@ class Settings:
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_path / DATABASE_FILE).resolve()}"
-
 
 
 def _coerce(name: str, value: Any, target_type: Any) -> Any:
@@ -155,6 +185,16 @@ def _validate(settings: Settings) -> Settings:
     for name in ("threads", "queue_size", "max_batch_size", "context_size"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{name} must be at least 1")
+    if settings.admin_key and settings.admin_key == settings.api_key:
+        raise SettingsError("admin_key must differ from api_key (with the same value every client is an admin)")
+    for origin in settings.cors_origin_list:
+        if origin not in ("*", "null") and not _ORIGIN.fullmatch(origin):
+            raise SettingsError(f"cors_origins: {origin!r} is not an origin such as https://example.com or "
+                                "http://localhost:8000 (scheme and host, a port if any, no path)")
+    for host in settings.allowed_host_list:
+        if host != "*" and not _HOST_NAME.fullmatch(host):
+            raise SettingsError(f"allowed_hosts: {host!r} is not a host name such as chat.example.com or "
+                                ".example.com (no scheme, port or path)")
     return settings
 
 

@@ -58,6 +58,32 @@ def unauthorized_error() -> ApiError:
                           "type": "unauthorized"}, openai_type="invalid_request_error")
 
 
+def forbidden_error(message: str, kind: str) -> ApiError:
+    """403: the request is understood and authenticated as far as it goes, and not allowed
+    (``forbidden_host``, ``forbidden_origin``, ``admin_required``)."""
+    return ApiError(403, {"msg": message, "type": kind}, openai_type="invalid_request_error")
+
+
+def host_error(host: str) -> ApiError:
+    return forbidden_error(
+        f"Host {host!r} is not allowed. The server answers to localhost names, IP addresses, this "
+        "machine's name and the names in allowed_hosts (this check stops DNS-rebinding pages); behind a "
+        "reverse proxy or on a DNS name, add the name to allowed_hosts (settings.json, "
+        "KOBOLD_API_ALLOWED_HOSTS or --allowed-hosts).", "forbidden_host")
+
+
+def origin_error(origin: str) -> ApiError:
+    return forbidden_error(
+        f"Origin {origin!r} may not read or change stored characters and conversations: only the server's "
+        "own page, localhost pages and the origins in cors_origins may (generation is open to every "
+        "origin). To trust this page, add it to cors_origins.", "forbidden_origin")
+
+
+def admin_error(action: str) -> ApiError:
+    return forbidden_error(f"{action} needs the admin key (admin_key); the API key is not enough.",
+                           "admin_required")
+
+
 def not_found_error(what: str) -> ApiError:
     return ApiError(404, {"msg": what, "type": "key_error"}, openai_type="invalid_request_error")
 

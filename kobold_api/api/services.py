@@ -12,6 +12,7 @@ from flask import current_app, request
 
 from ..engine.engine import Engine
 from ..settings import Settings
+from .access import AccessPolicy
 from .errors import ApiError
 from .request_model import json_body
 
@@ -28,6 +29,7 @@ EXTENSION_KEY = "kobold_api"
 class Services:
     settings: Settings
     engine: Engine
+    access: AccessPolicy
     kobold: "KoboldService"
     openai: "OpenAIService"
     chat: "ChatService"

@@ -216,6 +216,14 @@ class CharacterStore:
                     return path
         raise KeyError(name)
 
+    def is_shipped(self, name: str) -> bool:
+        """Whether ``name`` finds a card shipped with the package (False for the user's cards
+        and for names that find nothing)."""
+        try:
+            return self._is_shipped(self.path_of(name))
+        except (KeyError, UnsafeNameError):
+            return False
+
     def get(self, name: str) -> Character:
         """Character by file stem or card name, case-insensitively; ``KeyError`` if absent."""
         with self._lock:

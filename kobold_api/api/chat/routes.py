@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
+from ..security import may_administer
 from ..services import request_json, services
 from ..sse import disconnect_probe, sse_response
 from .schemas import UploadQuery
@@ -36,7 +37,9 @@ def list_characters() -> Response:
 def upload_character() -> Response:
     """Body: the card itself (JSON, YAML or PNG bytes). Query: ``name``, ``overwrite``."""
     query = UploadQuery.parse(request.args.to_dict())
-    result = services().chat.upload_character(request.get_data(), query.name, bool(query.overwrite))
+    svc = services()
+    result = svc.chat.upload_character(request.get_data(), query.name, bool(query.overwrite),
+                                       may_replace=may_administer(svc.access))
     return jsonify(result), 201
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ...chat.cards import character_to_v2_dict
 from ...chat.character import Character
-from ...chat.characters import SHIPPED_CHARACTERS, CharacterStore, UnsafeNameError
+from ...chat.characters import SHIPPED_CHARACTERS, CharacterExistsError, CharacterStore, UnsafeNameError
 from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptRequest, clean_reply
 from ...chat.conversations import ConversationStore
 from ...chat.templates import ChatTemplate, get_named_template
@@ -23,7 +23,7 @@ from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
-from ..errors import DOMAIN_ERRORS, ApiError, domain_error, not_found_error
+from ..errors import DOMAIN_ERRORS, ApiError, admin_error, domain_error, not_found_error
 from ..sse import EventStream, sse_event
 from .schemas import (
     DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, MessageEditBody, NewConversationBody, RenameBody, parse_chat_input,
@@ -89,21 +89,31 @@ def _kobold_events(events: Iterator[TurnEvent]) -> Iterator[bytes]:
 
 
 class ChatService:
+    """Characters, conversations and chat turns.
+
+    ``private_access`` raises when the current request may not touch stored data (a browser page
+    from an untrusted origin); a chat turn asks it when it names a conversation or a character
+    that is not one of the shipped ones. The character and conversation routes are refused
+    before they get here."""
+
     def __init__(self, engine: Engine, settings: Settings, characters: CharacterStore,
-                 conversations: ConversationStore, model_template: ChatTemplate) -> None:
+                 conversations: ConversationStore, model_template: ChatTemplate,
+                 private_access: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
         self.settings = settings
         self.characters = characters
         self.conversations = conversations
         self.model_template = model_template
+        self.private_access = private_access
         self.builder = PromptBuilder(engine.tokenizer.count, self.model_template)
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings: Settings, model_template: ChatTemplate) -> "ChatService":
+    def from_settings(cls, engine: Engine, settings: Settings, model_template: ChatTemplate,
+                      private_access: Callable[[], None] = lambda: None) -> "ChatService":
         return cls(engine, settings,
                    CharacterStore(settings.characters_path, max_bytes=settings.max_upload_mb * 2**20,
                                   shipped=SHIPPED_CHARACTERS),
-                   ConversationStore(settings.resolved_database_url), model_template)
+                   ConversationStore(settings.resolved_database_url), model_template, private_access)
 
     # --- characters -------------------------------------------------------------------
     def list_characters(self) -> dict[str, Any]:
@@ -112,8 +122,16 @@ class ChatService:
     def get_character(self, name: str) -> dict[str, Any]:
         return {"result": character_to_v2_dict(self._character(name))}
 
-    def upload_character(self, data: bytes, name: str | None, overwrite: bool) -> dict[str, Any]:
-        stem, character = self.characters.save(data, name or None, overwrite=overwrite)
+    def upload_character(self, data: bytes, name: str | None, overwrite: bool,
+                         may_replace: bool = True) -> dict[str, Any]:
+        """Store a card; replacing one (``overwrite``) also needs ``may_replace`` (the admin key
+        where one is set), asked only when the name is taken."""
+        try:
+            stem, character = self.characters.save(data, name or None, overwrite=overwrite and may_replace)
+        except CharacterExistsError:
+            if overwrite and not may_replace:
+                raise admin_error("Replacing a character") from None
+            raise
         return {"result": _character_summary(stem, character)}
 
     def delete_character(self, name: str) -> dict[str, Any]:
@@ -300,6 +318,8 @@ class ChatService:
         return body
 
     def _plan(self, parsed: ChatInput) -> TurnPlan:
+        if parsed.conversation_id or not self.characters.is_shipped(parsed.character):
+            self.private_access()
         if parsed.conversation_id:
             return self._plan_stored(parsed)
         return self._plan_stateless(parsed)

@@ -23,9 +23,8 @@ from websockets.sync.server import ServerConnection, serve
 from werkzeug.test import EnvironBuilder
 
 from ..services import EXTENSION_KEY, Services
-from ..errors import DOMAIN_ERRORS, ApiError, domain_error, internal_error
+from ..errors import DOMAIN_ERRORS, ApiError, domain_error, host_error, internal_error
 from ..request_model import json_body
-from ..security import key_matches
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,27 @@ class WebSocketServer:
         self._thread.join(timeout=5)
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Refuse before the handshake: an unknown path (404), a missing API key (401)."""
+        """Refuse before the handshake: a Host the server does not answer to (403, as on HTTP),
+        an unknown path (404), a missing API key (401). Any origin may stream; the chat service
+        refuses an untrusted page a stored character, as on HTTP."""
+        access = self._services.access
+        host = request.headers.get("Host")
+        if not access.host_allowed(host):
+            return connection.respond(HTTPStatus.FORBIDDEN, host_error(host or "").message + "\n")
         if _path(request.path) not in PATHS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"No websocket route; use one of {', '.join(PATHS)}.\n")
-        api_key = self._services.settings.api_key
-        if api_key and not key_matches(api_key, request.headers.get("Authorization", ""),
-                                       request.headers.get("X-Api-Key", "")):
+        if access.role(request.headers.get("Authorization"), request.headers.get("X-Api-Key")) is None:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Authentication key is missing or invalid.\n")
         return None
 
     def _handle(self, connection: ServerConnection) -> None:
-        path = _path(connection.request.path if connection.request else "")
+        request = connection.request
+        path = _path(request.path if request else "")
         address = connection.remote_address[0] if connection.remote_address else ""
-        environ = EnvironBuilder(path=path, method="POST", environ_base={"REMOTE_ADDR": address}).get_environ()
+        # The headers the access rules read (Origin, Host) travel into the request context.
+        headers = {name: request.headers[name] for name in ("Origin", "Host") if request and name in request.headers}
+        environ = EnvironBuilder(path=path, method="POST", headers=headers,
+                                 environ_base={"REMOTE_ADDR": address}).get_environ()
         with self.app.request_context(environ):
             try:
                 self._serve_one(connection, path)
