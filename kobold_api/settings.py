@@ -83,6 +83,9 @@ class Settings:
     queue_size: int = 16
     max_batch_size: int = 8
     prefix_cache_mb: int = 256
+    #: Reuse a cached chat whose oldest turns were dropped by moving the rest into place
+    #: (KoboldCpp's ContextShift); off: only a shared prefix is reused (see README, "Long chats").
+    context_shift: bool = True
     #: Browser origins trusted with stored data (characters, conversations), comma-separated, on
     #: top of the server's own page and localhost origins; ``*`` wildcards a part, ``*`` alone
     #: trusts every origin. Generation and probe routes answer any origin whatever this says.

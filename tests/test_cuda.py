@@ -86,3 +86,25 @@ def test_cuda_engine_serves_concurrent_requests(hf_dir: Path, tmp_path: Path) ->
     alone = TextGenerator(model, Tokenizer(model_dir)).generate(
         GenerationRequest(prompt="Story 0:", max_new_tokens=24, ban_eos=True, sampling=SamplingParams(temperature=0)))
     assert results[0].text[:8] == alone.text[:8]
+
+
+def test_cuda_context_shift_matches_a_fresh_prefill(tmp_path: Path) -> None:
+    """The device cache shifted (through host memory, fp16 keys rotated in fp32): a one-layer
+    model answers as a fresh prefill of the shortened prompt does."""
+    from kobold_api.engine.context_shift import ContextShifter
+    from kobold_api.engine.prefix_cache import PrefixCache
+
+    one_layer = build_tiny_hf_model(tmp_path / "hf", family="qwen2", layers=1)
+    model = OnnxCausalLM(prepare_model(str(one_layer), "cuda", tmp_path / "cache", quant="fp16"), "cuda")
+    assert model.rotary is not None
+    pool = PrefixCache(2**28, shifter=ContextShifter(model.rotary, model.device))
+    card, old, kept, new = PROMPT[:10], list(range(60, 90)), list(range(100, 140)), [7, 8, 9]
+    batch = ConcatBatch(model)
+    batch.admit(card + old + kept, None, 0)
+    pool.put(batch.release(0))
+    prompt = card + kept + new
+    cached, reuse = pool.take(prompt)
+    assert cached is not None and reuse == len(card + kept)
+    shifted = ConcatBatch(model).admit(prompt, cached, reuse)
+    fresh = ConcatBatch(model).admit(prompt, None, 0)
+    assert np.abs(shifted - fresh).max() / np.abs(fresh).max() < TOLERANCE["fp16"]

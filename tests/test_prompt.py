@@ -438,7 +438,7 @@ def test_then_the_oldest_turns_are_dropped_keeping_definition_and_input() -> Non
         "Alice:"
     )
     assert (built.dropped_examples, built.dropped_turns, built.prompt_tokens) == (2, 3, 23)
-    one_dropped = build(max_prompt_tokens=30)
+    one_dropped = build(max_prompt_tokens=30, turn_block_fraction=0)  # as few as fit
     assert (one_dropped.dropped_turns, one_dropped.prompt_tokens) == (1, 30)
     assert "Welcome" not in one_dropped.text and "Bob: Thanks.\n" in one_dropped.text
 
@@ -483,8 +483,38 @@ def test_fitting_counts_tokens_a_logarithmic_number_of_times() -> None:
     )
     assert built.prompt_tokens <= 100
     assert built.text.endswith("Bob: message number 399\nBob: hello\nAlice:")
-    assert built.dropped_turns == 400 - (100 - 4) // 4
-    assert len(calls) < 20
+    fewest = 400 - (100 - 4) // 4  # what fits; the block rule drops up to a block (~7 messages) more
+    assert fewest <= built.dropped_turns <= fewest + 7
+    prompts = [text for text in calls if text.endswith("Alice:")]
+    assert len(prompts) < 20 and len(calls) - len(prompts) == 400  # each message counted once
+    calls.clear()
+    builder.build(PromptRequest(Character(name="Alice"), "Bob", [*history, ChatMessage("user", "more")], "hello",
+                                max_prompt_tokens=100))
+    assert len([text for text in calls if not text.endswith("Alice:")]) == 1  # only the new message
+
+
+def test_a_growing_chat_drops_turns_in_blocks_and_keeps_its_start() -> None:
+    """Once the window is full, turns go a block (a quarter of the budget) at a time at fixed
+    points, so most turns' prompts continue the previous one (a prefix-cache hit) instead of
+    starting one message later every turn."""
+    history = [ChatMessage("user" if i % 2 else "character", f"message number {i}") for i in range(60)]
+
+    def chat(fraction: float) -> list[tuple[int, str]]:
+        builder, out = PromptBuilder(count_words, None), []
+        for length in range(40, 60):
+            built = builder.build(PromptRequest(Character(name="Alice"), "Bob", history[:length], None,
+                                                max_prompt_tokens=100, turn_block_fraction=fraction))
+            assert built.prompt_tokens <= 100
+            out.append((built.dropped_turns, built.text))
+        return out
+
+    blocks, fewest = chat(0.25), chat(0)
+    assert len({dropped for dropped, _ in fewest}) == 20  # a new start every turn
+    assert len({dropped for dropped, _ in blocks}) <= 5
+    continued = sum(1 for (d1, t1), (d2, t2) in zip(blocks, blocks[1:]) if d1 == d2 and t2.startswith(t1[:-6]))
+    assert continued >= 15
+    for (dropped, _), (least, _) in zip(blocks, fewest):
+        assert least <= dropped <= least + 7  # never more than about a block beyond what fits
 
 
 # --- lorebook in the prompt ---------------------------------------------------------

@@ -8,6 +8,7 @@ the streaming and stop-string tests need to exercise.
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,9 @@ GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
 def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tied: bool = False,
-                        hidden_size: int = 64, layers: int = 2, merges: int = 0) -> Path:
-    """A 2-layer model of ``family`` with random weights, saved as a Hugging Face folder."""
+                        hidden_size: int = 64, layers: int = 2, merges: int = 0, **config: Any) -> Path:
+    """A 2-layer model of ``family`` with random weights, saved as a Hugging Face folder
+    (``config`` overrides the family's configuration)."""
     import torch
     import transformers
 
@@ -93,7 +95,7 @@ def build_tiny_hf_model(out_dir: Path, seed: int = 0, family: str = "llama", tie
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied,
     )
-    config = getattr(transformers, config_name)(**{**fields, **extra})
+    config = getattr(transformers, config_name)(**{**fields, **extra, **config})
     model = getattr(transformers, model_name)(config)
     # Favour printable ASCII, space and newline (byte-level symbols 'Ġ' and 'Ċ'): outputs then
     # look like text, so tests can pick stop strings from them; other bytes stay possible.

@@ -13,6 +13,8 @@ left-truncated the character context instead).
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Callable, Literal
 
@@ -42,6 +44,7 @@ DEFAULT_CHAT_INSTRUCT_COMMAND = (
 EXAMPLE_SEPARATOR = "***"
 CHAT_START = "***"
 DEFAULT_LORE_BUDGET_FRACTION = 0.25  # SillyTavern's default world-info budget share
+MESSAGE_COUNT_CACHE = 8192  # messages whose token counts a builder remembers
 
 MODES: tuple[Mode, ...] = ("chat", "instruct", "chat-instruct")
 _CHAR_MACRO = re.compile(r"\{\{char\}\}|<bot>|<char>", re.IGNORECASE)
@@ -96,6 +99,11 @@ class PromptRequest:
     template: ChatTemplate | None = None
     extra_stop_strings: list[str] = field(default_factory=list)
     lorebook_budget_tokens: int | None = None
+    #: When turns must go, they go in blocks of about this share of the budget, cut at points
+    #: fixed in the history itself: the next turns then keep the same start, so the model's
+    #: prefix cache continues it instead of re-reading the window every turn. 0: drop as few
+    #: turns as fit (a new start every turn once the window is full).
+    turn_block_fraction: float = 0.25
 
 
 @dataclass
@@ -188,6 +196,22 @@ class PromptBuilder:
     def __init__(self, count_tokens: Callable[[str], int], chat_template: ChatTemplate | None = None) -> None:
         self.count_tokens = count_tokens
         self.chat_template = chat_template
+        # Token counts of single messages (block starts need each one; a chat resends the same
+        # messages every turn, so each is counted once), least recently used dropped first.
+        self._message_tokens: OrderedDict[str, int] = OrderedDict()
+        self._message_lock = threading.Lock()
+
+    def _count_message(self, text: str) -> int:
+        with self._message_lock:
+            if text in self._message_tokens:
+                self._message_tokens.move_to_end(text)
+                return self._message_tokens[text]
+        count = self.count_tokens(text)
+        with self._message_lock:
+            self._message_tokens[text] = count
+            while len(self._message_tokens) > MESSAGE_COUNT_CACHE:
+                self._message_tokens.popitem(last=False)
+        return count
 
     # --- public ---------------------------------------------------------------------
 
@@ -201,8 +225,10 @@ class PromptBuilder:
 
         parts, activated_lore = self._collect_parts(request)
         assemble = self._assembler(request.mode, parts, template)
+        block = int(request.max_prompt_tokens * request.turn_block_fraction)
         text, tokens, kept_examples, first_turn = self._fit(
-            assemble, len(parts.examples), len(parts.history), request.max_prompt_tokens
+            assemble, len(parts.examples), len(parts.history), request.max_prompt_tokens,
+            lambda: self._block_starts(parts.history, block),
         )
         return BuiltPrompt(
             text=text,
@@ -308,10 +334,26 @@ class PromptBuilder:
             return lambda kept, first: _instruct_text(parts, template, kept, first)
         return lambda kept, first: _chat_instruct_text(parts, template, kept, first)
 
+    def _block_starts(self, history: list[ChatMessage], block_tokens: int) -> list[int]:
+        """History indices where blocks of ``block_tokens`` begin, counted from the first message:
+        the message where the running token count first reaches 1, 2, 3... blocks. They depend
+        only on the messages before them, so they stay put as the chat grows."""
+        if block_tokens <= 0:
+            return []
+        starts, total, next_start = [], 0, block_tokens
+        for index, message in enumerate(history):
+            if total >= next_start:
+                starts.append(index)
+                next_start = (total // block_tokens + 1) * block_tokens
+            total += self._count_message(message.text) + 1
+        return starts
+
     def _fit(
-        self, assemble: Callable[[int, int], str], example_count: int, turn_count: int, max_tokens: int
+        self, assemble: Callable[[int, int], str], example_count: int, turn_count: int, max_tokens: int,
+        block_starts: Callable[[], list[int]] = list,
     ) -> tuple[str, int, int, int]:
-        """Find the richest prompt within budget: drop examples from the last, then oldest turns.
+        """Find the richest prompt within budget: drop examples from the last, then oldest turns,
+        a block at a time (``block_starts``; as few as fit past the last block start).
 
         Token counts are taken on the whole assembled text (pieces do not add up exactly
         once merged), with binary searches so a long chat costs O(log n) counts.
@@ -339,7 +381,15 @@ class PromptBuilder:
         else:
             if not fits(0, turn_count):
                 raise PromptTooLongError(measure(0, turn_count)[1], max_tokens)
-            low, high = 0, turn_count  # fits(high) is true, fits(low) is false
+            starts = [start for start in block_starts() if start < turn_count]
+            low_block, high_block = -1, len(starts)  # fits(starts[high_block]) (or the end) is true
+            while high_block - low_block > 1:
+                middle = (low_block + high_block) // 2
+                low_block, high_block = (low_block, middle) if fits(0, starts[middle]) else (middle, high_block)
+            if high_block < len(starts):
+                text, tokens = measure(0, starts[high_block])
+                return text, tokens, 0, starts[high_block]
+            low, high = starts[-1] if starts else 0, turn_count  # fits(high) is true, fits(low) is false
             while high - low > 1:
                 middle = (low + high) // 2
                 low, high = (low, middle) if fits(0, middle) else (middle, high)

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, Sequence, TextGenerator
 from .decode_batch import DecodeBatch, new_decode_batch
 from .onnx_model import OnnxCausalLM, resolved_device
+from .context_shift import ContextShifter
 from .prefix_cache import PrefixCache
 from .prepare import prepare_model
 from .tokenizer import Tokenizer
@@ -244,12 +245,15 @@ class Engine:
         max_batch_size: int = 8,
         progress: Callable[[str], None] | None = None,
         quant: str = "auto",
+        context_shift: bool = True,
     ) -> "Engine":
         """Prepare (or find in the cache) the model, then open it."""
         model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress, quant)
         onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
         tokenizer = Tokenizer(model_dir)
-        prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+        shifter = ContextShifter(onnx_model.rotary, onnx_model.device) \
+            if context_shift and onnx_model.rotary is not None else None
+        prefix_cache = PrefixCache(prefix_cache_mb * 2**20, shifter=shifter) if prefix_cache_mb > 0 else None
         name = _display_name(model, model_dir)
         return cls(TextGenerator(onnx_model, tokenizer, prefix_cache), name, queue_size, max_batch_size)
 

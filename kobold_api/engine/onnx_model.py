@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .prepare import read_manifest
+from .rotary import RotaryLayout
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ class OnnxCausalLM:
             self._head_dim = int(first_past.shape[3])
             self._kv_dtype = _ORT_TO_NUMPY[first_past.type]
         self._output_names = ["logits", *self._present_names]
+        #: How the graph rotated its cached keys (our importer's graphs): what context shifting needs.
+        self.rotary = RotaryLayout.from_manifest(manifest)
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.device = "cuda" if self.provider == "cuda" else "cpu"
 

@@ -1,9 +1,11 @@
 """Reuse the KV cache of recent sequences for prompts that start the same way.
 
 Kobold clients (SillyTavern included) resend the whole prompt every turn, so the next
-request usually shares all but its last message with the previous one. Matching on
-token ids works for any stateless prompt, not only our own chat. The pool is bounded
-in bytes and evicts the least recently used entry.
+request usually shares all but its last message with the previous one; once a chat fills
+its window, it shares the card and most of the history but not the oldest turns, and
+:mod:`.context_shift` moves the rest into place. Matching on token ids works for any
+stateless prompt, not only our own chat. The pool is bounded in bytes and evicts the
+least recently used entry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .context_shift import MIN_RUN, ContextShifter, ShiftPlan, plan_shift
 from .onnx_model import KVCache
 
 #: Prompt tokens that always run again, however much of the prompt is cached. One would do
@@ -22,15 +25,6 @@ from .onnx_model import KVCache
 #: (measured on the default int4 model: logits up to 0.7 apart; two or more tokens give
 #: bit-identical logits). Running two keeps a resent prompt (a swipe) exactly reproducible.
 RECOMPUTED_TOKENS = 2
-
-
-def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
-    """Number of leading ids two sequences share (vectorized: prompts run to thousands of ids)."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    differs = np.flatnonzero(a[:n] != b[:n])
-    return int(differs[0]) if differs.size else n
 
 
 @dataclass
@@ -45,9 +39,10 @@ class _Entry:
 class PrefixCache:
     """An LRU pool of KV caches; a cache taken out belongs to its generation until put back."""
 
-    def __init__(self, max_bytes: int, min_reuse_tokens: int = 8) -> None:
+    def __init__(self, max_bytes: int, min_reuse_tokens: int = 8, shifter: ContextShifter | None = None) -> None:
         self.max_bytes = max_bytes
         self.min_reuse_tokens = min_reuse_tokens
+        self.shifter = shifter
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._total_bytes = 0
         self._lock = threading.Lock()
@@ -55,37 +50,50 @@ class PrefixCache:
         self.reused_tokens = 0
 
     def take(self, prompt_ids: list[int]) -> tuple[KVCache | None, int]:
-        """The cache sharing the longest prefix with ``prompt_ids`` and that prefix's length.
+        """The cache that rebuilds the longest start of ``prompt_ids``, and that start's length.
 
-        At most ``len(prompt_ids) - RECOMPUTED_TOKENS`` tokens are reused (see there).
+        That is the longest shared prefix, or, with a :class:`ContextShifter`, a cached sequence
+        with spans dropped (older turns a long chat let go) shifted into place. At most
+        ``len(prompt_ids) - RECOMPUTED_TOKENS`` tokens are reused (see there).
         """
         prompt = np.asarray(prompt_ids, dtype=np.int64)
+        limit = len(prompt) - RECOMPUTED_TOKENS
+        # Without a shifter only the shared prefix counts (a run can never be long enough).
+        min_run = MIN_RUN if self.shifter is not None else limit + 1
         with self._lock:
-            best_key, best_length = None, 0
+            best_key, best = None, ShiftPlan(())
             for key, entry in self._entries.items():
-                if entry.token_ids[0] != prompt[0]:
+                if self.shifter is None and entry.token_ids[0] != prompt[0]:
                     continue
-                length = min(common_prefix_length(entry.token_ids, prompt), len(prompt) - RECOMPUTED_TOKENS)
-                if length > best_length:
-                    best_key, best_length = key, length
-            if best_key is None or best_length < self.min_reuse_tokens:
+                plan = plan_shift(entry.token_ids, prompt, limit, min_run)
+                if plan.reused > best.reused:
+                    best_key, best = key, plan
+            if best_key is None or best.reused < self.min_reuse_tokens:
                 return None, 0
             self.hits += 1
-            self.reused_tokens += best_length
+            self.reused_tokens += best.reused
             entry = self._entries[best_key]
-            if best_length >= len(entry.token_ids) - 1 or entry.cache.arena is not None:
-                # The request continues this very sequence, or branches from a sequence that
-                # still holds whole decode buffers (a regenerated or trimmed last reply, the
-                # usual chat branch): it takes the cache over and writes past the prefix in
-                # place, so nothing is copied; its own cache replaces the entry, and the next
-                # branch from the same history starts from that one.
+            take_over = best.reused >= len(entry.token_ids) - 1 or entry.cache.arena is not None
+            if best.moves and self.shifter is not None:
+                if entry.cache.arena is None:  # the entry stays for other prompts; a shifted copy
+                    self._entries.move_to_end(best_key)
+                    return self.shifter.shifted_copy(entry.cache, best, prompt_ids), best.reused
+                take_over = True
+            if take_over:
+                # The request continues this very sequence, or branches from (or shifts) a
+                # sequence that still holds whole decode buffers (a regenerated or trimmed last
+                # reply, the usual chat branch; older turns dropped): it takes the cache over
+                # and writes past the reused part in place, so nothing is copied; its own cache
+                # replaces the entry, and the next branch from the same history starts from that.
                 del self._entries[best_key]
                 self._total_bytes -= entry.nbytes
-                return entry.cache, best_length
+                if best.moves and self.shifter is not None:
+                    return self.shifter.shift_arena(entry.cache, best, prompt_ids), best.reused
+                return entry.cache, best.reused
             # A branch from a cache copied out of a busy batch: the entry stays for other
             # branches and the caller gets a read-only view to copy from.
             self._entries.move_to_end(best_key)
-            return KVCache(list(entry.cache.tensors), list(entry.cache.token_ids)), best_length
+            return KVCache(list(entry.cache.tensors), list(entry.cache.token_ids)), best.reused
 
     def put(self, cache: KVCache) -> None:
         nbytes = cache.nbytes

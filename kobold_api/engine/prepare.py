@@ -42,7 +42,7 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "kobold_api_model.json"
 #: Bump when the preparation steps change, so old caches are rebuilt.
-PREPARE_VERSION = 8
+PREPARE_VERSION = 9
 #: The builder's int4 options (fallback path). k-quant rounding with the output matrix in
 #: 8 bits (the GGUF's own layout); blocks of 32 match the GGUF's.
 INT4_BUILDER_OPTIONS = ("int4_algo_config=k_quant_last", "int4_block_size=32")

@@ -54,7 +54,8 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
         writer = GraphWriter(out_dir, precision.float_type)
         bar = ProgressBar(say)
         try:
-            importer_class(source, precision, writer, bar.update).build()
+            importer = importer_class(source, precision, writer, bar.update)
+            importer.build()
             writer.save()
         except BaseException:
             writer.abort()
@@ -62,11 +63,12 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
     finally:
         precision.close()
     bar.finish()
-    return contract(config, importer_class, precision, device)
+    return {**contract(config, importer_class, precision, device), "rotary": importer.rotary_contract()}
 
 
 def contract(config: ModelConfig, importer_class: type, precision: Precision, device: str) -> dict:
-    """What the runtime may rely on without looking inside the graph."""
+    """What the runtime may rely on without looking inside the graph (``rotary``, added by
+    :func:`import_model`, says how cached keys were rotated)."""
     return {
         "importer": importer_class.__name__, "importer_version": importer_class.version,
         "architecture": config.architecture, "quant": precision.quant, "device": device,

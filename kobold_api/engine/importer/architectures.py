@@ -84,6 +84,11 @@ class DecoderImporter:
         self.c = source.config
         self._done = 0
         self._total = self.count_tensors()
+        #: The rotary frequencies (scaling applied) of each cos/sin table written, by table name,
+        #: and the table each layer's keys were rotated with: the runtime needs both to move
+        #: cached keys to new positions (context shifting).
+        self.inv_freqs: dict[str, list[float]] = {}
+        self.layer_tables: list[str] = []
 
     # ------------------------------------------------------------------ helpers
 
@@ -140,8 +145,9 @@ class DecoderImporter:
             inv_freq, magnitude = self._longrope_short(inv_freq, scaling)
         positions = np.arange(c.context_length, dtype=np.float64)
         angles = np.outer(positions, inv_freq)
-        return (self.w.float_weight(f"cos_cache{suffix}", np.cos(angles) * magnitude),
-                self.w.float_weight(f"sin_cache{suffix}", np.sin(angles) * magnitude))
+        cos = self.w.float_weight(f"cos_cache{suffix}", np.cos(angles) * magnitude)
+        self.inv_freqs[cos] = [float(f) for f in inv_freq]
+        return cos, self.w.float_weight(f"sin_cache{suffix}", np.sin(angles) * magnitude)
 
     def _longrope_short(self, inv_freq: np.ndarray, scaling: dict) -> tuple[np.ndarray, float]:
         """Phi-3's LongRoPE within the trained window: frequencies divided by the short
@@ -243,6 +249,7 @@ class DecoderImporter:
         scale = c.attention_scale if c.attention_scale is not None else 1.0 / math.sqrt(c.head_dim)
         interleaved = int(self.source.kind == "gguf" and self.gguf_rotary_interleaved)
         cos, sin = self.layer_rotary(i)
+        self.layer_tables.append(cos)
         # Both count the query's own position in the window (checked against transformers).
         window = c.sliding_window if c.slides(i) else -1
         out = w.node("GroupQueryAttention",
@@ -253,6 +260,15 @@ class DecoderImporter:
                      do_rotary=1, rotary_interleaved=interleaved, local_window_size=window,
                      softcap=float(c.attention_softcap))[0]
         return self.linear(out, [f"{p}.o"], f"{p}/o")
+
+    def rotary_contract(self) -> dict:
+        """How the cached keys were rotated (after :meth:`build`): what the runtime needs to move
+        them by ``d`` positions, a rotation by ``d`` times each pair's frequency (the tables'
+        magnitude, LongRoPE's attention factor, is already in the keys and does not change)."""
+        c = self.c
+        return {"dim": c.rotary_dim or c.head_dim,
+                "interleaved": bool(self.source.kind == "gguf" and self.gguf_rotary_interleaved),
+                "inv_freq": self.inv_freqs, "layers": self.layer_tables}
 
     def qkv_names(self, i: int) -> list[str]:
         """The matrices stacked into the fused query/key/value projection."""
