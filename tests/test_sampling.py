@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from kobold_api.engine import sampling
+from kobold_api.engine.sampling import base as sampling
 from kobold_api.engine.sampling import (
     DryPenaltySampler,
     DynamicTemperatureSampler,
