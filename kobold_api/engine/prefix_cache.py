@@ -73,13 +73,12 @@ class PrefixCache:
             self.hits += 1
             self.reused_tokens += best.reused
             entry = self._entries[best_key]
-            take_over = best.reused >= len(entry.token_ids) - 1 or entry.cache.arena is not None
-            if best.moves and self.shifter is not None:
-                if entry.cache.arena is None:  # the entry stays for other prompts; a shifted copy
-                    self._entries.move_to_end(best_key)
-                    return self.shifter.shifted_copy(entry.cache, best, prompt_ids), best.reused
-                take_over = True
-            if take_over:
+            if best.moves and self.shifter is not None and entry.cache.arena is None:
+                # No whole buffers to shift in place: the entry stays for other prompts and the
+                # request gets a shifted copy.
+                self._entries.move_to_end(best_key)
+                return self.shifter.shifted_copy(entry.cache, best, prompt_ids), best.reused
+            if best.reused >= len(entry.token_ids) - 1 or entry.cache.arena is not None:
                 # The request continues this very sequence, or branches from (or shifts) a
                 # sequence that still holds whole decode buffers (a regenerated or trimmed last
                 # reply, the usual chat branch; older turns dropped): it takes the cache over
