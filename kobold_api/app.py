@@ -43,7 +43,7 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     # The loaded model's own chat template (ChatML when its folder has none), built once.
     template = template_for_model(engine.tokenizer.chat_template, engine.tokenizer.eos_token, engine.model_name)
     access = AccessPolicy.from_settings(settings)
-    chat_service = ChatService.from_settings(engine, settings, template, security.origin_check(access))
+    chat_service = ChatService.from_settings(engine, settings, template, security.untrusted_origin(access))
     bundle = Services(
         settings=settings,
         engine=engine,

@@ -81,7 +81,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _is_local_name(name: str) -> bool:
-    return name == "localhost" or name.endswith(LOCAL_SUFFIXES) or is_loopback(name)
+    return name.endswith(LOCAL_SUFFIXES) or is_loopback(name)
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class AccessPolicy:
             return False
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return False  # "null" (sandboxed frames, file: pages), extensions, other schemes
-        if parts.hostname == "localhost" or parts.hostname.endswith(".localhost") or is_loopback(parts.hostname):
+        if is_loopback(parts.hostname):  # localhost, *.localhost, 127.0.0.0/8, ::1
             return True
         return self._same_origin(parts.scheme, parts.hostname, origin_port, host_header)
 

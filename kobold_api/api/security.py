@@ -4,7 +4,7 @@ Order, before any route runs: a Host the server does not answer to is a 403; a b
 from an untrusted origin asking for stored data (characters, conversations) is a 403, its
 preflight included; then the API key (401) and, on admin routes, the admin key (403 for the
 plain key). Routes whose body decides whether stored data is involved (a chat turn naming a
-conversation or an uploaded character) ask :func:`origin_check` from the chat service instead.
+conversation or an uploaded character) ask :func:`untrusted_origin` from the chat service instead.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ PROTECTED_PREFIXES = ("/api", "/v1")
 PRIVATE_PREFIXES = ("/api/v1/characters", "/api/v1/conversations")
 #: The request's :class:`Role`, kept on ``flask.g`` for routes that decide by it.
 _ROLE = "kobold_api_role"
+#: Whether the request's page may touch stored data, decided once before the route.
+_TRUSTED = "kobold_api_trusted_origin"
 ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
@@ -41,14 +43,16 @@ def is_admin_route(method: str, path: str) -> bool:
     return method == "DELETE" and path.startswith("/api/v1/characters/")
 
 
-def origin_check(policy: AccessPolicy) -> Callable[[], None]:
-    """For services: raises the 403 when the current request comes from a page not trusted with
-    stored data (works in the websocket server's request contexts too)."""
+def untrusted_origin(policy: AccessPolicy) -> Callable[[], str | None]:
+    """For services: the current request's page when it is not trusted with stored data, else
+    None (works in the websocket server's request contexts too, which have no before_request)."""
 
-    def check() -> None:
+    def check() -> str | None:
+        trusted = g.get(_TRUSTED)
         origin = request.headers.get("Origin")
-        if not policy.origin_trusted(origin, request.headers.get("Host")):
-            raise origin_error(origin or "")
+        if trusted is None:
+            trusted = policy.origin_trusted(origin, request.headers.get("Host"))
+        return None if trusted else origin or ""
 
     return check
 
@@ -67,7 +71,9 @@ def init_app(app: Flask, settings: Settings, policy: AccessPolicy) -> None:
             return error_response(host_error(host or ""))
         path = request.path.rstrip("/") or "/"
         origin = request.headers.get("Origin")
-        if is_private_path(path) and not policy.origin_trusted(origin, host):
+        trusted = policy.origin_trusted(origin, host)
+        setattr(g, _TRUSTED, trusted)
+        if is_private_path(path) and not trusted:
             return error_response(origin_error(origin or ""))
         if request.method == "OPTIONS":  # a preflight carries no key; after_request answers it
             return Response(status=200)
@@ -90,7 +96,7 @@ def init_app(app: Flask, settings: Settings, policy: AccessPolicy) -> None:
         origin = request.headers.get("Origin")
         if not is_private_path(path):
             allow = "*"  # generation and probes: any page (Kobold Lite calls a local backend)
-        elif origin and policy.origin_trusted(origin, request.headers.get("Host")):
+        elif origin and g.get(_TRUSTED):
             allow = "*" if policy.any_origin else origin
             response.vary.add("Origin")
         else:

@@ -23,7 +23,7 @@ from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
 from ...settings import Settings
 from .. import jobs
-from ..errors import DOMAIN_ERRORS, ApiError, admin_error, domain_error, not_found_error
+from ..errors import DOMAIN_ERRORS, ApiError, admin_error, domain_error, not_found_error, origin_error
 from ..sse import EventStream, sse_event
 from .schemas import (
     DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, MessageEditBody, NewConversationBody, RenameBody, parse_chat_input,
@@ -91,29 +91,29 @@ def _kobold_events(events: Iterator[TurnEvent]) -> Iterator[bytes]:
 class ChatService:
     """Characters, conversations and chat turns.
 
-    ``private_access`` raises when the current request may not touch stored data (a browser page
-    from an untrusted origin); a chat turn asks it when it names a conversation or a character
-    that is not one of the shipped ones. The character and conversation routes are refused
-    before they get here."""
+    ``untrusted_origin`` names the browser page the current request comes from when that page
+    may not touch stored data (None otherwise); such a chat turn is refused when it names a
+    conversation or a character that is not one of the shipped ones. The character and
+    conversation routes are refused before they get here."""
 
     def __init__(self, engine: Engine, settings: Settings, characters: CharacterStore,
                  conversations: ConversationStore, model_template: ChatTemplate,
-                 private_access: Callable[[], None] = lambda: None) -> None:
+                 untrusted_origin: Callable[[], str | None] = lambda: None) -> None:
         self.engine = engine
         self.settings = settings
         self.characters = characters
         self.conversations = conversations
         self.model_template = model_template
-        self.private_access = private_access
+        self.untrusted_origin = untrusted_origin
         self.builder = PromptBuilder(engine.tokenizer.count, self.model_template)
 
     @classmethod
     def from_settings(cls, engine: Engine, settings: Settings, model_template: ChatTemplate,
-                      private_access: Callable[[], None] = lambda: None) -> "ChatService":
+                      untrusted_origin: Callable[[], str | None] = lambda: None) -> "ChatService":
         return cls(engine, settings,
                    CharacterStore(settings.characters_path, max_bytes=settings.max_upload_mb * 2**20,
                                   shipped=SHIPPED_CHARACTERS),
-                   ConversationStore(settings.resolved_database_url), model_template, private_access)
+                   ConversationStore(settings.resolved_database_url), model_template, untrusted_origin)
 
     # --- characters -------------------------------------------------------------------
     def list_characters(self) -> dict[str, Any]:
@@ -318,8 +318,9 @@ class ChatService:
         return body
 
     def _plan(self, parsed: ChatInput) -> TurnPlan:
-        if parsed.conversation_id or not self.characters.is_shipped(parsed.character):
-            self.private_access()
+        origin = self.untrusted_origin()
+        if origin is not None and (parsed.conversation_id or not self.characters.is_shipped(parsed.character)):
+            raise origin_error(origin)
         if parsed.conversation_id:
             return self._plan_stored(parsed)
         return self._plan_stateless(parsed)
