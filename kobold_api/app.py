@@ -12,8 +12,10 @@ from .api.chat.routes import chat
 from .api.chat.serving import ChatService
 from .api.services import EXTENSION_KEY, Services
 from .api.docs import docs
-from .api.kobold.routes import extra, kobold
+from .api.kobold.routes import extra, kobold, probes
 from .api.kobold.serving import KoboldService
+from .api.ollama.routes import ollama
+from .api.ollama.serving import OllamaService
 from .api.openai.routes import openai
 from .api.openai.serving import OpenAIService
 from .api.textgen.routes import textgen
@@ -52,6 +54,7 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
         openai=OpenAIService(engine, settings, template),
         chat=chat_service,
         textgen=TextgenService(engine, settings, chat_service),
+        ollama=OllamaService(engine, settings, template),
     )
     app.extensions[EXTENSION_KEY] = bundle
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_upload_mb, 1) * 2**20 + 2**16
@@ -60,9 +63,11 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     app.register_blueprint(kobold, url_prefix="/api/v1")
     app.register_blueprint(kobold, url_prefix="/api/latest", name="kobold_latest")
     app.register_blueprint(extra, url_prefix="/api/extra")
+    app.register_blueprint(probes)
     app.register_blueprint(chat, url_prefix="/api/v1")
     app.register_blueprint(textgen, url_prefix="/api/v1")
     app.register_blueprint(openai, url_prefix="/v1")
+    app.register_blueprint(ollama, url_prefix="/api")
     app.register_blueprint(docs, url_prefix="/api")
     return bundle
 

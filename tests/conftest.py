@@ -90,6 +90,18 @@ class LiveServer:
         self._server.task_dispatcher.shutdown()
 
 
+def module_server(engine: Engine, root: Path) -> LiveServer:
+    """A server with default settings under ``root``, for a module-scoped fixture (closing a
+    waitress server takes about a second, which would dominate a module's run time)."""
+    settings = replace(Settings(), host="127.0.0.1", port=5000, data_dir=str(root / "data"), threads=8)
+    return LiveServer(create_app(settings, engine), settings)
+
+
+def close_server(server: LiveServer) -> None:
+    server.close()
+    server.app.extensions["kobold_api"].chat.conversations.close()
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., LiveServer]]:
     """Factory: ``start_server(engine, settings)``; every server is closed after the test."""

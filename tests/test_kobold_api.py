@@ -25,9 +25,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from conftest import LiveServer, make_engine
-from kobold_api.app import create_app
-from kobold_api.settings import Settings
+from conftest import LiveServer, close_server, make_engine, module_server
 from sse_client import EventSourceStream, SSEEvent, parse_all, sillytavern_text
 
 PROMPT = "Hello world"
@@ -205,30 +203,20 @@ def slow_engine(tiny_model_dir: Path) -> Iterator[Any]:
     engine.shutdown()
 
 
-def _module_server(engine: Any, root: Path) -> LiveServer:
-    settings = replace(Settings(), host="127.0.0.1", port=5000, data_dir=str(root / "data"), threads=8)
-    return LiveServer(create_app(settings, engine), settings)
-
-
-def _close(server: LiveServer) -> None:
-    server.close()
-    server.app.extensions["kobold_api"].chat.conversations.close()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """Like conftest's ``server`` (default settings, tiny model) but shared by this module:
     closing a waitress server takes about a second, which would dominate the run time."""
-    live = _module_server(tiny_engine, tmp_path_factory.mktemp("kobold-server"))
+    live = module_server(tiny_engine, tmp_path_factory.mktemp("kobold-server"))
     yield live
-    _close(live)
+    close_server(live)
 
 
 @pytest.fixture(scope="module")
 def _slow_live_server(slow_engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = _module_server(slow_engine, tmp_path_factory.mktemp("kobold-slow-server"))
+    live = module_server(slow_engine, tmp_path_factory.mktemp("kobold-slow-server"))
     yield live
-    _close(live)
+    close_server(live)
 
 
 @pytest.fixture
@@ -1229,7 +1217,7 @@ _CONVERTER = re.compile(r"<(?:[^<>]*:)?([^<>:]+)>")
 def _documented_rules(app: Any) -> set[tuple[str, str]]:
     rules = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static" or not rule.rule.startswith(("/api", "/v1")):
+        if rule.endpoint == "static" or not rule.rule.startswith(("/api", "/v1", "/props", "/.well-known")):
             continue
         path = _CONVERTER.sub(r"{\1}", rule.rule)
         path = path.rstrip("/") or "/"

@@ -297,12 +297,13 @@ def test_chat_response_format(client: openai.OpenAI, model_id: str, server: Any)
     assert ok.choices[0].finish_reason in ("length", "stop")
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model_id, messages=CHAT_MESSAGES, max_tokens=2,
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "xml"})  # type: ignore[arg-type]
     assert info.value.status_code == 400
-    response = server.post("/v1/chat/completions", json={"model": model_id, "messages": CHAT_MESSAGES,
-                                                         "max_tokens": 2,
-                                                         "response_format": {"type": "json_object"}})
-    assert_openai_error(response, 400, param="response_format")
+    for fmt in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}},
+                {"type": "json_schema", "json_schema": "nope"}):
+        response = server.post("/v1/chat/completions", json={"model": model_id, "messages": CHAT_MESSAGES,
+                                                             "max_tokens": 2, "response_format": fmt})
+        assert_openai_error(response, 400, param="response_format")
 
 
 # --- streaming --------------------------------------------------------------------------

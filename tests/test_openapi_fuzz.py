@@ -10,6 +10,9 @@ A schema-valid request whose acceptance depends on stored data (a greeting, swip
 conversation lacks, a card too big for the context asked for) is answered 409, which the check
 counts as accepted; everything else schema-valid must succeed.
 
+``fuzz_hooks`` supplies values of the formats a random string cannot stand for (``gbnf``
+grammars) and keeps a named ``tool_choice`` to a function the body offers.
+
 What the run leaves out, and why: ``negative_data_rejection``. The document describes each
 field's canonical form, and the readers also take the forms clients send on purpose
 (KoboldAI's ``"False"`` strings, numbers as strings, JSON-encoded lists, ``null`` for "not
@@ -58,7 +61,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(fuzz_server: 
     command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "run",
                f"{fuzz_server.url}/api/openapi.json", "--max-examples", examples, "--workers", "1",
                "--seed", "20261205", "--no-color"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    environment = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                               os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=environment)
     output = result.stdout + result.stderr
     if os.environ.get("KOBOLD_API_FUZZ_LOG"):
         Path(os.environ["KOBOLD_API_FUZZ_LOG"]).write_text(output)

@@ -20,6 +20,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "CompletionBody": {"prompt": "hi"},
     "RenameBody": {"title": "A title"},
     "MessageEditBody": {"text": "edited"},
+    "JsonToGrammarBody": {"schema": {"type": "object"}},
 }
 BODY_MODELS = sorted({route.body for route in ROUTES if isinstance(route.body, type)}, key=lambda m: m.__name__)
 

@@ -15,6 +15,7 @@ import pytest
 
 from kobold_api.engine.sampling import base as sampling
 from kobold_api.engine.sampling import (
+    AdaptivePSampler,
     DryPenaltySampler,
     DynamicTemperatureSampler,
     LogitBiasSampler,
@@ -30,6 +31,7 @@ from kobold_api.engine.sampling import (
     TokenSampler,
     TopASampler,
     TopKSampler,
+    TopNSigmaSampler,
     TopPSampler,
     TypicalSampler,
     XTCSampler,
@@ -1201,3 +1203,64 @@ def test_locate_mass_matches_cumsum(size: int, side: str) -> None:
         target = float(running[-1]) * fraction
         expected = min(int(np.searchsorted(running, target, side=side)), size - 1)
         assert sampling._locate_mass(weights, target, side=side) == expected
+
+
+class TestTopNSigma:
+    def test_keeps_logits_within_n_standard_deviations_of_the_top(self) -> None:
+        logits = np.array([10.0, 9.0, 8.0, 2.0, 1.0, 0.0], dtype=np.float32)
+        spread = float(logits.astype(np.float64).std())
+        kept = TopNSigmaSampler(1.0)(logits.copy(), NO_CONTEXT)
+        expected = logits >= logits.max() - spread
+        assert np.array_equal(np.isfinite(kept), expected)
+        assert np.array_equal(kept[expected], logits[expected])
+
+    def test_same_cut_at_any_temperature(self) -> None:
+        logits = np.random.default_rng(1).standard_normal(500).astype(np.float32) * 3
+        cut = np.isfinite(TopNSigmaSampler(1.5)(logits.copy(), NO_CONTEXT))
+        scaled = np.isfinite(TopNSigmaSampler(1.5)(logits / np.float32(0.5), NO_CONTEXT))
+        assert np.array_equal(cut, scaled)
+
+    def test_zero_keeps_only_the_best_and_ignores_masked(self) -> None:
+        logits = np.array([1.0, 3.0, -np.inf, 2.0], dtype=np.float32)
+        assert np.flatnonzero(np.isfinite(TopNSigmaSampler(0.0)(logits.copy(), NO_CONTEXT))).tolist() == [1]
+
+    def test_rejects_negative(self) -> None:
+        with pytest.raises(sampling.SettingError):
+            TopNSigmaSampler(-0.5)
+
+    def test_chain_places_it_after_bans(self) -> None:
+        chain = build_processors(SamplingParams(nsigma=1.0, banned_token_ids=[3]))
+        assert [type(p) for p in chain][:2] == [TokenBanSampler, TopNSigmaSampler]
+
+
+class TestAdaptiveP:
+    def test_favours_tokens_near_the_target_probability(self) -> None:
+        # p = 0.60, 0.35, 0.05: at target 0.3 the 0.35 token becomes the most likely.
+        logits = np.log(np.array([0.60, 0.35, 0.05], dtype=np.float32))
+        shaped = AdaptivePSampler(0.3, 0.9)(logits.copy(), NO_CONTEXT)
+        assert int(np.argmax(shaped)) == 1
+        # Near-certain choices move the next step's aim lower; unlikely ones move it higher.
+        sampler = AdaptivePSampler(0.5, 0.5)
+        sampler(np.log(np.array([0.9, 0.1], dtype=np.float32)), NO_CONTEXT)
+        sampler.observe(0)
+        before = AdaptivePSampler(0.5, 0.5)(np.log(np.array([0.6, 0.4], dtype=np.float32)), NO_CONTEXT)
+        after = sampler(np.log(np.array([0.6, 0.4], dtype=np.float32)), NO_CONTEXT)
+        assert after[1] - after[0] > before[1] - before[0]
+
+    def test_keeps_masked_tokens_masked_and_runs_last(self) -> None:
+        logits = np.array([2.0, -np.inf, 1.0, 0.5], dtype=np.float32)
+        shaped = AdaptivePSampler(0.3, 0.9)(logits.copy(), NO_CONTEXT)
+        assert shaped[1] == -np.inf and np.isfinite(shaped[[0, 2, 3]]).all()
+        chain = build_processors(SamplingParams(adaptive_target=0.4, xtc_probability=0.5, xtc_threshold=0.1))
+        assert isinstance(chain[-1], AdaptivePSampler)
+
+    def test_seeded_draws_replay(self) -> None:
+        params = SamplingParams(temperature=1.0, top_p=1.0, adaptive_target=0.3, seed=9)
+        logits = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+        first, second = TokenSampler(params), TokenSampler(params)
+        assert [first(logits, NO_CONTEXT) for _ in range(20)] == [second(logits, NO_CONTEXT) for _ in range(20)]
+
+    @pytest.mark.parametrize("target, decay", [(1.5, 0.9), (0.5, 1.0), (0.5, -0.1)])
+    def test_rejects_out_of_range(self, target: float, decay: float) -> None:
+        with pytest.raises(sampling.SettingError):
+            AdaptivePSampler(target, decay)

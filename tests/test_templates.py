@@ -256,3 +256,19 @@ def test_sandbox_is_immutable() -> None:
 def test_tojson_does_not_html_escape() -> None:
     template = JinjaChatTemplate("{{ messages[0]['content'] | tojson }}")
     assert template.render([{"role": "user", "content": "<b> & 'é'"}], False) == "\"<b> & 'é'\""
+
+
+def test_a_template_that_lays_out_tools_gets_them() -> None:
+    source = ("{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}"
+              "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+              "{% for call in m.get('tool_calls', []) %}[call {{ call['function']['name'] }}"
+              "({{ call['function']['arguments']['city'] }})]{% endfor %}\n{% endfor %}")
+    template = JinjaChatTemplate(source)
+    assert template.renders_tools and not JinjaChatTemplate("{{ messages[0]['content'] }}").renders_tools
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}]
+    text = template.render(messages, False, tools=tools)
+    assert '"name": "get_weather"' in text and "[call get_weather(Oslo)]" in text
+    assert "<tools>" not in template.render(messages, False)

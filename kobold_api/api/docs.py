@@ -17,7 +17,10 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from .. import __version__
 from .chat.schemas import CARD_UPLOAD, ChatBody, MessageEditBody, NewConversationBody, RenameBody, UploadQuery
-from .kobold.schemas import DetokenizeBody, GenkeyBody, KoboldGenerateBody, SoftPromptBody, TokenCountBody
+from .kobold.schemas import (
+    DetokenizeBody, GenkeyBody, JsonToGrammarBody, KoboldGenerateBody, SoftPromptBody, TokenCountBody,
+)
+from .ollama.schemas import OllamaChatBody, OllamaGenerateBody, OllamaShowBody
 from .openai.schemas import ChatCompletionBody, CompletionBody
 from .request_model import RequestModel
 from .services import services
@@ -70,6 +73,13 @@ ROUTES += [
     Route("/api/extra/tokencount", "post", "KoboldCpp", "{\"value\": count, \"ids\": [...]}", TokenCountBody),
     Route("/api/extra/tokenize", "post", "KoboldCpp", "Alias of tokencount", TokenCountBody),
     Route("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", DetokenizeBody),
+    Route("/props", "get", "KoboldCpp", "llama.cpp's props: chat_template and n_ctx (SillyTavern's Text Completion)"),
+    Route("/.well-known/serviceinfo", "get", "KoboldCpp", "Which APIs this server speaks, and where"),
+    Route("/api/extra/json_to_grammar", "post", "KoboldCpp",
+          "A JSON schema ({\"schema\": ...} or bare) to GBNF: {\"result\", \"success\"}", JsonToGrammarBody),
+    Route("/api/extra/last_logprobs", "post", "KoboldCpp",
+          "{\"logprobs\": ...} of a finished generation that asked for logprobs, for its own genkey only",
+          GenkeyBody),
     Route("/api/v1/chat", "post", "Chat", "One chat turn; stateless with history, or stored with conversation_id",
           ChatBody),
     Route("/api/v1/chat/stream", "post", "Chat", "Streaming chat turn (SSE); the last event carries the history",
@@ -94,6 +104,15 @@ ROUTES += [
     Route("/v1/completion", "post", "OpenAI", "Alias of /v1/completions", CompletionBody),
     Route("/v1/chat/completions", "post", "OpenAI", "Chat completion with the model's chat template",
           ChatCompletionBody),
+    Route("/api/version", "get", "Ollama", "{\"version\": \"0.7.0\"} (what KoboldCpp's Ollama emulation reports)"),
+    Route("/api/tags", "get", "Ollama", "The loaded model as <name>:latest: {\"models\": [...]}"),
+    Route("/api/ps", "get", "Ollama", "The loaded model, with expires_at and size_vram"),
+    Route("/api/show", "post", "Ollama", "Details of the loaded model (any name)", OllamaShowBody),
+    Route("/api/generate", "post", "Ollama",
+          "Completion; NDJSON stream unless stream is false; the last object has done: true, counts, durations "
+          "and context", OllamaGenerateBody),
+    Route("/api/chat", "post", "Ollama", "Chat with the model's chat template; NDJSON stream unless stream is false",
+          OllamaChatBody),
     Route("/api/openapi.json", "get", "Docs", "This document"),
     Route("/api/docs", "get", "Docs", "This document as a page"),
 ]
@@ -159,7 +178,7 @@ def _links(path: str, method: str) -> dict[str, Any]:
 
 
 #: Routes whose body may be left out (SillyTavern sends none to abort).
-OPTIONAL_BODIES = {"/api/extra/abort", "/api/extra/generate/check", "/api/v1/stop-stream"}
+OPTIONAL_BODIES = {"/api/extra/abort", "/api/extra/last_logprobs", "/api/extra/generate/check", "/api/v1/stop-stream"}
 #: Query parameters of routes that take no query model.
 _FILTERS = {("/api/v1/conversations", "get"): [{"name": "character", "in": "query", "required": False,
                                                  "schema": _STRING}]}
@@ -193,13 +212,16 @@ def openapi_document(vocab_size: int | None = None) -> dict[str, Any]:
             schema = route.body if isinstance(route.body, dict) else model_schema(route.body, components)
             operation["requestBody"] = {"content": {"application/json": {"schema": schema}},
                                         "required": route.path not in OPTIONAL_BODIES}
-        if route.method in ("post", "put", "patch") and route.tag != "Docs":
+        if route.tag == "Ollama" and route.method == "post":
+            operation["responses"]["400"] = {"description": "Bad input: {\"error\": \"message\"}"}
+        elif route.method in ("post", "put", "patch") and route.tag != "Docs":
             operation["responses"]["422"] = {"description": "Validation error: {\"detail\": {field: [message]}}"}
         operation["responses"]["default"] = {"description": "An error, in the route family's shape: "
-                                                            "{\"detail\": {\"msg\", \"type\"}} or OpenAI's {\"error\": {...}}"}
+                                                            "{\"detail\": {\"msg\", \"type\"}}, OpenAI's "
+                                                            "{\"error\": {...}} or Ollama's {\"error\": \"message\"}"}
         paths.setdefault(route.path, {})[route.method] = operation
     document = {"openapi": "3.1.0", "info": {"title": "kobold_api", "version": __version__,
-                                             "description": "KoboldAI / KoboldCpp compatible API, server-side chat and OpenAI-compatible routes. "
+                                             "description": "KoboldAI / KoboldCpp compatible API, server-side chat, OpenAI- and Ollama-compatible routes. "
                                                             "text-generation-webui's websocket streams (/api/v1/stream, /api/v1/chat-stream) "
                                                             "listen on ws_port (5005), outside this document."},
                 "paths": paths, "components": {"schemas": components}}

@@ -1,8 +1,9 @@
 """Error responses in the shapes clients parse.
 
 Kobold routes answer ``{"detail": {...}}`` (KoboldAI United / KoboldCpp); OpenAI
-routes answer ``{"error": {"message", "type", "param", "code"}}``. Which shape a
-failure gets depends on the path, so one handler serves the whole app.
+routes answer ``{"error": {"message", "type", "param", "code"}}``; Ollama routes answer
+``{"error": "message"}``. Which shape a failure gets depends on the path, so one handler
+serves the whole app.
 """
 
 from __future__ import annotations
@@ -136,12 +137,34 @@ def is_openai_path() -> bool:
     return request.path.startswith("/v1/")
 
 
+#: Ollama's routes, and the ones of its API this server lacks (so an Ollama client can read the
+#: 404). The Kobold routes beside them (/api/v1, /api/latest, /api/extra) keep their own shape.
+OLLAMA_PATHS = ("/api/version", "/api/tags", "/api/ps", "/api/show", "/api/generate", "/api/chat", "/api/embed",
+                "/api/embeddings", "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs")
+
+
+def is_ollama_path() -> bool:
+    path = request.path
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in OLLAMA_PATHS)
+
+
+def _ollama_message(error: ApiError) -> str:
+    """One line; a validation error's messages without repeating a field they already name."""
+    if not isinstance(error, ValidationError):
+        return error.message
+    return "; ".join(message if message.startswith(field) else f"{field}: {message}"
+                     for field, messages in error.errors.items() for message in messages)
+
+
 def error_response(error: ApiError) -> Response:
     status = error.status
     if is_openai_path():
         body = {"error": {"message": error.message, "type": error.openai_type or "invalid_request_error",
                           "param": error.param, "code": error.detail.get("type")}}
         status = 400 if status == 422 else status  # OpenAI reports bad parameters as 400
+    elif is_ollama_path():
+        body = {"error": _ollama_message(error)}
+        status = 400 if status == 422 else status  # so does Ollama
     else:
         body = {"detail": error.detail}
     response = jsonify(body)

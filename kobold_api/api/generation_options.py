@@ -9,18 +9,19 @@ so the routes cannot drift apart and the document describes exactly what is vali
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..engine.constraints import Constraint, ConstraintError
 from ..engine.sampling import (
     SamplingParams, SettingError, TokenSampler, normalize_sampler_order,
 )
 from ..settings import GenerationDefaults
 from .errors import ValidationError
 from .request_model import (
-    Bool, CommaStrings, RequestModel, StringList, TokenBias, TokenIds, number, spellings, to_int_list,
+    Bool, CommaStrings, Grammar, RequestModel, StringList, TokenBias, TokenIds, number, spellings, to_int_list,
 )
 
 MAX_STOP_STRINGS = 256
@@ -72,7 +73,7 @@ SAMPLERS: dict[str, Sampler] = {sampler.names[0]: sampler for sampler in (
     Sampler(("typical", "typical_p"), 0.0, 1.0),
     Sampler(("min_p",), 0.0, 1.0),
     Sampler(("rep_pen", "repetition_penalty", "repeat_penalty"), 0.0, description="0 or 1 = off", each=True),
-    Sampler(("rep_pen_range", "repetition_penalty_range"), 0, integer=True),
+    Sampler(("rep_pen_range", "repetition_penalty_range", "repeat_last_n"), 0, integer=True),
     Sampler(("rep_pen_slope",), 0.0),
     Sampler(("presence_penalty",), -2.0, 2.0),
     Sampler(("frequency_penalty",), -2.0, 2.0),
@@ -92,12 +93,19 @@ SAMPLERS: dict[str, Sampler] = {sampler.names[0]: sampler for sampler in (
     Sampler(("dry_allowed_length",), None, 1000, integer=True, description="at least 1 while dry_multiplier is on",
             minimum_while_on=1),
     Sampler(("dry_penalty_last_n",), -1, integer=True, description="0 or -1: the whole context"),
+    Sampler(("nsigma", "top_n_sigma"), 0.0, 100.0, description="top-n-sigma: keep logits >= max - n * std; 0 = off"),
+    Sampler(("adaptive_target",), None, 1.0, description="Adaptive-P target probability; negative = off"),
+    Sampler(("adaptive_decay",), 0.0, 0.99, description="Adaptive-P history decay per token"),
+    Sampler(("dynatemp_low",), 0.0, 100.0, description="dynamic temperature's lowest (with dynatemp_high)"),
+    Sampler(("dynatemp_high",), 0.0, 100.0, description="dynamic temperature's highest (with dynatemp_low)"),
+    Sampler(("min_keep",), 0, integer=True, description="accepted; every truncation here keeps at least the best "
+                                                        "token"),
 )}
 #: Settings named as the engine names them, with no server setting for a default.
 _ENGINE_DEFAULTED = ("presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta",
                      "dynatemp_range", "dynatemp_exponent", "smoothing_factor", "smoothing_curve", "xtc_threshold",
                      "xtc_probability", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-                     "dry_sequence_breakers")
+                     "dry_sequence_breakers", "nsigma", "adaptive_target", "adaptive_decay")
 
 
 def _sampler_order(value: list[int]) -> list[int]:
@@ -124,6 +132,7 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
     custom_token_bans: TokenIds | None = Field(None, description="token ids never generated")
     dry_sequence_breakers: StringList | None = None
     do_sample: Bool | None = Field(None, description="false: greedy (text-generation-webui)")
+    dynamic_temperature: Bool | None = Field(None, description="false: dynatemp_low/high are ignored")
     stop_sequence: StringList | None = None
     stop: StringList | None = None
     stopping_strings: StringList | None = None
@@ -134,6 +143,11 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
     ignore_eos: Bool | None = None
     banned_strings: StringList | None = spellings("banned_strings", "banned_tokens",
                                                  description="phrases never written")
+    grammar: Grammar | None = spellings("grammar", "grammar_string")
+    grammar_retain_state: Bool | None = Field(None, description="continue the last generation's grammar state")
+
+    #: Cross-field rules for the document, per family (see :func:`not_together`).
+    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = []
 
     @model_validator(mode="after")
     def _bounded_lists(self) -> "GenerationOptions":
@@ -165,6 +179,15 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
         """KoboldCpp's phrase bans: text the model may never write."""
         return list(self.banned_strings or ())
 
+    def constraint(self) -> Constraint | None:
+        """The ``grammar`` compiled (an empty one is none); a bad grammar is a 422 that names the problem."""
+        if not self.grammar or not self.grammar.strip():
+            return None
+        try:
+            return Constraint.from_grammar(self.grammar, bool(self.grammar_retain_state))
+        except ConstraintError as exc:
+            raise ValidationError({"grammar": [str(exc)]}) from None
+
     def sampling(self, defaults: GenerationDefaults) -> SamplingParams:
         """The engine's sampler settings, ``defaults`` where a field was not sent. The settings
         the engine checks only while their sampler is on are judged by building the chain once;
@@ -178,8 +201,14 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
         greedy = self.do_sample is False  # text-generation-webui: greedy, whatever the temperature says
         # KoboldCpp's extra samplers: the engine's own defaults (all "off") where a field was not sent.
         extras = {name: getattr(self, name) for name in _ENGINE_DEFAULTED if getattr(self, name) is not None}
+        temperature = value("temperature", defaults.temperature)
+        low, high = self.dynatemp_low, self.dynatemp_high
+        if low is not None and high is not None and self.dynamic_temperature is not False \
+                and self.dynatemp_range is None and high > low:
+            # text-generation-webui's spelling: a span instead of a centre and a range.
+            temperature, extras["dynatemp_range"] = (low + high) / 2, (high - low) / 2
         params = SamplingParams(
-            temperature=0.0 if greedy else value("temperature", defaults.temperature),
+            temperature=0.0 if greedy else temperature,
             top_k=value("top_k", defaults.top_k),
             top_a=value("top_a", defaults.top_a),
             top_p=value("top_p", defaults.top_p),
@@ -200,3 +229,16 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
         except SettingError as exc:
             raise ValidationError({exc.field: [str(exc)]}) from None
         return params
+
+
+GRAMMAR_FIELDS = ("grammar", "grammar_string")
+
+
+def not_together(first: str | tuple[str, ...], second: str | tuple[str, ...],
+                 second_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A document rule: a body does not carry ``first`` and ``second`` (any of their spellings;
+    ``second_schema``: only where ``second`` looks like that)."""
+    firsts = (first,) if isinstance(first, str) else first
+    seconds = (second,) if isinstance(second, str) else second
+    return {"not": {"anyOf": [{"required": [a, b], **({"properties": {b: second_schema}} if second_schema else {})}
+                              for a in firsts for b in seconds]}}

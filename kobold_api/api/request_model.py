@@ -241,11 +241,28 @@ _STRINGS_SCHEMA = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"t
 #: A token id; bounded by the loaded model's vocabulary in the served document.
 TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "x-token-id": True}
 
+_JSON_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]
+#: How a JSON schema the server compiles into a grammar is documented: the common core (any
+#: Draft 2020-12 schema the grammar engine supports is accepted, and an unsupported keyword is a
+#: 4xx naming it, but no finite document could list them all).
+JSON_SCHEMA_DOC = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"type": {"enum": _JSON_TYPES},
+                   "properties": {"type": "object", "additionalProperties": {
+                       "type": "object", "properties": {"type": {"enum": _JSON_TYPES}}, "additionalProperties": False}},
+                   "required": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+    "description": "a JSON schema (Draft 2020-12; the common keywords are listed here)"}
+#: A GBNF grammar: its own format, since not every string is one (a bad one is a 422 that says why).
+GRAMMAR_DOC = {"type": "string", "format": "gbnf",
+               "description": "GBNF (llama.cpp's format; a JSON schema as text is read as one)"}
+
 Bool = Annotated[bool, BeforeValidator(to_bool)]
 StringList = Annotated[list[str], BeforeValidator(to_string_list), WithJsonSchema(_STRINGS_SCHEMA)]
 CommaStrings = Annotated[list[str], BeforeValidator(to_comma_strings), WithJsonSchema(_STRINGS_SCHEMA)]
 TokenIds = Annotated[list[int], BeforeValidator(to_token_ids), WithJsonSchema(
     {"type": "array", "items": TOKEN_ID_SCHEMA, "description": "KoboldCpp's \"id,id,...\" string is read too"})]
+Grammar = Annotated[str, WithJsonSchema(GRAMMAR_DOC)]
+JsonSchema = Annotated[dict[str, Any], WithJsonSchema(JSON_SCHEMA_DOC)]
 TokenBias = Annotated[dict[int, float], BeforeValidator(to_token_bias), WithJsonSchema(
     {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": {"type": "number"},
      "description": "token id -> bias (clamped to +-100)"})]

@@ -23,7 +23,7 @@ PROBE_PATHS = {
     "/api/v1/model", "/api/latest/model", "/api/v1/info/version", "/api/latest/info/version",
     "/api/extra/version", "/api/openapi.json", "/api/docs",
 }
-PROTECTED_PREFIXES = ("/api", "/v1")
+PROTECTED_PREFIXES = ("/api", "/v1", "/props")
 #: Routes that read or change stored characters and conversations: trusted origins only.
 PRIVATE_PREFIXES = ("/api/v1/characters", "/api/v1/conversations")
 #: The request's :class:`Role`, kept on ``flask.g`` for routes that decide by it.

@@ -19,6 +19,7 @@ from .request_model import json_body
 if TYPE_CHECKING:
     from .chat.serving import ChatService
     from .kobold.serving import KoboldService
+    from .ollama.serving import OllamaService
     from .openai.serving import OpenAIService
     from .textgen.serving import TextgenService
 
@@ -34,6 +35,7 @@ class Services:
     openai: "OpenAIService"
     chat: "ChatService"
     textgen: "TextgenService"
+    ollama: "OllamaService"
 
 
 def services() -> Services:

@@ -29,7 +29,7 @@ __all__ = [
     "render_open_turn",
 ]
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 # Sentinels are plain ASCII words so that templates which trim or otherwise touch
 # message content still leave them findable.
@@ -48,8 +48,10 @@ class ChatTemplateError(ValueError):
 class ChatTemplate(Protocol):
     """Anything that can turn system/user/assistant messages into prompt text."""
 
-    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        """Render ``messages``; ``add_generation_prompt`` opens an assistant turn at the end."""
+    def render(self, messages: list[Message], add_generation_prompt: bool,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """Render ``messages``; ``add_generation_prompt`` opens an assistant turn at the end;
+        ``tools``: OpenAI function definitions, for a template that lays them out."""
         ...
 
     @property
@@ -85,7 +87,8 @@ class _DerivedMarkers:
     bos_token: str = ""
     eos_token: str = ""
 
-    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:  # pragma: no cover
+    def render(self, messages: list[Message], add_generation_prompt: bool,
+               tools: list[dict[str, Any]] | None = None) -> str:  # pragma: no cover
         raise NotImplementedError
 
     @cached_property
@@ -185,14 +188,22 @@ class JinjaChatTemplate(_DerivedMarkers):
         except TemplateError as error:
             raise ChatTemplateError(f"invalid chat template: {error}") from error
 
-    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template lays out ``tools`` (OpenAI function definitions) itself."""
+        return "tools" in self.source
+
+    def render(self, messages: list[Message], add_generation_prompt: bool,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """Render with the variables HF templates expect; template errors become ChatTemplateError."""
+        extra = {"tools": tools} if tools else {}
         try:
             return self._compiled.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except TemplateError as error:
             raise ChatTemplateError(f"chat template error: {error}") from error

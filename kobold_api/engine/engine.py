@@ -102,15 +102,17 @@ class Job:
             # Under load several chunks wait by the time this thread runs: merge their text into
             # one, so a busy server sends fewer, larger events instead of falling behind.
             text_parts: list[str] = []
+            logprobs: list = []
             while isinstance(item, GenerationChunk) and item.result is None:
                 text_parts.append(item.text)
+                logprobs.extend(item.logprobs)
                 try:
                     item = self._chunks.get_nowait()
                 except queue.Empty:
                     item = None
                     break
             if text_parts:
-                yield GenerationChunk("".join(text_parts))
+                yield GenerationChunk("".join(text_parts), logprobs=logprobs)
                 pause = self.pace()
                 if pause and item is None:
                     self._done.wait(pause)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .constraints import Constraint, GrammarVocabulary
 from .decode_batch import DecodeBatch, new_decode_batch
 from .onnx_model import KVCache, OnnxCausalLM
 from .phrase_bans import HeldToken, PhraseBanGuard
@@ -28,6 +29,8 @@ MIN_PROMPT_TOKENS = 4
 
 #: Why a generation ended. ``finish_reason`` on the wire is derived from these.
 STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ABORT = "eos", "stop_string", "length", "abort"
+#: The grammar allows no token that the bans leave (or it failed): the output ends where it is.
+STOP_GRAMMAR = "grammar"
 
 
 @dataclass
@@ -50,6 +53,11 @@ class GenerationRequest:
     logprobs: int | None = None
     #: Text the model may never write (KoboldCpp's ``banned_strings``; case-insensitive).
     banned_phrases: list[str] = field(default_factory=list)
+    #: A grammar or JSON schema every generated token must fit (None = free text).
+    constraint: Constraint | None = None
+    #: Also score the prompt: the log-probability of each prompt token after the ones before it
+    #: (OpenAI completions' ``echo`` with ``logprobs``); uses ``logprobs`` alternatives.
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -75,6 +83,8 @@ class GenerationResult:
     decode_seconds: float
     seed: int | None
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: With ``prompt_logprobs``: one entry per prompt token, the first None (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -84,10 +94,16 @@ class GenerationResult:
 
 @dataclass
 class GenerationChunk:
-    """A piece of streamed text; the final chunk has ``result`` set."""
+    """A piece of streamed text; the final chunk has ``result`` set.
+
+    ``logprobs``: with logprobs on, those of the tokens whose text this chunk completes (the
+    final chunk carries any left, such as a trimmed stop string's), so a stream's logprobs line
+    up with its text.
+    """
 
     text: str
     result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class CancelToken:
@@ -111,6 +127,7 @@ class TextGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
+        self.grammar_vocabulary = GrammarVocabulary(model.model_dir, model.vocab_size, model.info.eos_token_ids)
 
     def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Tokenize and left-truncate to ``max_context_length - max_new_tokens``; return (ids, cut).
@@ -178,6 +195,17 @@ class TextGenerator:
         if self.prefix_cache is not None:
             self.prefix_cache.put(cache)
 
+    def score_prompt(self, prompt_ids: list[int], top: int) -> tuple[KVCache, list[TokenLogprob | None]]:
+        """Each prompt token's log-probability after the tokens before it, and a cache of all but
+        the last prompt token (the graphs give only the last position's logits, so the prompt
+        runs one token per step: a scoring request costs one step per prompt token)."""
+        cache = self.model.new_cache()
+        scores: list[TokenLogprob | None] = [None]
+        for index in range(1, len(prompt_ids)):
+            logits = self.model.forward([prompt_ids[index - 1]], cache)
+            scores.append(_logprob_of(logits, prompt_ids[index], top))
+        return cache, scores
+
 
 class Sequence:
     """One request in flight: its sampler, stop matcher, decoder and context.
@@ -211,6 +239,12 @@ class Sequence:
         self.result: GenerationResult | None = None
         self.top_logprobs = request.logprobs
         self.token_logprobs: list[TokenLogprob] = []
+        #: Characters of text after each generated token; the logprobs sent so far.
+        self._token_ends: list[int] = []
+        self._emitted_chars = self._sent_logprobs = 0
+        self.score_prompt = request.prompt_logprobs
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.guide = generator.grammar_vocabulary.guide(request.constraint) if request.constraint else None
 
     def prefill(self, batch: DecodeBatch) -> np.ndarray | None:
         """Add this sequence to ``batch`` (reusing a cached prefix); return its first logits.
@@ -221,8 +255,14 @@ class Sequence:
         if self.cancel.cancelled:
             self.prefill_done = self.started
             return None
-        cached, self.reused = self.generator.cache_for(self.prompt_ids)
-        logits = batch.admit(self.prompt_ids, cached, self.reused)
+        if self.score_prompt and len(self.prompt_ids) > 1:
+            cached, self.prompt_logprobs = self.generator.score_prompt(self.prompt_ids, self.top_logprobs or 0)
+            logits = batch.admit(self.prompt_ids, cached, len(self.prompt_ids) - 1)
+        else:
+            if self.score_prompt:
+                self.prompt_logprobs = [None]
+            cached, self.reused = self.generator.cache_for(self.prompt_ids)
+            logits = batch.admit(self.prompt_ids, cached, self.reused)
         self.prefill_done = time.perf_counter()
         return logits
 
@@ -237,6 +277,12 @@ class Sequence:
             return self._finish(STOP_ABORT), None
         if self.generated >= self.max_new:
             return self._finish(STOP_LENGTH), None
+        if self.guide is not None:
+            if self.guide.finished:  # the grammar is complete: nothing may follow
+                return self._finish(STOP_EOS), None
+            logits = self.guide.mask(logits)
+            if not self._any_allowed(logits):
+                return self._finish(STOP_GRAMMAR), None
         token = self.sampler(logits, self.context[: self.length])
         banned: set[int] = set()
         while True:
@@ -265,6 +311,14 @@ class Sequence:
             return chunks + self._finish(STOP_LENGTH), None
         return chunks, token
 
+    def _any_allowed(self, logits: np.ndarray) -> bool:
+        """Whether a token the grammar allows is left once the bans (EOS bans too) are applied."""
+        allowed = np.isfinite(logits)
+        banned = self.sampling.banned_token_ids
+        if banned:
+            allowed[[token for token in banned if token < allowed.size]] = False
+        return bool(allowed.any())
+
     @property
     def cache_length(self) -> int:
         """Positions whose keys the cache should hold: all but the token about to be fed."""
@@ -274,10 +328,14 @@ class Sequence:
         """Make ``token`` part of the sequence; return its new text."""
         if self.top_logprobs is not None:
             self.token_logprobs.append(_logprob_of(logits, token, self.top_logprobs))
+        if self.guide is not None and not self.guide.consume(token):
+            raise RuntimeError(f"the grammar refused a token it allowed: {self.guide.failed}")
         self.context[self.length] = token
         self.length += 1
         self.generated += 1
-        return self.decoder.add(token)
+        text = self.decoder.add(token)
+        self._token_ends.append((self._token_ends[-1] if self._token_ends else 0) + len(text))
+        return text
 
     def _take_back(self, index: int) -> HeldToken | None:
         """Undo the held tokens from ``index`` on; return the first of them (None if none)."""
@@ -288,6 +346,9 @@ class Sequence:
         self.length -= count
         self.generated -= count
         del self.token_logprobs[self.generated:]
+        del self._token_ends[self.generated:]
+        if self.guide is not None:
+            self.guide.rollback(count)
         self.decoder.restore(first.decoder_state)
         return first
 
@@ -295,7 +356,20 @@ class Sequence:
         if not text:
             return []
         self.text_parts.append(text)
-        return [GenerationChunk(text)]
+        self._emitted_chars += len(text)
+        return [GenerationChunk(text, logprobs=self._logprobs_up_to(self._emitted_chars))]
+
+    def _logprobs_up_to(self, chars: int | None) -> list[TokenLogprob]:
+        """The logprobs not sent yet of tokens whose text ends within the first ``chars``
+        characters (None: all of them); tokens a phrase ban may still take back wait."""
+        if self.top_logprobs is None:
+            return []
+        last = len(self.token_logprobs) if chars is None else self.generated - len(self.bans.held)
+        start = end = self._sent_logprobs
+        while end < last and (chars is None or self._token_ends[end] <= chars):
+            end += 1
+        self._sent_logprobs = end
+        return self.token_logprobs[start:end]
 
     def _finish(self, stop_reason: str, flush: bool = True) -> list[GenerationChunk]:
         chunks: list[GenerationChunk] = []
@@ -306,6 +380,8 @@ class Sequence:
                 chunks = self._emit(tail.text)
             else:
                 chunks = self._emit(tail.text + self.matcher.flush())
+        if self.guide is not None:
+            self.guide.close()
         finished = time.perf_counter()
         self.result = GenerationResult(
             text="".join(self.text_parts),
@@ -318,8 +394,9 @@ class Sequence:
             decode_seconds=finished - self.prefill_done,
             seed=self.sampling.seed,
             token_logprobs=self.token_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
-        return chunks + [GenerationChunk("", self.result)]
+        return chunks + [GenerationChunk("", self.result, logprobs=self._logprobs_up_to(None))]
 
 
 def token_budget(max_new_tokens: int, context: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from ...chat.prompt import MODES
 from ...chat.templates import NAMED_TEMPLATE_NAMES, get_named_template
+from ...engine.constraints import Constraint
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..errors import ValidationError
@@ -44,6 +45,7 @@ class ChatInput:
     sampling: SamplingParams
     ban_eos: bool
     banned_phrases: list[str]
+    constraint: Constraint | None = None
 
 
 def _history_rows(value: Any) -> list[list[str]]:
@@ -124,6 +126,7 @@ class ChatBody(GenerationOptions):
             sampling=self.sampling(defaults),
             ban_eos=self.ban_eos,
             banned_phrases=self.banned_phrases,
+            constraint=self.constraint(),
         )
 
 

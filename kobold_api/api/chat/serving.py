@@ -347,7 +347,7 @@ class ChatService:
         request = GenerationRequest(
             prompt=prompt.text, max_new_tokens=max_new, max_context_length=context,
             sampling=parsed.sampling, stop_strings=prompt.stop_strings, trim_stop=True,
-            ban_eos=parsed.ban_eos, banned_phrases=parsed.banned_phrases,
+            ban_eos=parsed.ban_eos, banned_phrases=parsed.banned_phrases, constraint=parsed.constraint,
         )
         return prompt, request
 

@@ -11,6 +11,8 @@ from .serving import KOBOLD_API_VERSION
 
 kobold = Blueprint("kobold", __name__)
 extra = Blueprint("kobold_extra", __name__)
+#: KoboldCpp's routes outside /api: llama.cpp's /props and the service discovery document.
+probes = Blueprint("kobold_probes", __name__)
 
 
 def _route(blueprint: Blueprint, rule: str, methods: list[str]):
@@ -114,6 +116,16 @@ def extra_abort() -> Response:
     return jsonify(services().kobold.abort_request(request_json(lenient=True)))
 
 
+@_route(extra, "/last_logprobs", ["POST"])
+def extra_last_logprobs() -> Response:
+    return jsonify(services().kobold.last_logprobs(request_json(lenient=True)))
+
+
+@_route(extra, "/json_to_grammar", ["POST"])
+def extra_json_to_grammar() -> Response:
+    return jsonify(services().kobold.json_to_grammar(request_json()))
+
+
 @_route(extra, "/tokencount", ["POST"])
 def extra_tokencount() -> Response:
     return jsonify(services().kobold.tokencount(request_json()))
@@ -127,3 +139,14 @@ def extra_tokenize() -> Response:
 @_route(extra, "/detokenize", ["POST"])
 def extra_detokenize() -> Response:
     return jsonify(services().kobold.detokenize(request_json()))
+
+
+@_route(probes, "/props", ["GET"])
+def props() -> Response:
+    svc = services()
+    return jsonify(svc.kobold.props(getattr(svc.openai.template, "source", None)))
+
+
+@_route(probes, "/.well-known/serviceinfo", ["GET"])
+def serviceinfo() -> Response:
+    return jsonify(services().kobold.service_info(request.host_url))

@@ -8,16 +8,20 @@ Unknown keys are ignored, as United does since API 1.2.5.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
 
+from ...engine.constraints import Constraint
 from ...engine.generation import GenerationRequest
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
-from ..generation_options import N, GenerationOptions
-from ..request_model import Bool, Count, RequestModel, TokenIds, spellings
+from ..generation_options import GRAMMAR_FIELDS, N, GenerationOptions, not_together
+from ..errors import ValidationError
+from ..logprobs import KOBOLD_TOP_LOGPROBS
+from ..tools import ToolFields, Toolset
+from ..request_model import Bool, Count, JsonSchema, RequestModel, TokenIds, spellings
 
 
 @dataclass
@@ -35,6 +39,9 @@ class KoboldGenerationInput:
     n: int
     genkey: str
     banned_phrases: list[str]
+    constraint: Constraint | None = None
+    logprobs: bool = False
+    toolset: Toolset | None = None
 
     def to_request(self, copy: int = 0) -> GenerationRequest:
         """The engine request for result number ``copy`` of ``n``."""
@@ -48,6 +55,8 @@ class KoboldGenerationInput:
             trim_stop=self.trim_stop,
             ban_eos=self.ban_eos,
             banned_phrases=self.banned_phrases,
+            constraint=self.constraint,
+            logprobs=KOBOLD_TOP_LOGPROBS if self.logprobs else None,
         )
 
 
@@ -60,23 +69,32 @@ _WithClientFlags: type[GenerationOptions] = create_model(  # type: ignore[call-o
     "KoboldClientFlags", __base__=GenerationOptions, **{flag: (Bool | None, None) for flag in CLIENT_SIDE_FLAGS})
 
 
-class KoboldGenerateBody(_WithClientFlags):  # type: ignore[misc, valid-type]
+class KoboldGenerateBody(_WithClientFlags, ToolFields):  # type: ignore[misc, valid-type]
     """KoboldAI's GenerationInput: ranges after KoboldAI United (so a 422 reads like United's), the
     extra keys after KoboldCpp, text-generation-webui's names as further spellings."""
+
+    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [not_together("tools", GRAMMAR_FIELDS)]
 
     prompt: str
     memory: str | None = None
     max_length: Count | None = spellings(  # type: ignore[valid-type]
-        "max_length", "max_new_tokens", "max_tokens", description="tokens to generate")
+        "max_length", "max_new_tokens", "max_tokens", "n_predict", "num_predict", description="tokens to generate")
     max_context_length: Count | None = spellings(  # type: ignore[valid-type]
-        "max_context_length", "truncation_length", description="the prompt is cut to this minus max_length")
+        "max_context_length", "truncation_length", "num_ctx",
+        description="the prompt is cut to this minus max_length")
+    logprobs: Bool | None = Field(None, description="return each token's logprob and the 10 likeliest alternatives")
     trim_stop: Bool | None = Field(None, description="cut the stop string from the output (default true)")
     n: N | None = None  # type: ignore[valid-type]
     genkey: str | None = None
 
     def to_input(self, defaults: GenerationDefaults) -> KoboldGenerationInput:
+        toolset, constraint, prompt = self.toolset(), self.constraint(), self.prompt
+        if toolset is not None:  # KoboldCpp: the reply is held to the calls' JSON grammar
+            if constraint is not None:
+                raise ValidationError({"tools": ["Send tools or a grammar, not both."]})
+            constraint, prompt = toolset.constraint(), f"{toolset.instructions()}\n\n{prompt}"
         return KoboldGenerationInput(
-            prompt=self.prompt,
+            prompt=prompt,
             memory=self.memory or "",
             max_length=self.max_length or defaults.max_length,
             max_context_length=self.max_context_length or defaults.max_context_length,
@@ -87,6 +105,9 @@ class KoboldGenerateBody(_WithClientFlags):  # type: ignore[misc, valid-type]
             n=self.n or 1,
             genkey=self.genkey or "",
             banned_phrases=self.banned_phrases,
+            constraint=constraint,
+            logprobs=bool(self.logprobs),
+            toolset=toolset,
         )
 
 
@@ -120,3 +141,15 @@ class SoftPromptBody(RequestModel):
     """Soft prompts do not exist here: only "none" (an empty name) can be set."""
 
     value: Annotated[str, AfterValidator(_no_soft_prompt), WithJsonSchema({"const": ""})] | None = None
+
+
+class JsonToGrammarBody(RequestModel):
+    """``{"schema": {...}}``, or the schema itself as the body (KoboldCpp takes both)."""
+
+    schema_: JsonSchema | Literal[True] = Field(validation_alias="schema", serialization_alias="schema")
+
+    @classmethod
+    def read(cls, body: dict[str, Any]) -> dict[str, Any] | bool:
+        if isinstance(body.get("schema"), (dict, bool)):
+            return cls.parse(body).schema_
+        return body

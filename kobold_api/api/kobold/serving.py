@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterator
 
+from ... import __version__
 from ...engine.engine import Engine, GenerationFailed, Job
-from ...engine.generation import CancelToken
+from ...engine.json_gbnf import SchemaConversionError, schema_to_gbnf
+from ...engine.generation import CancelToken, GenerationResult
 from ...settings import Settings
 from .. import jobs
-from ..errors import ApiError
+from ..errors import ApiError, ValidationError
+from ..logprobs import LogprobFormatter
 from ..sse import EventStream, sse_event
-from .schemas import DetokenizeBody, GenkeyBody, KoboldGenerationInput, SoftPromptBody, TokenCountBody
+from ..tools import Toolset
+from .schemas import DetokenizeBody, GenkeyBody, JsonToGrammarBody, KoboldGenerationInput, SoftPromptBody, TokenCountBody
 
 #: The KoboldAI United API level we implement (>= 1.2.2 enables stop_sequence in SillyTavern).
 KOBOLD_API_VERSION = "1.2.5"
@@ -31,6 +35,7 @@ class KoboldService:
         self.engine = engine
         self.settings = settings
         self.started_at = time.time()
+        self.logprobs = LogprobFormatter(engine.tokenizer)
 
     # --- probes -----------------------------------------------------------------------
     @property
@@ -42,10 +47,33 @@ class KoboldService:
         return jobs.context_size(self.settings, self.engine)
 
     def version_info(self) -> dict[str, Any]:
+        """KoboldCpp's version and capability flags, each true only where this server has it:
+        text generation with a jinja chat template; no images, audio, embeddings, CFG guidance,
+        KoboldCpp saves or its admin routes (model switching)."""
         return {"result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION,
-                "protected": bool(self.settings.api_key), "txt2img": False, "vision": False,
-                "transcribe": False, "multiplayer": False, "websearch": False, "tts": False,
-                "embeddings": False, "llm": True, "server": "kobold_api"}
+                "protected": bool(self.settings.api_key), "llm": True, "txt2img": False, "vision": False,
+                "audio": False, "transcribe": False, "multiplayer": False, "websearch": False, "tts": False,
+                "embeddings": False, "savedata": False, "admin": 0, "guidance": False, "jinja": True,
+                "music": False, "router": False, "mcp": False, "server": "kobold_api", "server_version": __version__}
+
+    def props(self, chat_template: str | None) -> dict[str, Any]:
+        """llama.cpp's ``/props`` as KoboldCpp serves it: SillyTavern's Text Completion mode reads
+        the chat template (to pick its own) and the context size."""
+        context = self.default_max_context_length()
+        return {"chat_template": chat_template, "id": 0, "id_task": -1, "total_slots": self.engine.max_batch_size,
+                "modalities": {"vision": False, "audio": False}, "model_path": self.engine.model_name,
+                "n_ctx": context, "default_generation_settings": {"n_ctx": context}}
+
+    def service_info(self, root_url: str) -> dict[str, Any]:
+        """``/.well-known/serviceinfo``: what this server is and which APIs it speaks, where."""
+        return {"version": "0.2",
+                "software": {"name": "kobold_api", "version": __version__, "repository": "", "homepage": root_url,
+                             "logo": ""},
+                "api": {"koboldai": {"name": "KoboldAI API", "rel_url": "/api", "documentation": root_url + "api/docs",
+                                     "version": KOBOLD_API_VERSION},
+                        "openai": {"name": "OpenAI API", "rel_url": "/v1",
+                                   "documentation": "https://platform.openai.com/docs/api-reference",
+                                   "version": "1"}}}
 
     def default_max_length(self) -> int:
         return self.settings.generation.max_length
@@ -89,8 +117,26 @@ class KoboldService:
             results = [jobs.wait(job, disconnected) for job in submitted]
         finally:
             jobs.cancel_unfinished(submitted)
-        return {"results": [{"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-                             "completion_tokens": r.completion_tokens} for r in results]}
+        return {"results": [self._result(r, parsed) for r in results]}
+
+    def _result(self, result: GenerationResult, parsed: KoboldGenerationInput) -> dict[str, Any]:
+        body: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
+                                "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+        calls = parsed.toolset.parse(result.text) if parsed.toolset is not None else None
+        if calls:
+            body.update(tool_calls=calls, finish_reason="tool_calls")
+        if parsed.logprobs:
+            body["logprobs"] = self.logprobs.kobold(result.token_logprobs)
+        return body
+
+    def last_logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
+        """KoboldCpp's ``/api/extra/last_logprobs``: a finished generation's logprobs, only for
+        the genkey that started it (so one user cannot read another's), null otherwise."""
+        genkey = GenkeyBody.parse(body).genkey
+        job = self.engine.find(genkey) if genkey else None
+        if job is None or job.result is None or job.request.logprobs is None:
+            return {"logprobs": None}
+        return {"logprobs": self.logprobs.kobold(job.result.token_logprobs)}
 
     def stream(self, parsed: KoboldGenerationInput, disconnected: Callable[[], bool]) -> EventStream:
         """KoboldCpp SSE: ``event: message`` / ``data: {"token", "finish_reason"}`` per piece of text.
@@ -98,7 +144,9 @@ class KoboldService:
         The job is submitted before the response starts, so a full queue is still a 503.
         """
         job = jobs.submit(self.engine, parsed.to_request(), parsed.genkey)
-        return EventStream(_kobold_events(job, disconnected), on_close=lambda: jobs.cancel_unfinished([job]))
+        formatter = self.logprobs if parsed.logprobs else None
+        return EventStream(_kobold_events(job, disconnected, formatter, parsed.toolset),
+                           on_close=lambda: jobs.cancel_unfinished([job]))
 
     def check(self, genkey: str | None) -> dict[str, Any]:
         job = self.engine.find(genkey, owner=jobs.client_address())
@@ -119,6 +167,14 @@ class KoboldService:
     def check_request(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.check(GenkeyBody.parse(body).genkey)
 
+    def json_to_grammar(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A JSON schema as GBNF, for the ``grammar`` field (KoboldCpp's route); a schema the
+        converter cannot express faithfully is a 422 naming the place."""
+        try:
+            return {"result": schema_to_gbnf(JsonToGrammarBody.read(body)), "success": True}
+        except SchemaConversionError as exc:
+            raise ValidationError({"schema": [str(exc)]}) from None
+
     # --- tokenizer --------------------------------------------------------------------
     def tokencount(self, body: dict[str, Any]) -> dict[str, Any]:
         ids = self.engine.tokenizer.encode(TokenCountBody.parse(body).prompt or "", add_special_tokens=False)
@@ -131,12 +187,24 @@ class KoboldService:
         return {"result": self.engine.tokenizer.decode(ids, skip_special_tokens=False), "success": True}
 
 
-def _kobold_events(job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes]:
+def _kobold_events(job: Job, disconnected: Callable[[], bool], logprobs: LogprobFormatter | None,
+                   toolset: Toolset | None) -> Iterator[bytes]:
+    """One event per piece of text; with ``logprobs`` each carries those of its own tokens; with
+    tools the last event names the calls the text made."""
+    offset = 0
     try:
         for chunk in job.chunks(disconnected):
+            if chunk.result is None and not chunk.text:
+                continue
+            event: dict[str, Any] = {"token": chunk.text, "finish_reason": None}
             if chunk.result is not None:
-                yield sse_event({"token": "", "finish_reason": chunk.result.finish_reason}, "message")
-            elif chunk.text:
-                yield sse_event({"token": chunk.text, "finish_reason": None}, "message")
+                event = {"token": "", "finish_reason": chunk.result.finish_reason}
+                calls = toolset.parse(chunk.result.text) if toolset is not None else None
+                if calls:
+                    event.update(finish_reason="tool_calls", tool_calls=calls)
+            if logprobs is not None:
+                event["logprobs"] = logprobs.kobold(chunk.logprobs, offset)
+                offset += len(chunk.text)
+            yield sse_event(event, "message")
     except GenerationFailed as exc:  # headers are sent: say so in the stream, as valid JSON
         yield sse_event({"token": "", "finish_reason": "error", "error": jobs.stream_failure(exc)}, "message")

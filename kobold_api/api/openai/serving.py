@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ...chat.templates import ChatTemplate, ChatTemplateError
 from ...engine.engine import Engine, GenerationFailed, Job
-from ...engine.generation import GenerationRequest, GenerationResult, token_budget
+from ...engine.generation import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob, token_budget
 from ...settings import Settings
 from .. import jobs
 from ..errors import ApiError
+from ..logprobs import LogprobFormatter
 from ..sse import EventStream, sse_event
+from ..tools import Toolset
 from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ class OpenAIService:
         self.settings = settings
         self.template = template
         self.created = int(time.time())
+        self.logprobs = LogprobFormatter(engine.tokenizer)
 
     # --- models -----------------------------------------------------------------------
     @property
@@ -60,13 +63,17 @@ class OpenAIService:
             return self._stream(parsed, plans, model, "text_completion", disconnected,
                                 lambda index, text: {"text": text, "index": index, "logprobs": None,
                                                      "finish_reason": None},
-                                echo=[prompt_texts[p] for p, _, _ in plans] if parsed.echo else None)
+                                echo=[prompt_texts[p] for p, _, _ in plans] if parsed.echo else None,
+                                logprobs=self.logprobs.legacy)
+        # echo + logprobs: the prompt is scored too (evaluation harnesses read it).
+        parsed.prompt_logprobs = parsed.echo and parsed.logprobs is not None
         choices, usage = [], _Usage()
-        for index, ((p_index, _, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
+        for index, ((p_index, ids, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
             usage.add(result, count_prompt=copy == 0)
-            text = (prompt_texts[p_index] + result.text) if parsed.echo else result.text
-            choices.append({"text": text, "index": index, "finish_reason": result.finish_reason,
-                            "logprobs": self._completion_logprobs(result) if parsed.logprobs is not None else None})
+            prefix = prompt_texts[p_index] if parsed.echo else ""
+            choices.append({"text": prefix + result.text, "index": index, "finish_reason": result.finish_reason,
+                            "logprobs": self._completion_logprobs(result, ids, prefix)
+                            if parsed.logprobs is not None else None})
         return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": choices, "usage": usage.as_dict()}
 
@@ -75,13 +82,25 @@ class OpenAIService:
         """Plain chat completions, or (extension) a server-side character/conversation turn."""
         if body.get("character") is not None or body.get("conversation_id") is not None:
             return self.character_chat_completion(body, chat, disconnected)
-        return self.chat_completion(parse_chat_completion(body, self.settings.generation), disconnected)
+        parsed = parse_chat_completion(body, self.settings.generation, self._renders_tools)
+        return self.chat_completion(parsed, disconnected)
+
+    @property
+    def _renders_tools(self) -> bool:
+        return bool(getattr(self.template, "renders_tools", False))
 
     def chat_completion(self, parsed: ChatCompletionInput,
                         disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         model = self._response_model()
+        toolset = parsed.toolset
         try:
-            prompt = self.template.render(parsed.messages, add_generation_prompt=True)
+            if toolset is not None and self._renders_tools:
+                prompt = self.template.render(parsed.messages, True, tools=[
+                    {"type": "function", "function": function} for function in toolset.offered])
+            elif toolset is not None:
+                prompt = self.template.render(_with_instructions(parsed.messages, toolset.instructions()), True)
+            else:
+                prompt = self.template.render(parsed.messages, add_generation_prompt=True)
         except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
             raise ApiError(400, {"msg": f"The model's chat template rejected the messages: {exc}",
                                  "type": "invalid_messages"}, param="messages") from exc
@@ -93,13 +112,19 @@ class OpenAIService:
                                 lambda index, text: {"index": index, "delta": {"content": text},
                                                      "logprobs": None, "finish_reason": None},
                                 first=lambda index: {"index": index, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None})
+                                                     "logprobs": None, "finish_reason": None},
+                                logprobs=lambda items, _: {"content": self.logprobs.content(items)}, toolset=toolset)
         choices, usage = [], _Usage()
         for index, ((_, _, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
             usage.add(result, count_prompt=copy == 0)
-            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                            "logprobs": self._chat_logprobs(result) if parsed.logprobs is not None else None,
-                            "finish_reason": result.finish_reason})
+            calls = toolset.parse(result.text) if toolset is not None else None
+            message: dict[str, Any] = {"role": "assistant", "content": result.text}
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            choices.append({"index": index, "message": message,
+                            "logprobs": {"content": self.logprobs.content(result.token_logprobs)}
+                            if parsed.logprobs is not None else None,
+                            "finish_reason": "tool_calls" if calls else result.finish_reason})
         return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": choices, "usage": usage.as_dict()}
 
@@ -176,27 +201,13 @@ class OpenAIService:
         context = jobs.context_size(self.settings, self.engine)
         return min(parsed.truncation_length or context, context)
 
-    def _token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _completion_logprobs(self, result: GenerationResult) -> dict[str, Any]:
-        """The legacy completions shape: parallel lists per generated token."""
-        tokens = [self._token_text(item.token_id) for item in result.token_logprobs]
-        offsets, position = [], 0
-        for token in tokens:
-            offsets.append(position)
-            position += len(token)
-        return {"tokens": tokens, "token_logprobs": [item.logprob for item in result.token_logprobs],
-                "top_logprobs": [{self._token_text(t): lp for t, lp in item.top} for item in result.token_logprobs],
-                "text_offset": offsets}
-
-    def _chat_logprobs(self, result: GenerationResult) -> dict[str, Any]:
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text = self._token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-        return {"content": [{**entry(item.token_id, item.logprob),
-                             "top_logprobs": [entry(t, lp) for t, lp in item.top]} for item in result.token_logprobs]}
+    def _completion_logprobs(self, result: GenerationResult, prompt_ids: list[int], prefix: str) -> dict[str, Any]:
+        """The completions shape; with echo the prompt's tokens come first (the first one null)."""
+        generated = self.logprobs.legacy(result.token_logprobs, len(prefix))
+        if result.prompt_logprobs is None:
+            return generated
+        scored = self.logprobs.legacy(result.prompt_logprobs, 0, token_ids=prompt_ids)
+        return {key: scored[key] + generated[key] for key in generated}
 
     def _prompt_ids(self, prompt: str | list[int], parsed: OpenAIInput) -> list[int]:
         """Tokenize, cutting the oldest tokens when prompt + max_tokens exceed the context: what
@@ -215,7 +226,8 @@ class OpenAIService:
                                  max_context_length=self._context(parsed),
                                  sampling=parsed.sampling.for_copy(copy), stop_strings=parsed.stop,
                                  trim_stop=True, ban_eos=parsed.ban_eos, logprobs=parsed.logprobs,
-                                 banned_phrases=parsed.banned_phrases)
+                                 banned_phrases=parsed.banned_phrases, constraint=parsed.constraint,
+                                 prompt_logprobs=parsed.prompt_logprobs)
 
     def _submit_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]]) -> list[Job]:
         """Every choice is queued at once (they decode as one batch); if the queue fills part
@@ -239,16 +251,23 @@ class OpenAIService:
 
     def _stream(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], model: str, kind: str,
                 disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
-                first: Callable[[int], dict] | None = None, echo: list[str] | None = None) -> EventStream:
+                first: Callable[[int], dict] | None = None, echo: list[str] | None = None,
+                logprobs: Callable[[list[TokenLogprob], int], Any] | None = None,
+                toolset: Toolset | None = None) -> EventStream:
         """Queue every choice now (so a full queue is a 503 before any byte is sent), then stream
-        the choices one after another."""
+        the choices one after another; with logprobs on, each chunk carries its own tokens'
+        (``logprobs(items, text offset)`` shapes them)."""
         submitted = self._submit_all(parsed, plans)
-        events = self._events(parsed, plans, submitted, model, kind, disconnected, piece, first, echo)
+        shape = logprobs if parsed.logprobs is not None else None
+        events = self._events(parsed, plans, submitted, model, kind, disconnected, piece, first, echo, shape,
+                              toolset)
         return EventStream(events, on_close=lambda: jobs.cancel_unfinished(submitted))
 
     def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], submitted: list[Job],
                 model: str, kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
-                first: Callable[[int], dict] | None, echo: list[str] | None) -> Iterator[bytes]:
+                first: Callable[[int], dict] | None, echo: list[str] | None,
+                logprobs: Callable[[list[TokenLogprob], int], Any] | None,
+                toolset: Toolset | None) -> Iterator[bytes]:
         writer, usage = _ChunkWriter(kind, model, parsed.include_usage), _Usage()
         envelope = writer.choice
 
@@ -256,23 +275,61 @@ class OpenAIService:
             for index, ((_, _, copy), job) in enumerate(zip(plans, submitted)):
                 if first is not None:
                     yield envelope(first(index))
+                offset = 0
                 if echo is not None:
                     yield envelope(piece(index, echo[index]))
-                for chunk in job.chunks(disconnected):
+                    offset = len(echo[index])
+                for chunk, calls in _with_tool_calls(job.chunks(disconnected), toolset):
                     if chunk.result is not None:
                         usage.add(chunk.result, count_prompt=copy == 0)
                         final = piece(index, "")
                         if "delta" in final:
                             final["delta"] = {}
                         final["finish_reason"] = chunk.result.finish_reason
-                        yield envelope(final)
+                        if calls:
+                            yield envelope({"index": index, "delta": {"tool_calls": [
+                                {"index": number, **call} for number, call in enumerate(calls)]},
+                                "logprobs": None, "finish_reason": None})
+                            final["finish_reason"] = "tool_calls"
                     elif chunk.text:
-                        yield envelope(piece(index, chunk.text))
+                        final = piece(index, chunk.text)
+                    else:
+                        continue
+                    if logprobs is not None:
+                        final["logprobs"] = logprobs(chunk.logprobs, offset)
+                        offset += len(chunk.text)
+                    yield envelope(final)
             if parsed.include_usage:
                 yield writer.usage(usage.as_dict())
             yield sse_event("[DONE]")
         except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield writer.error(jobs.stream_failure(exc))
+
+
+def _with_tool_calls(chunks: Iterator[GenerationChunk],
+                     toolset: Toolset | None) -> Iterator[tuple[GenerationChunk, list[dict[str, Any]] | None]]:
+    """A choice's chunks, and with tools on the calls found at the end: text that may be a call
+    (it opens with "{") is held back and sent as ``tool_calls`` instead when it is one."""
+    if toolset is None:
+        for chunk in chunks:
+            yield chunk, None
+        return
+    held: list[GenerationChunk] | None = []
+    for chunk in chunks:
+        if chunk.result is None and held is None:
+            yield chunk, None
+        elif chunk.result is None:
+            held.append(chunk)
+            text = "".join(piece.text for piece in held)
+            if text.strip() and not text.lstrip().startswith("{"):  # plain text: send it on
+                yield GenerationChunk(text, logprobs=[item for piece in held for item in piece.logprobs]), None
+                held = None
+        else:
+            text = "".join(piece.text for piece in held or ())
+            calls = toolset.parse(text) if held is not None else None
+            if held and calls is None:
+                yield GenerationChunk(text, logprobs=[item for piece in held for item in piece.logprobs]), None
+            yield chunk, calls
 
 
 class _ChunkWriter:
@@ -320,6 +377,13 @@ def _turn_usage(result: dict[str, Any]) -> dict[str, int]:
     usage = _Usage()
     usage.prompt_tokens, usage.completion_tokens = result["prompt_tokens"], result["completion_tokens"]
     return usage.as_dict()
+
+
+def _with_instructions(messages: list[dict[str, Any]], instructions: str) -> list[dict[str, Any]]:
+    """``instructions`` at the head of the system message (one made when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{instructions}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
 
 
 def _new_id(prefix: str) -> str:

@@ -20,11 +20,12 @@ which is arbitrary among ties).
 
 The chain, as :func:`build_processors` composes it (KoboldCpp's order):
 
-1. ``logit_bias``, then the token bans;
+1. ``logit_bias``, then the token bans, then top-n-sigma (``nsigma``);
 2. with ``mirostat`` off, the ``sampler_order`` ids in turn, where id 5 is
    the temperature step (dynamic temperature when ``dynatemp_range > 0``,
    else plain temperature; then quadratic smoothing) and id 6 the penalty
-   step (DRY, ``rep_pen``, presence/frequency); then XTC;
+   step (DRY, ``rep_pen``, presence/frequency); then XTC, then Adaptive-P
+   (``adaptive_target`` >= 0), which reshapes what is left around its target;
 3. with ``mirostat`` 1 or 2 instead: the penalty step, plain temperature,
    smoothing, then Mirostat (top-k/top-a/top-p/min-p/tfs/typical, dynamic
    temperature and XTC are skipped, as in KoboldCpp);
@@ -44,9 +45,14 @@ from .penalties import (
     DryPenaltySampler, LogitBiasSampler, PresenceFrequencyPenaltySampler, RepetitionPenaltySampler, TokenBanSampler,
 )
 from .temperature import DynamicTemperatureSampler, MirostatSampler, SmoothingSampler, TemperatureSampler
-from .truncation import MinPSampler, TailFreeSampler, TopASampler, TopKSampler, TopPSampler, TypicalSampler, XTCSampler
+from .truncation import (
+    AdaptivePSampler, MinPSampler, TailFreeSampler, TopASampler, TopKSampler, TopNSigmaSampler, TopPSampler,
+    TypicalSampler, XTCSampler,
+)
 
 __all__ = [
+    "AdaptivePSampler",
+    "TopNSigmaSampler",
     "MAX_LOGIT_BIAS",
     "NEG_INF",
     "SettingError",

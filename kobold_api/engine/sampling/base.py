@@ -87,6 +87,9 @@ class SamplingParams:
     dry_sequence_breakers: list[str] = field(
         default_factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS)
     )
+    nsigma: float = 0.0  # top-n-sigma; 0 = off
+    adaptive_target: float = -1.0  # Adaptive-P; negative = off
+    adaptive_decay: float = 0.9
 
     def for_copy(self, index: int) -> "SamplingParams":
         """Parameters for the ``index``-th of ``n`` results of one request: seed + index, so

@@ -16,7 +16,10 @@ from .penalties import (
     DryPenaltySampler, LogitBiasSampler, PresenceFrequencyPenaltySampler, RepetitionPenaltySampler, TokenBanSampler,
 )
 from .temperature import DynamicTemperatureSampler, MirostatSampler, SmoothingSampler, TemperatureSampler
-from .truncation import MinPSampler, TailFreeSampler, TopASampler, TopKSampler, TopPSampler, TypicalSampler, XTCSampler
+from .truncation import (
+    AdaptivePSampler, MinPSampler, TailFreeSampler, TopASampler, TopKSampler, TopNSigmaSampler, TopPSampler,
+    TypicalSampler, XTCSampler,
+)
 
 
 def normalize_sampler_order(sampler_order: Sequence[object]) -> list[int]:
@@ -88,6 +91,8 @@ def build_processors(
         chain.append(LogitBiasSampler(params.logit_bias))
     if params.banned_token_ids:
         chain.append(TokenBanSampler(params.banned_token_ids))
+    if _require_at_least("nsigma", params.nsigma, 0.0) != 0:
+        chain.append(TopNSigmaSampler(params.nsigma))
 
     by_id: dict[int, list[LogitsProcessor]] = {sampler_id: [] for sampler_id in SamplerId}
     if params.top_k != 0:
@@ -160,6 +165,8 @@ def build_processors(
             if rng is None:
                 rng = _request_rng(params.seed)
             chain.append(XTCSampler(threshold, xtc_probability, rng))
+    if params.adaptive_target >= 0:
+        chain.append(AdaptivePSampler(params.adaptive_target, params.adaptive_decay))
     return chain
 
 
@@ -196,6 +203,7 @@ class TokenSampler:
         self._mirostat = next(
             (p for p in self._processors if isinstance(p, MirostatSampler)), None
         )
+        self._adaptive = next((p for p in self._processors if isinstance(p, AdaptivePSampler)), None)
 
     @property
     def greedy(self) -> bool:
@@ -223,6 +231,8 @@ class TokenSampler:
         choice, log_p = self._draw(scores)
         if self._mirostat is not None:
             self._mirostat.observe(log_p)
+        if self._adaptive is not None:
+            self._adaptive.observe(choice)
         return choice
 
     def _draw(self, scores: np.ndarray) -> tuple[int, float]:

@@ -237,3 +237,74 @@ class XTCSampler:
         # Few tokens go, so mask them in place (ties with the least likely one stay).
         logits[removed if indices is None else indices[removed]] = NEG_INF
         return logits
+
+
+class TopNSigmaSampler:
+    """Top-n-sigma (``nsigma``): keep the tokens whose logit is at least ``max - n * std``.
+
+    The spread is taken over the tokens still unmasked, so the cut does not depend on the
+    temperature (scaling every logit scales the mean distance and the spread alike). The most
+    likely token always stays.
+    """
+
+    def __init__(self, n: float) -> None:
+        self.n = _require_at_least("nsigma", n, 0.0)
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size < 2:
+            return logits
+        top = float(values.max())
+        spread = float(values.astype(np.float64).std())
+        return _keep(logits, indices, values >= top - self.n * spread)
+
+
+class AdaptivePSampler:
+    """Adaptive-P (``adaptive_target``, ``adaptive_decay``): prefer tokens near a target probability.
+
+    Each token's new logit falls with its probability's distance ``d`` from the step's target
+    (scaled by 1/0.2): ``5 - 10 * d^2 / (1 + d)``, quadratic near the target and linear far
+    from it, so a long tail never gathers mass. The step's target moves against the recent
+    average of chosen tokens' probabilities (``2 * target - average``, clamped to 0..1, the
+    average decayed by ``adaptive_decay`` per token and started at the target), so a run of
+    near-certain tokens makes an alternative likelier next. It runs last, on what the chain
+    left; :meth:`observe` takes the chosen token after the draw.
+    """
+
+    _PEAK, _SHARPNESS, _INV_WIDTH = 5.0, 10.0, 5.0
+
+    def __init__(self, target: float, decay: float) -> None:
+        self.target = _require_between("adaptive_target", target, 0.0, 1.0)
+        self.decay = _require_between("adaptive_decay", decay, 0.0, 0.99)
+        self._weighted = self.target / (1.0 - self.decay)
+        self._total = 1.0 / (1.0 - self.decay)
+        self._last: tuple[np.ndarray | None, np.ndarray] | None = None
+
+    def __call__(self, logits: np.ndarray, context: np.ndarray) -> np.ndarray:
+        indices, values = _unmasked(logits)
+        if values.size < 2:
+            self._last = None
+            return logits
+        weights = np.exp(values.astype(np.float64) - values.max())
+        probs = weights / weights.sum()
+        self._last = (indices, probs)
+        aim = min(1.0, max(0.0, 2.0 * self.target - self._weighted / self._total))
+        distance = np.abs(probs - aim) * self._INV_WIDTH
+        shaped = (self._PEAK - self._SHARPNESS * distance * distance / (1.0 + distance)).astype(np.float32)
+        if indices is None:
+            return shaped
+        result = np.full_like(logits, NEG_INF)
+        result[indices] = shaped
+        return result
+
+    def observe(self, token: int) -> None:
+        """Fold the chosen token's probability (before the reshaping) into the running average."""
+        if self._last is None:
+            return
+        indices, probs = self._last
+        found = np.array([token]) if indices is None else np.flatnonzero(indices == token)
+        if not found.size:
+            return
+        probability = float(probs[found[0]])
+        self._weighted = probability + self.decay * self._weighted
+        self._total = 1.0 + self.decay * self._total
