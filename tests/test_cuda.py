@@ -108,3 +108,32 @@ def test_cuda_context_shift_matches_a_fresh_prefill(tmp_path: Path) -> None:
     shifted = ConcatBatch(model).admit(prompt, cached, reuse)
     fresh = ConcatBatch(model).admit(prompt, None, 0)
     assert np.abs(shifted - fresh).max() / np.abs(fresh).max() < TOLERANCE["fp16"]
+
+
+def test_cuda_constrained_batch_and_scored_prompt(hf_dir: Path, tmp_path: Path) -> None:
+    """Grammars hold per row of a CUDA batch, and a scored prompt (one step per token through
+    the device cache) agrees with the logprob a generation reports for the same token."""
+    import re
+
+    from kobold_api.engine.constraints import Constraint
+
+    model_dir = prepare_model(str(hf_dir), "cuda", tmp_path / "cache", quant="int4")
+    model = OnnxCausalLM(model_dir, "cuda")
+    engine = Engine(TextGenerator(model, Tokenizer(model_dir)), "cuda-test", queue_size=8, max_batch_size=4)
+    try:
+        grammar = Constraint.from_grammar('root ::= [a-f]+ "."')
+        jobs = [engine.submit(GenerationRequest(prompt=f"Story {i}:", max_new_tokens=16, constraint=grammar,
+                                                sampling=SamplingParams(temperature=1.0, seed=i)))
+                for i in range(4)]
+        texts = [job.wait().text for job in jobs]
+        first = engine.submit(GenerationRequest(prompt="Story", max_new_tokens=1, logprobs=1,
+                                                sampling=SamplingParams(temperature=0))).wait()
+        token = first.token_logprobs[0].token_id
+        ids = Tokenizer(model_dir).encode("Story")
+        scored = engine.submit(GenerationRequest(prompt_ids=ids + [token], max_new_tokens=1, logprobs=1,
+                                                 prompt_logprobs=True,
+                                                 sampling=SamplingParams(temperature=0))).wait()
+    finally:
+        engine.shutdown()
+    assert all(re.fullmatch(r"[a-f]*\.?", text) for text in texts), texts
+    assert abs(scored.prompt_logprobs[-1].logprob - first.token_logprobs[0].logprob) < 0.05

@@ -73,12 +73,12 @@ def test_list_and_ps_describe_the_loaded_model(client: ollama.Client) -> None:
 
 def test_show(client: ollama.Client, server: LiveServer) -> None:
     shown = client.show("whatever-name")  # any name describes the loaded model
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
     assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] > 0
     assert shown.details and shown.details.family == "llama"
     assert shown.template and "num_ctx" in (shown.parameters or "") and shown.modelfile
-    assert server.post("/api/show", json={"name": "x"}).json()["capabilities"] == ["completion"]
+    assert server.post("/api/show", json={"name": "x"}).json()["capabilities"] == ["completion", "tools"]
 
 
 # --- generate ---------------------------------------------------------------------------
@@ -227,18 +227,56 @@ def test_images_are_refused(client: ollama.Client) -> None:
     assert caught.value.status_code == 400 and "vision" in caught.value.error
 
 
-def test_tools_suffix_and_template_are_refused_clearly(client: ollama.Client) -> None:
-    def tool(city: str) -> str:
-        """Weather.
+def test_tools_with_the_official_client(client: ollama.Client, server: LiveServer) -> None:
+    """A Python function as the tool (the client derives its schema); the reply is a call with
+    object arguments or plain text; streamed, the call comes in the last object."""
+    def get_weather(city: str) -> str:
+        """Weather in a city.
 
         Args:
           city: The city
         """
         return city
 
-    with pytest.raises(ollama.ResponseError) as caught:
-        client.chat(model="tiny", messages=MESSAGES, tools=[tool])
-    assert caught.value.status_code == 400 and "Tools are not supported" in caught.value.error
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    # The random model seldom opens with "{" (or closes a string): biases make short calls likely
+    # (the shared options take logit_bias).
+    brace, quote, close = server.post("/api/extra/tokenize", json={"prompt": '{"}'}).json()["ids"]
+    bias = {str(brace): 6.0, str(quote): 5.0, str(close): 5.0}
+    called = 0
+    for seed in range(4):
+        reply = client.chat(model="tiny", messages=messages, tools=[get_weather],
+                            options={"seed": seed, "num_predict": 150, "temperature": 1.0,
+                                     "logit_bias": bias})
+        if reply.message.tool_calls:
+            called += 1
+            call = reply.message.tool_calls[0]
+            assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+            assert isinstance(call.function.arguments["city"], str)
+        else:  # plain text, or a call cut short by num_predict
+            assert reply.done_reason == "length" or not reply.message.content.lstrip().startswith("{")
+    assert called, "no reply of four was a call"
+    lines = [json.loads(line) for line in server.post("/api/chat", stream=True, json={
+        "model": "tiny", "messages": messages,
+        "options": {"seed": 0, "num_predict": 150, "temperature": 1.0, "logit_bias": bias},
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}}}],
+    }).iter_lines() if line]
+    pieces = "".join(line["message"]["content"] for line in lines)
+    last = lines[-1]["message"]
+    assert last["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert pieces == ""  # the call's text is never streamed as content
+    # A call and its result in the history are read back.
+    history = [*messages, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "4 degrees", "tool_name": "get_weather"}]
+    assert client.chat(model="tiny", messages=history, options={"num_predict": 3}).done
+    response = server.post("/api/chat", json={"model": "m", "messages": messages, "format": "json",
+                                              "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert response.status_code == 400 and "tools" in response.json()["error"]
+
+
+def test_suffix_and_template_are_refused_clearly(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
         client.generate(model="tiny", prompt="def f(", suffix="return 1")
     assert caught.value.status_code == 400 and "suffix" in caught.value.error

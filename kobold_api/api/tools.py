@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 from typing import Literal
 
 from pydantic import Field
 
-from ..engine.constraints import Constraint, ConstraintError
+from ..engine.constraints import Constraint, ConstraintError, with_json_options
+from ..engine.generation import GenerationChunk
 from .errors import ValidationError
 from .request_model import JsonSchema, RequestModel
 
@@ -100,7 +101,8 @@ class Toolset:
         try:
             if self.choice != "auto":
                 return Constraint.from_json_schema(schema)
-            return Constraint.from_lark(f"start: free | call\nfree: {_FREE_TEXT}\ncall: %json {json.dumps(schema)}\n")
+            call = json.dumps(with_json_options(schema))
+            return Constraint.from_lark(f"start: free | call\nfree: {_FREE_TEXT}\ncall: %json {call}\n")
         except ConstraintError as exc:
             raise ValidationError({"tools": [str(exc)]}) from None
 
@@ -113,7 +115,8 @@ class Toolset:
                 '{"name": <function name>, "arguments": {<argument values>}}.')
 
     def parse(self, text: str) -> list[dict[str, Any]] | None:
-        """The reply as OpenAI ``tool_calls``, or None when it is plain text."""
+        """The reply as OpenAI ``tool_calls`` (``arguments`` as JSON text), or None when it is
+        plain text."""
         stripped = text.strip()
         if not stripped.startswith("{"):
             return None
@@ -140,3 +143,36 @@ def call_text(tool_calls: list[dict[str, Any]]) -> str:
             parsed = arguments
         parts.append(json.dumps({"name": function.get("name"), "arguments": parsed}, ensure_ascii=False))
     return "\n".join(parts)
+
+
+def with_instructions(messages: list[dict[str, Any]], instructions: str) -> list[dict[str, Any]]:
+    """``instructions`` at the head of the system message (one made when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{instructions}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
+
+
+def with_tool_calls(chunks: Iterator[GenerationChunk],
+                    toolset: Toolset | None) -> Iterator[tuple[GenerationChunk, list[dict[str, Any]] | None]]:
+    """A stream's chunks, and with tools on the calls found at the end: text that may be a call
+    (it opens with "{") is held back, and dropped for the calls when it is one."""
+    if toolset is None:
+        for chunk in chunks:
+            yield chunk, None
+        return
+    held: list[GenerationChunk] | None = []
+    for chunk in chunks:
+        if chunk.result is None and held is None:
+            yield chunk, None
+        elif chunk.result is None:
+            held.append(chunk)
+            text = "".join(piece.text for piece in held)
+            if text.strip() and not text.lstrip().startswith("{"):  # plain text: send it on
+                yield GenerationChunk(text, logprobs=[item for piece in held for item in piece.logprobs]), None
+                held = None
+        else:
+            text = "".join(piece.text for piece in held or ())
+            calls = toolset.parse(text) if held is not None else None
+            if held and calls is None:
+                yield GenerationChunk(text, logprobs=[item for piece in held for item in piece.logprobs]), None
+            yield chunk, calls

@@ -33,6 +33,14 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "coerce_one_of": True}
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 
 
+def with_json_options(schema: dict[str, Any] | bool) -> dict[str, Any] | bool:
+    """``schema`` with our JSON output options (a client's own ``x-guidance`` options win)."""
+    if not isinstance(schema, dict):
+        return schema
+    own = schema.get("x-guidance")
+    return {**schema, "x-guidance": {**_JSON_OPTIONS, **(own if isinstance(own, dict) else {})}}
+
+
 class ConstraintError(ValueError):
     """The grammar or schema cannot be used; the message says why (for the client)."""
 
@@ -74,12 +82,8 @@ class Constraint:
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError("A JSON schema must be an object.")
         source = json.dumps(schema, sort_keys=True)
-        body = dict(schema) if isinstance(schema, dict) else schema
-        if isinstance(body, dict):  # a client's own x-guidance options win over ours
-            own = body.get("x-guidance")
-            body["x-guidance"] = {**_JSON_OPTIONS, **(own if isinstance(own, dict) else {})}
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(body))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(with_json_options(schema)))
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ConstraintError(f"Invalid JSON schema: {_first_line(exc)}") from None
         return cls._checked("json_schema", source, grammar, retain_state)

@@ -7,14 +7,14 @@ already) plus the names only Ollama has or means its own way (``num_predict``, `
 ``repeat_last_n``, ``tfs_z``). Ollama's defaults apply where a sampler is not sent.
 
 What this server cannot do is refused by the models, with a message that says so, and documented
-as such (``images`` and ``tools`` must be empty, ``suffix`` and ``template`` too), so the OpenAPI
+as such (``images`` must be empty, ``suffix`` and ``template`` too), so the OpenAPI
 document never promises what the server would reject.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
@@ -22,8 +22,10 @@ from pydantic_core import PydanticCustomError
 from ...engine.constraints import Constraint, ConstraintError
 from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
-from ..generation_options import SAMPLERS, GenerationOptions
+from ..errors import ValidationError
+from ..generation_options import GRAMMAR_FIELDS, SAMPLERS, GenerationOptions, not_together
 from ..request_model import JSON_SCHEMA_DOC, Bool, Count, RequestModel, TokenIds, number, spellings
+from ..tools import Tool, Toolset, call_text
 
 #: Ollama's documented defaults, for the samplers a request leaves out (its ``repeat_last_n``
 #: default, 64, is our ``rep_pen_range``).
@@ -31,7 +33,6 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, 
                    "top_a": 0.0, "rep_pen": 1.1, "rep_pen_range": 64}
 
 NO_VISION = "This server's model has no vision: images are not supported."
-NO_TOOLS = "Tools are not supported on /api/chat yet: send the request without tools."
 NO_SUFFIX = "suffix (fill-in-the-middle) is not supported by this server."
 NO_TEMPLATE = ("template is not supported: prompts are rendered with the model's own chat template. "
                "Send raw=true with a prompt formatted yourself instead.")
@@ -66,7 +67,6 @@ def _refused_string(message: str, description: str) -> Any:
 
 
 NoImages = _refused_list(NO_VISION, "refused unless empty: the model has no vision")
-NoTools = _refused_list(NO_TOOLS, "refused unless empty: no tool calling yet")
 NoSuffix = _refused_string(NO_SUFFIX, "refused unless empty: no fill-in-the-middle")
 NoTemplate = _refused_string(NO_TEMPLATE, "refused unless empty: the model's own chat template is used")
 
@@ -181,11 +181,37 @@ class OllamaMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: NoImages | None = None  # type: ignore[valid-type]
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant turn's calls")
+    tool_name: str | None = Field(None, description="a tool message: the function that answered")
+
+    def as_dict(self, template_renders_tools: bool) -> dict[str, Any]:
+        """An earlier turn's calls kept for a template that renders them, else written into its
+        text as the model is asked to write calls."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls and template_renders_tools:
+            message["tool_calls"] = self.tool_calls
+        elif self.tool_calls:
+            message["content"] = (self.content + "\n" if self.content else "") + call_text(self.tool_calls)
+        if self.tool_name is not None:
+            message["name"] = self.tool_name
+        return message
 
 
 class OllamaChatBody(OllamaBody):
+    #: The reply is held to the tools' calls, so a ``format`` or a grammar cannot also hold it.
+    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [
+        not_together("tools", "format"),
+        not_together("tools", "options", {"anyOf": [{"required": [name]} for name in GRAMMAR_FIELDS]})]
+
     messages: list[OllamaMessage] = Field(default_factory=list, description="none: a load request")
-    tools: NoTools | None = None  # type: ignore[valid-type]
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
+
+    def toolset(self) -> Toolset | None:
+        """Ollama has no ``tool_choice``: the model calls a function or answers in text."""
+        toolset = Toolset.from_request([tool.model_dump(exclude_none=True) for tool in self.tools or ()], "auto")
+        if toolset is not None and self.constraint() is not None:
+            raise ValidationError({"tools": ["Send tools or a format/grammar, not both."]})
+        return toolset
 
 
 class OllamaShowBody(RequestModel):

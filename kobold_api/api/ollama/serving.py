@@ -24,13 +24,16 @@ from typing import Any, Callable, Iterator
 from flask import Response
 
 from ...chat.templates import ChatTemplate, ChatTemplateError, render_open_turn
+from ...engine.constraints import Constraint
 from ...engine.engine import Engine, GenerationFailed, Job
-from ...engine.generation import GenerationRequest, GenerationResult, TokenLogprob, token_budget
+from ...engine.generation import GenerationRequest, GenerationResult, token_budget
 from ...engine.prepare import read_manifest
 from ...settings import Settings
 from .. import jobs
 from ..errors import ApiError, bad_input_error
+from ..logprobs import LogprobFormatter
 from ..sse import SSE_HEADERS, EventStream
+from ..tools import Toolset, with_instructions, with_tool_calls
 from .schemas import OllamaChatBody, OllamaGenerateBody, OllamaBody, OllamaShowBody
 
 #: What KoboldCpp's emulation reports; clients gate features on it.
@@ -67,7 +70,9 @@ class _Run:
     request: GenerationRequest
     logprobs: bool
     piece: Callable[[str], dict[str, Any]]
-    final: Callable[[GenerationResult], dict[str, Any]]
+    #: The last object's fields, from the result and the calls it made (with tools).
+    final: Callable[[GenerationResult, list[dict[str, Any]] | None], dict[str, Any]]
+    toolset: Toolset | None = None
 
 
 class OllamaService:
@@ -75,6 +80,7 @@ class OllamaService:
         self.engine = engine
         self.settings = settings
         self.template = template
+        self.logprobs = LogprobFormatter(engine.tokenizer)
         self._model: dict[str, Any] | None = None
 
     # --- listings -----------------------------------------------------------------------
@@ -133,7 +139,7 @@ class OllamaService:
             "template": template,
             "details": entry["details"],
             "model_info": {"general.architecture": architecture, f"{architecture}.context_length": context},
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "tools"],
             "modified_at": entry["modified_at"],
         }
 
@@ -152,7 +158,7 @@ class OllamaService:
             stops = self.template.stop_strings
         request = self._request(body, prompt, prefix, stops)
 
-        def final(result: GenerationResult, text: str = "") -> dict[str, Any]:
+        def final(result: GenerationResult, calls: list[dict[str, Any]] | None, text: str = "") -> dict[str, Any]:
             """``context``: the prompt's ids and the reply's, for the client to send back."""
             reply = self.engine.tokenizer.encode(result.text, add_special_tokens=False)
             return {"response": text, **self._done(result, started, context=[*(request.prompt_ids or ()), *reply])}
@@ -161,32 +167,46 @@ class OllamaService:
         if body.streaming:
             return self._stream(run, disconnected)
         result = self._wait(run, disconnected)
-        return {"model": model, "created_at": now(), **final(result, result.text), **self._logprobs(run, result)}
+        return {"model": model, "created_at": now(), **final(result, None, result.text),
+                **self._logprobs(run, result)}
 
     def chat(self, body: OllamaChatBody, disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         started = time.perf_counter()
         model = body.model or self.model_name
         if not body.messages:
             return self._load_reply(model, body, {"message": {"role": "assistant", "content": ""}})
-        messages = [{"role": message.role, "content": message.content} for message in body.messages]
+        toolset = body.toolset()
+        native = toolset is not None and bool(getattr(self.template, "renders_tools", False))
+        messages = [message.as_dict(native) for message in body.messages]
+        if toolset is not None and not native:
+            messages = with_instructions(messages, toolset.instructions())
+        tools = [{"type": "function", "function": function} for function in toolset.offered] if native else None
         if messages[-1]["role"] == "assistant":  # Ollama continues a last assistant message
             last = messages.pop()
             prompt = self._render(messages, continue_with=last["content"])
         else:
-            prompt = self._render(messages)
-        request = self._request(body, prompt, [], self.template.stop_strings)
+            prompt = self._render(messages, tools=tools)
+        constraint = toolset.constraint() if toolset is not None else None
+        request = self._request(body, prompt, [], self.template.stop_strings, constraint)
 
         def message(text: str) -> dict[str, Any]:
             return {"message": {"role": "assistant", "content": text}}
 
-        def final(result: GenerationResult, text: str = "") -> dict[str, Any]:
+        def final(result: GenerationResult, calls: list[dict[str, Any]] | None, text: str = "") -> dict[str, Any]:
+            if calls:  # Ollama's shape: the arguments as an object, no ids
+                return {"message": {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": call["function"]["name"],
+                                  "arguments": json.loads(call["function"]["arguments"])}} for call in calls]},
+                        **self._done(result, started)}
             return {**message(text), **self._done(result, started)}
 
-        run = _Run(model, request, body.logprobs is True, message, final)
+        run = _Run(model, request, body.logprobs is True, message, final, toolset)
         if body.streaming:
             return self._stream(run, disconnected)
         result = self._wait(run, disconnected)
-        return {"model": model, "created_at": now(), **final(result, result.text), **self._logprobs(run, result)}
+        calls = toolset.parse(result.text) if toolset is not None else None
+        return {"model": model, "created_at": now(), **final(result, calls, result.text),
+                **self._logprobs(run, result)}
 
     # --- shared -------------------------------------------------------------------------
     def _server_context(self) -> int:
@@ -197,17 +217,18 @@ class OllamaService:
         return {"model": model, "created_at": now(), **empty, "done": True,
                 "done_reason": "unload" if body.unloading else "load"}
 
-    def _render(self, messages: list[dict[str, str]], continue_with: str | None = None) -> str:
+    def _render(self, messages: list[dict[str, Any]], continue_with: str | None = None,
+                tools: list[dict[str, Any]] | None = None) -> str:
         try:
             if continue_with is not None:
                 return render_open_turn(self.template, messages, "assistant", continue_with)
-            return self.template.render(messages, add_generation_prompt=True)
+            return self.template.render(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
             raise ApiError(400, {"msg": f"The model's chat template rejected the messages: {exc}",
                                  "type": "invalid_messages"}) from exc
 
-    def _request(self, body: OllamaBody, prompt: str, prefix: list[int],
-                 template_stops: list[str]) -> GenerationRequest:
+    def _request(self, body: OllamaBody, prompt: str, prefix: list[int], template_stops: list[str],
+                 constraint: Constraint | None = None) -> GenerationRequest:
         """The engine request: the prompt cut to the context (oldest tokens first, as the other
         routes do), and the reply's limit: ``num_predict``, or the rest of the context."""
         options = body.sampler_options
@@ -225,7 +246,8 @@ class OllamaService:
             prompt_ids=ids, max_new_tokens=reply if wanted else max(1, context - len(ids)),
             max_context_length=context, sampling=options.ollama_sampling(self.settings.generation),
             stop_strings=list(dict.fromkeys([*options.stop_strings, *template_stops])), trim_stop=True,
-            ban_eos=options.ban_eos, banned_phrases=options.banned_phrases, constraint=body.constraint(),
+            ban_eos=options.ban_eos, banned_phrases=options.banned_phrases,
+            constraint=constraint or body.constraint(),
             logprobs=body.top_logprob_count(),
         )
 
@@ -255,10 +277,11 @@ class OllamaService:
 
     def _lines(self, run: _Run, job: Job, disconnected: Callable[[], bool]) -> Iterator[bytes]:
         try:
-            for chunk in job.chunks(disconnected):
-                extra = {"logprobs": self._entries(chunk.logprobs)} if run.logprobs and chunk.logprobs else {}
+            for chunk, calls in with_tool_calls(job.chunks(disconnected), run.toolset):
+                extra = {"logprobs": self.logprobs.content(chunk.logprobs)} if run.logprobs and chunk.logprobs else {}
                 if chunk.result is not None:
-                    yield ndjson_line({"model": run.model, "created_at": now(), **run.final(chunk.result), **extra})
+                    yield ndjson_line({"model": run.model, "created_at": now(), **run.final(chunk.result, calls),
+                                       **extra})
                 elif chunk.text:
                     yield ndjson_line({"model": run.model, "created_at": now(), **run.piece(chunk.text),
                                        "done": False, **extra})
@@ -266,13 +289,5 @@ class OllamaService:
             yield ndjson_line({"error": jobs.stream_failure(exc)})
 
     def _logprobs(self, run: _Run, result: GenerationResult) -> dict[str, Any]:
-        return {"logprobs": self._entries(result.token_logprobs)} if run.logprobs else {}
-
-    def _entries(self, items: list[TokenLogprob]) -> list[dict[str, Any]]:
-        """Ollama's logprobs: per token its text, log-probability, bytes and the alternatives."""
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-        return [{**entry(item.token_id, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
-                for item in items]
+        """Ollama's logprobs: OpenAI chat's entries (token, logprob, bytes, top_logprobs)."""
+        return {"logprobs": self.logprobs.content(result.token_logprobs)} if run.logprobs else {}

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ...chat.templates import ChatTemplate, ChatTemplateError
 from ...engine.engine import Engine, GenerationFailed, Job
-from ...engine.generation import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob, token_budget
+from ...engine.generation import GenerationRequest, GenerationResult, TokenLogprob, token_budget
 from ...settings import Settings
 from .. import jobs
 from ..errors import ApiError
 from ..logprobs import LogprobFormatter
 from ..sse import EventStream, sse_event
-from ..tools import Toolset
+from ..tools import Toolset, with_instructions, with_tool_calls
 from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class OpenAIService:
                 prompt = self.template.render(parsed.messages, True, tools=[
                     {"type": "function", "function": function} for function in toolset.offered])
             elif toolset is not None:
-                prompt = self.template.render(_with_instructions(parsed.messages, toolset.instructions()), True)
+                prompt = self.template.render(with_instructions(parsed.messages, toolset.instructions()), True)
             else:
                 prompt = self.template.render(parsed.messages, add_generation_prompt=True)
         except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
@@ -279,7 +279,7 @@ class OpenAIService:
                 if echo is not None:
                     yield envelope(piece(index, echo[index]))
                     offset = len(echo[index])
-                for chunk, calls in _with_tool_calls(job.chunks(disconnected), toolset):
+                for chunk, calls in with_tool_calls(job.chunks(disconnected), toolset):
                     if chunk.result is not None:
                         usage.add(chunk.result, count_prompt=copy == 0)
                         final = piece(index, "")
@@ -304,32 +304,6 @@ class OpenAIService:
             yield sse_event("[DONE]")
         except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield writer.error(jobs.stream_failure(exc))
-
-
-def _with_tool_calls(chunks: Iterator[GenerationChunk],
-                     toolset: Toolset | None) -> Iterator[tuple[GenerationChunk, list[dict[str, Any]] | None]]:
-    """A choice's chunks, and with tools on the calls found at the end: text that may be a call
-    (it opens with "{") is held back and sent as ``tool_calls`` instead when it is one."""
-    if toolset is None:
-        for chunk in chunks:
-            yield chunk, None
-        return
-    held: list[GenerationChunk] | None = []
-    for chunk in chunks:
-        if chunk.result is None and held is None:
-            yield chunk, None
-        elif chunk.result is None:
-            held.append(chunk)
-            text = "".join(piece.text for piece in held)
-            if text.strip() and not text.lstrip().startswith("{"):  # plain text: send it on
-                yield GenerationChunk(text, logprobs=[item for piece in held for item in piece.logprobs]), None
-                held = None
-        else:
-            text = "".join(piece.text for piece in held or ())
-            calls = toolset.parse(text) if held is not None else None
-            if held and calls is None:
-                yield GenerationChunk(text, logprobs=[item for piece in held for item in piece.logprobs]), None
-            yield chunk, calls
 
 
 class _ChunkWriter:
@@ -377,13 +351,6 @@ def _turn_usage(result: dict[str, Any]) -> dict[str, int]:
     usage = _Usage()
     usage.prompt_tokens, usage.completion_tokens = result["prompt_tokens"], result["completion_tokens"]
     return usage.as_dict()
-
-
-def _with_instructions(messages: list[dict[str, Any]], instructions: str) -> list[dict[str, Any]]:
-    """``instructions`` at the head of the system message (one made when there is none)."""
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": f"{instructions}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": instructions}, *messages]
 
 
 def _new_id(prefix: str) -> str:
