@@ -427,3 +427,19 @@ def test_history_tool_calls_for_each_kind_of_template() -> None:
     written = message.as_dict(template_renders_tools=False)
     assert json.loads(written["content"]) == {"name": "get_weather", "arguments": {"city": "Oslo"}}
     assert Message.parse({"role": "tool", "tool_call_id": "call_1", "content": "4"}).as_dict()["tool_call_id"] == "call_1"
+
+
+def test_streamed_echo_carries_the_prompts_scores_first(server: Any) -> None:
+    prompt = "abc de"
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
+    whole = server.post("/v1/completions", json=body).json()["choices"][0]
+    response = server.post("/v1/completions", stream=True, json={**body, "stream": True})
+    events, _ = parse_all(response.iter_content(chunk_size=None))
+    chunks = [json.loads(event.data)["choices"][0] for event in events if event.data != "[DONE]"]
+    assert chunks[0]["text"] == prompt
+    assert chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(chunks[0]["logprobs"]["tokens"]) == prompt
+    streamed = {key: sum((chunk["logprobs"][key] for chunk in chunks), []) for key in ("tokens", "text_offset")}
+    assert streamed == {key: whole["logprobs"][key] for key in ("tokens", "text_offset")}
+    scores = sum((chunk["logprobs"]["token_logprobs"] for chunk in chunks), [])
+    assert scores == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-4)

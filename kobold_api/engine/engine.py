@@ -103,16 +103,18 @@ class Job:
             # one, so a busy server sends fewer, larger events instead of falling behind.
             text_parts: list[str] = []
             logprobs: list = []
+            prompt_logprobs = None
             while isinstance(item, GenerationChunk) and item.result is None:
                 text_parts.append(item.text)
                 logprobs.extend(item.logprobs)
+                prompt_logprobs = prompt_logprobs or item.prompt_logprobs
                 try:
                     item = self._chunks.get_nowait()
                 except queue.Empty:
                     item = None
                     break
             if text_parts:
-                yield GenerationChunk("".join(text_parts), logprobs=logprobs)
+                yield GenerationChunk("".join(text_parts), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                 pause = self.pace()
                 if pause and item is None:
                     self._done.wait(pause)

@@ -104,6 +104,9 @@ class GenerationChunk:
     text: str
     result: GenerationResult | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: On a sequence's first chunk, with ``prompt_logprobs``: the scored prompt (a stream can
+    #: send it with the echoed prompt, before the reply).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class CancelToken:
@@ -244,6 +247,7 @@ class Sequence:
         self._emitted_chars = self._sent_logprobs = 0
         self.score_prompt = request.prompt_logprobs
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self._prompt_sent = False
         self.guide = generator.grammar_vocabulary.guide(request.constraint) if request.constraint else None
 
     def prefill(self, batch: DecodeBatch) -> np.ndarray | None:
@@ -357,7 +361,13 @@ class Sequence:
             return []
         self.text_parts.append(text)
         self._emitted_chars += len(text)
-        return [GenerationChunk(text, logprobs=self._logprobs_up_to(self._emitted_chars))]
+        return [self._first(GenerationChunk(text, logprobs=self._logprobs_up_to(self._emitted_chars)))]
+
+    def _first(self, chunk: GenerationChunk) -> GenerationChunk:
+        """The scored prompt rides on the sequence's first chunk."""
+        if self.prompt_logprobs is not None and not self._prompt_sent:
+            chunk.prompt_logprobs, self._prompt_sent = self.prompt_logprobs, True
+        return chunk
 
     def _logprobs_up_to(self, chars: int | None) -> list[TokenLogprob]:
         """The logprobs not sent yet of tokens whose text ends within the first ``chars``
@@ -396,7 +406,7 @@ class Sequence:
             token_logprobs=self.token_logprobs,
             prompt_logprobs=self.prompt_logprobs,
         )
-        return chunks + [GenerationChunk("", self.result, logprobs=self._logprobs_up_to(None))]
+        return chunks + [self._first(GenerationChunk("", self.result, logprobs=self._logprobs_up_to(None)))]
 
 
 def token_budget(max_new_tokens: int, context: int) -> tuple[int, int]:

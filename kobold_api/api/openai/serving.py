@@ -59,14 +59,14 @@ class OpenAIService:
         prompt_texts = [p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=False)
                         for p in parsed.prompts]
         plans = [(p_index, ids, c) for p_index, ids in enumerate(prompts_ids) for c in range(parsed.n)]
+        # echo + logprobs: the prompt is scored too (evaluation harnesses read it).
+        parsed.prompt_logprobs = parsed.echo and parsed.logprobs is not None
         if parsed.stream:
             return self._stream(parsed, plans, model, "text_completion", disconnected,
                                 lambda index, text: {"text": text, "index": index, "logprobs": None,
                                                      "finish_reason": None},
                                 echo=[prompt_texts[p] for p, _, _ in plans] if parsed.echo else None,
                                 logprobs=self.logprobs.legacy)
-        # echo + logprobs: the prompt is scored too (evaluation harnesses read it).
-        parsed.prompt_logprobs = parsed.echo and parsed.logprobs is not None
         choices, usage = [], _Usage()
         for index, ((p_index, ids, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
             usage.add(result, count_prompt=copy == 0)
@@ -272,14 +272,23 @@ class OpenAIService:
         envelope = writer.choice
 
         try:
-            for index, ((_, _, copy), job) in enumerate(zip(plans, submitted)):
+            for index, ((_, ids, copy), job) in enumerate(zip(plans, submitted)):
                 if first is not None:
                     yield envelope(first(index))
                 offset = 0
-                if echo is not None:
+                # The echoed prompt waits for its scores when they were asked for (they come with
+                # the first chunk); they are in the completions shape, the first token's null.
+                echo_waits = echo is not None and logprobs is not None
+                if echo is not None and not echo_waits:
                     yield envelope(piece(index, echo[index]))
                     offset = len(echo[index])
                 for chunk, calls in with_tool_calls(job.chunks(disconnected), toolset):
+                    if echo_waits:
+                        assert echo is not None
+                        echoed = piece(index, echo[index])
+                        echoed["logprobs"] = self.logprobs.legacy(chunk.prompt_logprobs or [], 0, token_ids=ids)
+                        yield envelope(echoed)
+                        offset, echo_waits = len(echo[index]), False
                     if chunk.result is not None:
                         usage.add(chunk.result, count_prompt=copy == 0)
                         final = piece(index, "")
