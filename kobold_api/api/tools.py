@@ -1,5 +1,5 @@
 """Function calling: OpenAI's ``tools`` and ``tool_choice`` in, ``tool_calls`` out (OpenAI chat
-completions and, as KoboldCpp does, the Kobold generate routes).
+completions, Ollama's chat and, as KoboldCpp does, the Kobold generate routes).
 
 The model is told about the functions (through its chat template when the template renders
 ``tools``, else in a system message of ours) and the output is held to a grammar: with
@@ -14,16 +14,14 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterator
-
-from typing import Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import Field
 
 from ..engine.constraints import Constraint, ConstraintError, with_json_options
 from ..engine.generation import GenerationChunk
 from .errors import ValidationError
-from .request_model import JsonSchema, RequestModel
+from .request_model import Bool, JsonSchema, RequestModel
 
 #: Text that is not a call: anything that does not open with "{" (after no whitespace).
 _FREE_TEXT = r"/[^{\s][\s\S]*/"
@@ -57,7 +55,7 @@ class ToolFields(RequestModel):
 
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: Annotated[bool, Field(description="accepted; one call per reply here")] | None = None
+    parallel_tool_calls: Bool | None = Field(None, description="accepted; one call per reply here")
 
     def toolset(self) -> "Toolset | None":
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, RequestModel) else self.tool_choice
