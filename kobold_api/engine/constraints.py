@@ -47,14 +47,14 @@ class ConstraintError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    """A compiled grammar: ``kind`` is what the client sent, ``grammar`` llguidance's form of it.
+    """A compiled grammar: ``kind`` is what the client sent (gbnf, json_schema, lark), ``grammar``
+    llguidance's form of it.
 
     ``retain_state``: continue from where the last generation under the same grammar stopped
     (KoboldCpp's ``grammar_retain_state``), so a story written in parts stays in the grammar.
     """
 
     kind: str
-    source: str
     grammar: str
     retain_state: bool = False
 
@@ -74,19 +74,18 @@ class Constraint:
             grammar = llguidance.LLMatcher.grammar_from_lark(_character_level(lark))
         except Exception as exc:  # the converter raises bare Exceptions for a bad grammar
             raise ConstraintError(f"Invalid grammar: {_first_line(exc)}") from None
-        return cls._checked("gbnf", text, grammar, retain_state)
+        return cls._checked("gbnf", grammar, retain_state)
 
     @classmethod
     def from_json_schema(cls, schema: dict[str, Any] | bool, retain_state: bool = False) -> "Constraint":
         """Output that is JSON valid under ``schema`` (Draft 2020-12; unsupported keywords are errors)."""
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError("A JSON schema must be an object.")
-        source = json.dumps(schema, sort_keys=True)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(with_json_options(schema)))
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ConstraintError(f"Invalid JSON schema: {_first_line(exc)}") from None
-        return cls._checked("json_schema", source, grammar, retain_state)
+        return cls._checked("json_schema", grammar, retain_state)
 
     @classmethod
     def json_object(cls) -> "Constraint":
@@ -100,14 +99,14 @@ class Constraint:
             grammar = llguidance.LLMatcher.grammar_from_lark(text)
         except (ValueError, RuntimeError) as exc:
             raise ConstraintError(f"Invalid grammar: {_first_line(exc)}") from None
-        return cls._checked("lark", text, grammar, False)
+        return cls._checked("lark", grammar, False)
 
     @classmethod
-    def _checked(cls, kind: str, source: str, grammar: str, retain_state: bool) -> "Constraint":
+    def _checked(cls, kind: str, grammar: str, retain_state: bool) -> "Constraint":
         error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=_LIMITS)
         if error:
             raise ConstraintError(f"Invalid {_KIND_NAMES[kind]}: {_first_line(error)}")
-        return cls(kind, source, grammar, retain_state)
+        return cls(kind, grammar, retain_state)
 
 
 #: ``\uXXXX`` / ``\UXXXXXXXX`` after an even number of backslashes (so not an escaped backslash).
