@@ -23,6 +23,7 @@ from .api.textgen.serving import TextgenService
 from .chat.templates import template_for_model
 from .engine.engine import Engine
 from .settings import Settings, load_settings
+from .web import page
 
 
 def load_engine(settings: Settings, progress: Callable[[str], None] | None = None) -> Engine:
@@ -69,6 +70,7 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     app.register_blueprint(openai, url_prefix="/v1")
     app.register_blueprint(ollama, url_prefix="/api")
     app.register_blueprint(docs, url_prefix="/api")
+    app.register_blueprint(page)
     return bundle
 
 

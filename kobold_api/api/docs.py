@@ -16,6 +16,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic.json_schema import GenerateJsonSchema
 
 from .. import __version__
+from ..web import DOCS_CSP, swagger_dist
 from .chat.schemas import CARD_UPLOAD, ChatBody, MessageEditBody, NewConversationBody, RenameBody, UploadQuery
 from .kobold.schemas import (
     DetokenizeBody, GenkeyBody, JsonToGrammarBody, KoboldGenerateBody, SoftPromptBody, TokenCountBody,
@@ -114,7 +115,7 @@ ROUTES += [
     Route("/api/chat", "post", "Ollama", "Chat with the model's chat template; NDJSON stream unless stream is false",
           OllamaChatBody),
     Route("/api/openapi.json", "get", "Docs", "This document"),
-    Route("/api/docs", "get", "Docs", "This document as a page"),
+    Route("/api/docs", "get", "Docs", "This document as a page (Swagger UI)"),
 ]
 
 
@@ -235,13 +236,25 @@ def openapi_json() -> Response:
 
 @docs.route("/docs", methods=["GET"], strict_slashes=False)
 def docs_page() -> Response:
+    """Swagger UI (shipped by the ``flask-swagger-ui`` package, served from ``/assets/swagger``)
+    on /api/openapi.json, above the plain route table, which works without JavaScript."""
     rows = "".join(
         f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td><td>{html.escape(tag)}</td>"
         f"<td>{html.escape(summary)}</td></tr>"
         for path, method, tag, summary in ((r.path, r.method, r.tag, r.summary) for r in ROUTES)
     )
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kobold_api API</title></head><body>"
-            f"<h1>kobold_api {__version__}</h1><p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a></p>"
+    swagger = swagger_dist() is not None
+    head = ("<link rel='stylesheet' href='/assets/swagger/swagger-ui.css'>"
+            "<script src='/assets/swagger/swagger-ui-bundle.js' defer></script>"
+            "<script src='/assets/docs.js' defer></script>") if swagger else ""
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>kobold_api API</title>{head}</head><body>"
+            f"<h1>kobold_api {__version__}</h1><p><a href='/'>Chat page</a> &middot; machine-readable: "
+            f"<a href='/api/openapi.json'>/api/openapi.json</a></p><div id='swagger-ui'></div>"
+            f"<details id='route-table' open><summary>Every route</summary>"
             f"<table border='1' cellpadding='4'><tr><th>Method</th><th>Path</th><th>Area</th><th>What</th></tr>"
-            f"{rows}</table></body></html>")
-    return Response(page, mimetype="text/html")
+            f"{rows}</table></details></body></html>")
+    response = Response(page, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = DOCS_CSP
+    return response
