@@ -288,6 +288,10 @@ def test_upload_png_card_then_drop_a_json_card(page: Any, live: LiveServer, tmp_
         document.getElementById('dropzone').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
     }""", dropped)
     page.wait_for_selector("button.character:has-text('Dropped Dana')")
+    # The PNG card's picture replaces its initials (it loaded: a 1x1 image); a JSON card keeps them.
+    picture = page.wait_for_selector("button.character:has-text('Pip Lantern') .avatar img.picture")
+    page.wait_for_function("(img) => img.complete && img.naturalWidth === 1", arg=picture)
+    assert page.locator("button.character:has-text('Dropped Dana') .avatar img").count() == 0
     start_with(page, "Pip Lantern")
     assert page.locator(".message.character .text").first.inner_text() == "Hello, I am Pip Lantern."
 
@@ -305,7 +309,9 @@ def test_html_in_a_card_is_shown_as_text(page: Any, live: LiveServer) -> None:
     assert XSS in greeting.inner_text()
     assert greeting.locator("strong").inner_text() == "bold"
     assert greeting.locator("pre code").inner_text() == "<b>code</b>"
-    assert page.locator("img").count() == 0 and page.locator("b").count() == 0
+    # No element came from the card's text (the only images are PNG cards' avatars, built by the page).
+    assert page.locator("img:not(.avatar > img.picture)").count() == 0 and page.locator("b").count() == 0
+    assert page.locator("img[src=x]").count() == 0
     page.wait_for_timeout(200)
     assert page.alerts == []
 
@@ -379,3 +385,15 @@ def test_phone_layout_and_docs_page(browser: Any, live: LiveServer) -> None:
     page.wait_for_selector(".swagger-ui .opblock", timeout=15_000)  # Swagger UI ran under the CSP
     assert page.locator(".opblock-summary-path", has_text="/api/v1/chat/stream").count() >= 1
     page.context.close()
+
+
+def test_a_png_cards_picture_is_served(live: LiveServer) -> None:
+    card = png_card(v2_card("Moth Keeper"))
+    assert live.post("/api/v1/characters", data=card, headers={"Content-Type": "image/png"}).status_code == 201
+    listed = {c["name"]: c for c in live.get("/api/v1/characters").json()["results"]}
+    assert listed["Moth Keeper"]["avatar"] is True and listed["Assistant"]["avatar"] is False
+    response = live.get("/api/v1/characters/Moth Keeper/avatar")
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    assert response.content == card
+    assert live.get("/api/v1/characters/Assistant/avatar").status_code == 404  # a JSON card has none
+    assert live.get("/api/v1/characters/Nobody/avatar").status_code == 404

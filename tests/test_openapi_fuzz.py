@@ -13,11 +13,12 @@ counts as accepted; everything else schema-valid must succeed.
 ``fuzz_hooks`` supplies values of the formats a random string cannot stand for (``gbnf``
 grammars) and keeps a named ``tool_choice`` to a function the body offers.
 
-What the run leaves out, and why: ``negative_data_rejection``. The document describes each
+What the run leaves out, and why: ``negative_data_rejection``: the document describes each
 field's canonical form, and the readers also take the forms clients send on purpose
 (KoboldAI's ``"False"`` strings, numbers as strings, JSON-encoded lists, ``null`` for "not
 set", the unparsable body SillyTavern sends to abort), so "schema-invalid" data is sometimes
-rightly accepted.
+rightly accepted. And the check that a created character's picture exists: only PNG cards
+have one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from kobold_api.settings import Settings
 CONFIG = """
 [checks]
 negative_data_rejection.enabled = false
+
+# Only a PNG card has a picture: a character created from JSON rightly has none (404).
+[[operations]]
+include-path = "/api/v1/characters/{name}/avatar"
+checks.ensure_resource_availability.enabled = false
 """
 
 

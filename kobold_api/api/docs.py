@@ -90,6 +90,7 @@ ROUTES += [
     Route("/api/v1/characters", "get", "Characters", "List characters"),
     Route("/api/v1/characters", "post", "Characters", "Upload a card", CARD_UPLOAD, UploadQuery),
     Route("/api/v1/characters/{name}", "get", "Characters", "A character as a V2 card"),
+    Route("/api/v1/characters/{name}/avatar", "get", "Characters", "A PNG card's picture (image/png)"),
     Route("/api/v1/characters/{name}", "delete", "Characters", "Delete a character"),
     Route("/api/v1/conversations", "get", "Conversations", "List conversations (?character=)"),
     Route("/api/v1/conversations", "post", "Conversations", "Start a conversation", NewConversationBody),
@@ -171,10 +172,11 @@ def _links(path: str, method: str) -> dict[str, Any]:
     """The ``responses`` entry of an operation in :data:`CREATES`, linked to its consumers."""
     status, parameter, source = CREATES[(path, method)]
     # Message routes also need an index, which no creator gives (a new conversation may have no
-    # message: a character without a greeting).
+    # message: a character without a greeting); only a PNG card has a picture.
     links = {_operation_id(route.path, route.method): {"operationId": _operation_id(route.path, route.method),
                                                          "parameters": {parameter: source}}
-             for route in ROUTES if f"{{{parameter}}}" in route.path and "{index}" not in route.path}
+             for route in ROUTES if f"{{{parameter}}}" in route.path and "{index}" not in route.path
+             and not route.path.endswith("/avatar")}
     return {status: {"description": "Created", "links": links}}
 
 
@@ -206,6 +208,8 @@ def openapi_document(vocab_size: int | None = None) -> dict[str, Any]:
                                      "responses": {"200": {"description": "OK"}}}
         if (route.path, route.method) in CREATES:
             operation["responses"] = _links(route.path, route.method)
+        if route.path.endswith("/avatar"):
+            operation["responses"]["200"] = {"description": "The picture", "content": {"image/png": {}}}
         parameters = _parameters(route, components)
         if parameters:
             operation["parameters"] = parameters

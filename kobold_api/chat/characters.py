@@ -216,6 +216,18 @@ class CharacterStore:
                     return path
         raise KeyError(name)
 
+    def picture(self, name: str) -> bytes | None:
+        """The card's picture: a PNG card's file is the character's image (the card rides in
+        its text chunk); None for cards without one (JSON, YAML, CHARX)."""
+        with self._lock:
+            path = self.path_of(name)
+            return path.read_bytes() if path.suffix.lower() == ".png" else None
+
+    def picture_ids(self) -> set[str]:
+        """The ids (file stems) of the characters that have a picture."""
+        with self._lock:
+            return {path.stem for path, _ in self._loaded() if path.suffix.lower() == ".png"}
+
     def is_shipped(self, name: str) -> bool:
         """Whether ``name`` finds a card shipped with the package (False for the user's cards
         and for names that find nothing)."""

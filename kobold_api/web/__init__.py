@@ -15,7 +15,7 @@ from flask import Blueprint, Response, abort, send_from_directory
 
 WEB_DIR = Path(__file__).resolve().parent
 #: Strict: only this origin's scripts, styles and connections; no inline code, no frames.
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 #: Swagger UI sets inline styles and shows data: images; still no inline or foreign scripts.
 DOCS_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "

@@ -171,9 +171,32 @@ function hue(name) {
   return h;
 }
 
+// A PNG card's picture, fetched once per character (with the key, so not as a plain <img src>).
+const pictures = new Map();
+
+function pictureOf(name) {
+  const character = state.characters.find((c) => c.avatar && (c.id === name || c.name === name));
+  if (!character) return null;
+  if (!pictures.has(character.id)) {
+    pictures.set(character.id,
+      request("GET", "/api/v1/characters/" + encodeURIComponent(character.id) + "/avatar")
+        .then((response) => (response.ok ? response.blob() : null))
+        .then((blob) => (blob ? URL.createObjectURL(blob) : null))
+        .catch(() => null));
+  }
+  return pictures.get(character.id);
+}
+
+// Initials on a colour; the card's picture over them once it has loaded (PNG cards only).
 function avatar(name) {
   const node = el("span", {class: "avatar", text: initials(name), "aria-hidden": "true"});
   node.style.backgroundColor = `hsl(${hue(name)} 45% 45%)`;
+  const picture = pictureOf(name);
+  if (picture) {
+    picture.then((url) => {
+      if (url) node.replaceChildren(el("img", {src: url, alt: "", class: "picture"}));
+    });
+  }
   return node;
 }
 
@@ -202,6 +225,7 @@ async function uploadCard(file) {
   try {
     const data = await api("POST", "/api/v1/characters", file);
     status.textContent = "Added " + data.result.name + ".";
+    pictures.clear();  // a card uploaded under a taken name replaces that character's picture
     await loadCharacters();
   } catch (error) {
     status.textContent = "Upload failed: " + error.message;

@@ -43,6 +43,14 @@ def upload_character() -> Response:
     return jsonify(result), 201
 
 
+@_route("/characters/<path:name>/avatar", ["GET"])
+def character_avatar(name: str) -> Response:
+    """The card's picture (the PNG card itself: image viewers show the picture, the card rides
+    in a text chunk)."""
+    return Response(services().chat.character_picture(name), mimetype="image/png",
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
 @_route("/characters/<path:name>", ["GET"])
 def get_character(name: str) -> Response:
     return jsonify(services().chat.get_character(name))

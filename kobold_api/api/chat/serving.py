@@ -117,7 +117,17 @@ class ChatService:
 
     # --- characters -------------------------------------------------------------------
     def list_characters(self) -> dict[str, Any]:
-        return {"results": [_character_summary(stem, c) for stem, c in self.characters.entries()]}
+        pictures = self.characters.picture_ids()
+        return {"results": [{**_character_summary(stem, c), "avatar": stem in pictures}
+                            for stem, c in self.characters.entries()]}
+
+    def character_picture(self, name: str) -> bytes:
+        """A PNG card's image; a 404 for a character without one (or no such character)."""
+        self._character(name)
+        picture = self.characters.picture(name)
+        if picture is None:
+            raise not_found_error(f"The character {name!r} has no picture (only PNG cards carry one).")
+        return picture
 
     def get_character(self, name: str) -> dict[str, Any]:
         return {"result": character_to_v2_dict(self._character(name))}
