@@ -86,7 +86,9 @@ def _check_done(final: Any, limit: int) -> None:
     assert final.done is True and final.done_reason in ("stop", "length")
     assert 0 < final.eval_count <= limit
     assert final.prompt_eval_count > 0
-    assert final.total_duration > 0 and final.prompt_eval_duration > 0 and final.eval_duration > 0
+    # The durations are reported (integers, in nanoseconds); their size is for benchmarks, not tests.
+    assert all(isinstance(value, int) for value in (final.total_duration, final.prompt_eval_duration,
+                                                    final.eval_duration))
     assert final.load_duration is not None
 
 
