@@ -17,11 +17,14 @@ from .api.kobold.serving import KoboldService
 from .api.ollama.routes import ollama
 from .api.ollama.serving import OllamaService
 from .api.openai.routes import openai
+from .api.ops.routes import ops
+from .api.ops.serving import OpsService
 from .api.openai.serving import OpenAIService
 from .api.textgen.routes import textgen
 from .api.textgen.serving import TextgenService
 from .chat.templates import template_for_model
 from .engine.engine import Engine
+from .horde import HordeWorker
 from .settings import Settings, load_settings
 from .web import page
 
@@ -56,7 +59,11 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
         chat=chat_service,
         textgen=TextgenService(engine, settings, chat_service),
         ollama=OllamaService(engine, settings, template),
+        ops=OpsService(engine, settings, chat_service.conversations.ping),
     )
+    if settings.horde_key:  # also an AI Horde worker, while local users are idle (README: the AI Horde)
+        bundle.horde = bundle.kobold.horde = HordeWorker.from_settings(settings, engine)
+        bundle.horde.start()
     app.extensions[EXTENSION_KEY] = bundle
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_upload_mb, 1) * 2**20 + 2**16
     errors.init_app(app)
@@ -71,6 +78,7 @@ def init_app(app: Flask, settings: Settings, engine: Engine | None = None) -> Se
     app.register_blueprint(ollama, url_prefix="/api")
     app.register_blueprint(docs, url_prefix="/api")
     app.register_blueprint(page)
+    app.register_blueprint(ops)
     return bundle
 
 

@@ -32,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra Host names to answer to, comma-separated (a reverse proxy's public name)")
     serve.add_argument("--cors-origins", dest="cors_origins",
                        help="extra browser origins trusted with stored chats and characters, comma-separated")
+    serve.add_argument("--database-url", dest="database_url",
+                       help="SQLAlchemy URL of the conversation store (default: SQLite in the data dir; replicas "
+                       "share one PostgreSQL database, e.g. postgresql+psycopg2://user@host/db)")
+    serve.add_argument("--characters-dir", dest="characters_dir",
+                       help="folder of uploaded characters (replicas share one; default: <data dir>/characters)")
+    serve.add_argument("--replica-name", dest="replica_name",
+                       help="this process's name in X-Kobold-Replica, /health and /metrics (default host:port)")
+    serve.add_argument("--horde-key", dest="horde_key", help="AI Horde API key: also work for the AI Horde")
+    serve.add_argument("--horde-name", dest="horde_name", help="the AI Horde worker's name")
+    serve.add_argument("--horde-url", dest="horde_url", help="the AI Horde (default https://aihorde.net)")
+    serve.add_argument("--horde-max-length", dest="horde_max_length", type=int,
+                       help="longest generation taken from the Horde (default 512)")
+    serve.add_argument("--horde-max-context", dest="horde_max_context", type=int,
+                       help="longest context taken from the Horde (default 2048)")
     serve.add_argument("--settings", dest="sub_settings", help=argparse.SUPPRESS)
     prepare = commands.add_parser("prepare", help="download and build a model into the cache, then exit")
     prepare.add_argument("model", nargs="?", help="as for serve --model (default: the settings' model)")
@@ -51,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {key: getattr(args, key, None) for key in ("host", "port", "ws_port", "model", "data_dir", "provider",
-                                                 "quant", "api_key", "admin_key", "allowed_hosts", "cors_origins")}
+                                                 "quant", "api_key", "admin_key", "allowed_hosts", "cors_origins",
+                                                 "database_url", "characters_dir", "replica_name", "horde_key",
+                                                 "horde_name", "horde_url", "horde_max_length", "horde_max_context")}
     if getattr(args, "listen", False) and not args.host:
         overrides["host"] = "0.0.0.0"
     try:

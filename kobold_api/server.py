@@ -8,6 +8,7 @@ import sys
 from waitress import serve as waitress_serve
 
 from .api.access import exposure_warnings
+from .api.services import EXTENSION_KEY
 from .api.textgen.websocket import WebSocketServer
 from .app import create_app, load_engine
 from .settings import Settings
@@ -57,6 +58,9 @@ def serve(settings: Settings) -> None:
     try:
         waitress_serve(app, host=settings.host, port=settings.port, **waitress_options(settings))
     finally:
+        horde = app.extensions[EXTENSION_KEY].horde
+        if horde is not None:  # first, so a job in hand is handed back to the Horde
+            horde.stop()
         if websockets is not None:
             websockets.close()
         engine.shutdown()

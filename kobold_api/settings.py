@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -101,6 +102,20 @@ class Settings:
     open_probes: bool = True
     max_upload_mb: int = 8
     log_level: str = "INFO"
+    #: This process's name in the ``X-Kobold-Replica`` header, ``/health`` and ``/metrics``, and as the
+    #: owner of the chat turns it runs; empty: ``<host name>:<port>``.
+    replica_name: str = ""
+    #: How long a chat turn's lease on its conversation lasts without renewal. The process that runs a
+    #: turn renews it every third of this; a replica that dies stops renewing, and once the lease has
+    #: run out the turn is marked failed and the conversation takes turns again (on any replica).
+    turn_lease_seconds: float = 30.0
+    #: The AI Horde worker: with a key and a name the server also generates for the Horde (see README).
+    horde_key: str = ""
+    horde_name: str = ""
+    horde_url: str = "https://aihorde.net"
+    #: The longest generation and context this worker takes from the Horde.
+    horde_max_length: int = 512
+    horde_max_context: int = 2048
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @staticmethod
@@ -127,6 +142,10 @@ class Settings:
     @property
     def characters_path(self) -> Path:
         return Path(self.characters_dir).expanduser() if self.characters_dir else self.data_path / "characters"
+
+    @property
+    def resolved_replica_name(self) -> str:
+        return self.replica_name or f"{socket.gethostname()}:{self.port}"
 
     @property
     def resolved_database_url(self) -> str:
@@ -188,6 +207,15 @@ def _validate(settings: Settings) -> Settings:
     for name in ("threads", "queue_size", "max_batch_size", "context_size"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{name} must be at least 1")
+    if settings.turn_lease_seconds < 0.5:
+        raise SettingsError("turn_lease_seconds must be at least 0.5")
+    if bool(settings.horde_key) != bool(settings.horde_name):
+        raise SettingsError("the AI Horde worker needs both horde_key and horde_name")
+    if settings.horde_key and not settings.horde_url.startswith(("http://", "https://")):
+        raise SettingsError(f"horde_url must be an http(s) URL, got {settings.horde_url!r}")
+    for name in ("horde_max_length", "horde_max_context"):
+        if getattr(settings, name) < 16:
+            raise SettingsError(f"{name} must be at least 16")
     if settings.admin_key and settings.admin_key == settings.api_key:
         raise SettingsError("admin_key must differ from api_key (with the same value every client is an admin)")
     for origin in settings.cors_origin_list:

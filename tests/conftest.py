@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -122,3 +127,59 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
 def server(start_server: Callable[..., LiveServer], tiny_engine: Engine, test_settings: Settings) -> LiveServer:
     """A server on the tiny model with default settings."""
     return start_server(tiny_engine, test_settings)
+
+
+_DATABASE_NUMBERS = itertools.count(1)
+
+
+def _binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster for the session (unix socket only, in a temp dir): the
+    socket's folder."""
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed")
+    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser to start PostgreSQL as another user")
+        run_as = ["runuser", "-u", "nobody", "--"]
+    root = Path(tempfile.mkdtemp(prefix="kobold-pg-"))
+    if run_as:
+        shutil.chown(root, user="nobody")
+    data = root / "data"
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "kobold"], check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", f"-k {root} -h ''", "-l", str(root / "log"),
+                    "-w", "start"], check=True, capture_output=True, timeout=60)
+    try:
+        yield str(root)
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
+                       timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the session's PostgreSQL, as a SQLAlchemy URL."""
+    import psycopg2
+
+    name = f"test_{os.getpid()}_{next(_DATABASE_NUMBERS)}"
+    connection = psycopg2.connect(dbname="postgres", user="kobold", host=postgres_server)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {name}")
+    finally:
+        connection.close()
+    return f"postgresql+psycopg2://kobold@/{name}?host={postgres_server}"

@@ -1217,7 +1217,8 @@ _CONVERTER = re.compile(r"<(?:[^<>]*:)?([^<>:]+)>")
 def _documented_rules(app: Any) -> set[tuple[str, str]]:
     rules = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static" or not rule.rule.startswith(("/api", "/v1", "/props", "/.well-known")):
+        if rule.endpoint == "static" or not rule.rule.startswith(("/api", "/v1", "/props", "/.well-known", "/health",
+                                                                           "/metrics")):
             continue
         path = _CONVERTER.sub(r"{\1}", rule.rule)
         path = path.rstrip("/") or "/"

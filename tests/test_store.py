@@ -585,14 +585,27 @@ def _column_names(store: ConversationStore, table: str) -> set[str]:
 
 
 def test_fresh_database_is_at_the_latest_version(store: ConversationStore) -> None:
-    assert store.schema_version() == len(MIGRATIONS) == 1
-    assert {"conversations", "messages", "schema_version"} <= set(sa.inspect(store.engine).get_table_names())
+    assert store.schema_version() == len(MIGRATIONS) == 2
+    assert {"conversations", "messages", "turns", "schema_version"} <= set(sa.inspect(store.engine).get_table_names())
 
 
-def test_existing_v1_database_is_upgraded_by_a_new_step(data_dir: Path) -> None:
+def test_a_version_1_database_gains_the_turns_table(data_dir: Path) -> None:
+    with ConversationStore.for_data_dir(data_dir, migrations=MIGRATIONS[:1]) as v1:
+        conversation = make_chat(v1, turns=2)
+        assert "turns" not in sa.inspect(v1.engine).get_table_names()
+    with ConversationStore.for_data_dir(data_dir) as v2:
+        assert v2.schema_version() == 2
+        assert v2.get(conversation.id) == conversation
+        ticket = v2.claim_turn(conversation.id)
+        v2.add_turn(conversation.id, "And now?", "Now we wait.", turn=ticket, outcome={"text": "Now we wait."})
+        assert v2.get(conversation.id).messages[-1].text == "Now we wait."
+
+
+def test_existing_database_is_upgraded_by_a_new_step(data_dir: Path) -> None:
+    latest = len(MIGRATIONS)
     with ConversationStore.for_data_dir(data_dir) as v1:
         conversation = make_chat(v1, turns=1)
-        assert v1.schema_version() == 1
+        assert v1.schema_version() == latest
 
     runs: list[int] = []
 
@@ -602,11 +615,11 @@ def test_existing_v1_database_is_upgraded_by_a_new_step(data_dir: Path) -> None:
 
     upgraded_steps = (*MIGRATIONS, add_pinned_column)
     with ConversationStore.for_data_dir(data_dir, migrations=upgraded_steps) as v2:
-        assert v2.schema_version() == 2
+        assert v2.schema_version() == latest + 1
         assert "pinned" in _column_names(v2, "conversations")
         assert v2.get(conversation.id) == conversation  # data carried over
     with ConversationStore.for_data_dir(data_dir, migrations=upgraded_steps) as again:
-        assert again.schema_version() == 2
+        assert again.schema_version() == latest + 1
     assert runs == [1]  # applied exactly once
 
 
@@ -623,7 +636,7 @@ def test_failing_migration_step_leaves_the_database_at_the_old_version(data_dir:
         ConversationStore.for_data_dir(data_dir, migrations=(*MIGRATIONS, half_done))
 
     with ConversationStore.for_data_dir(data_dir) as reopened:
-        assert reopened.schema_version() == 1
+        assert reopened.schema_version() == len(MIGRATIONS)
         assert "tags" not in sa.inspect(reopened.engine).get_table_names()
         assert "pinned" not in _column_names(reopened, "conversations")
         assert reopened.get(conversation.id) == conversation
@@ -639,11 +652,11 @@ def test_database_from_a_newer_version_is_refused_untouched(data_dir: Path) -> N
     size_before = db_file.stat().st_size
     assert not Path(f"{db_file}-wal").exists() or Path(f"{db_file}-wal").stat().st_size == 0
 
-    with pytest.raises(SchemaVersionError, match="version 2.*only knows up to version 1"):
+    with pytest.raises(SchemaVersionError, match="version 3.*only knows up to version 2"):
         ConversationStore.for_data_dir(data_dir)
 
     assert db_file.stat().st_size == size_before
     with ConversationStore.for_data_dir(data_dir, migrations=(*MIGRATIONS, future_step)) as still_newer:
-        assert still_newer.schema_version() == 2
+        assert still_newer.schema_version() == 3
         assert "future_feature" in sa.inspect(still_newer.engine).get_table_names()
         assert still_newer.get(conversation.id) == conversation

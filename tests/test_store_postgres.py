@@ -1,58 +1,18 @@
 """The conversation store on PostgreSQL: any SQLAlchemy URL works, not only the SQLite default.
 
-A throwaway PostgreSQL cluster is started for the session (unix socket only, in a temp dir)
+The ``postgres_url`` fixture (conftest.py) starts a throwaway PostgreSQL cluster for the session
 when this machine has the server binaries; otherwise the tests are skipped and say why.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import replace
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from kobold_api.chat.conversations import ConversationStore
 
 pytest.importorskip("psycopg2", reason="psycopg2 is not installed")
-
-
-def _binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser to start PostgreSQL as another user")
-        run_as = ["runuser", "-u", "nobody", "--"]
-    root = Path(tempfile.mkdtemp(prefix="kobold-pg-"))
-    if run_as:
-        shutil.chown(root, user="nobody")
-    data = root / "data"
-    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "kobold"], check=True,
-                   capture_output=True, timeout=120)
-    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", f"-k {root} -h ''", "-l", str(root / "log"),
-                    "-w", "start"], check=True, capture_output=True, timeout=60)
-    try:
-        yield f"postgresql+psycopg2://kobold@/postgres?host={root}"
-    finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
-                       timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_store_operations_on_postgresql(postgres_url: str) -> None:

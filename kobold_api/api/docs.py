@@ -76,6 +76,8 @@ ROUTES += [
     Route("/api/extra/detokenize", "post", "KoboldCpp", "{\"ids\": [...]} to {\"result\": text}", DetokenizeBody),
     Route("/props", "get", "KoboldCpp", "llama.cpp's props: chat_template and n_ctx (SillyTavern's Text Completion)"),
     Route("/.well-known/serviceinfo", "get", "KoboldCpp", "Which APIs this server speaks, and where"),
+    Route("/health", "get", "Operations", "200 when the model runs and the database answers, else 503 (no key needed)"),
+    Route("/metrics", "get", "Operations", "Prometheus text: queue, running rows, KV cache, tokens, TTFT, decode rate"),
     Route("/api/extra/json_to_grammar", "post", "KoboldCpp",
           "A JSON schema ({\"schema\": ...} or bare) to GBNF: {\"result\", \"success\"}", JsonToGrammarBody),
     Route("/api/extra/last_logprobs", "post", "KoboldCpp",

@@ -17,7 +17,9 @@ from werkzeug.exceptions import HTTPException
 
 from ..chat.cards import CardError
 from ..chat.characters import CardTooLargeError, CharacterExistsError, UnsafeNameError
-from ..chat.conversations import ConversationNotFound, MessageNotFound, StoreError, SwipeNotFound
+from ..chat.conversations import (
+    ConversationNotFound, IdempotencyKeyReused, MessageNotFound, StoreError, SwipeNotFound, TurnLost,
+)
 from ..chat.prompt import PromptBuildError, PromptTooLongError
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,8 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int, 
     (PromptBuildError, 400, "prompt_error", ""),
     ((ConversationNotFound, MessageNotFound), 404, "key_error", ""),
     (SwipeNotFound, 409, "conflict", ""),  # the message is there; the body names a swipe it lacks
+    (TurnLost, 409, "turn_lost", ""),
+    (IdempotencyKeyReused, 422, "idempotency_key_reused", ""),
     (StoreError, 400, "bad_input", ""),
 )
 #: The classes to register a handler for (each subclass is found through its base).

@@ -17,10 +17,12 @@ from .errors import ApiError
 from .request_model import json_body
 
 if TYPE_CHECKING:
+    from ..horde.worker import HordeWorker
     from .chat.serving import ChatService
     from .kobold.serving import KoboldService
     from .ollama.serving import OllamaService
     from .openai.serving import OpenAIService
+    from .ops.serving import OpsService
     from .textgen.serving import TextgenService
 
 EXTENSION_KEY = "kobold_api"
@@ -36,6 +38,9 @@ class Services:
     chat: "ChatService"
     textgen: "TextgenService"
     ollama: "OllamaService"
+    ops: "OpsService"
+    #: The AI Horde worker, when ``horde_key`` is set.
+    horde: "HordeWorker | None" = None
 
 
 def services() -> Services:

@@ -22,12 +22,15 @@ Design points
 * **Turn serialization.** Storage calls are atomic, but a chat turn is
   "read history -> generate (slow) -> store reply". :meth:`ConversationStore.lock`
   hands out a per-conversation lock that the chat service holds for that whole
-  span, so two turns on one conversation never interleave.
+  span, so two turns of one process never interleave; :meth:`ConversationStore.claim_turn`
+  leases the conversation in the database for that span, so neither do turns of
+  several processes (replicas) on one database (see :mod:`.turns`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 import time
@@ -43,6 +46,16 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from ..settings import DATABASE_FILE
+from . import turns
+from .store_errors import (
+    ConversationNotFound, IdempotencyKeyReused, MessageNotFound, SchemaVersionError, StoreError, SwipeNotFound,
+    TurnLost,
+)
+from .store_schema import (
+    MIGRATIONS, Migration, conversations as _conversations, messages as _messages,
+    read_schema_version as _read_schema_version, schema_version_table as _schema_version, turns as _turns,
+)
+from .turns import LeaseKeeper, TurnBusy, TurnTicket
 
 __all__ = [
     "ConversationStore",
@@ -53,6 +66,10 @@ __all__ = [
     "MessageNotFound",
     "SwipeNotFound",
     "SchemaVersionError",
+    "TurnLost",
+    "IdempotencyKeyReused",
+    "TurnBusy",
+    "TurnTicket",
     "Migration",
     "MIGRATIONS",
     "ROLES",
@@ -64,37 +81,10 @@ ROLES: frozenset[str] = frozenset({"user", "character", "system"})
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for another writer before failing with 'database is locked'."""
 
+#: The PostgreSQL advisory lock key taken while the schema is read and migrated ("kobo").
+SCHEMA_LOCK_KEY = 0x6B6F626F
+
 _ID_BYTES = 8  # token_urlsafe(8) -> 11 characters, 64 random bits
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class StoreError(Exception):
-    """Base class so callers (HTTP routes) can map every store failure in one place."""
-
-
-class _LookupStoreError(StoreError, LookupError):
-    """A missing thing; ``str()`` is the plain message (``KeyError`` would quote it)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else self.__class__.__name__
-
-
-class ConversationNotFound(_LookupStoreError, KeyError):
-    """No conversation with that id (routes should answer 404)."""
-
-
-class MessageNotFound(_LookupStoreError, KeyError, IndexError):
-    """Message index out of range; also an ``IndexError`` because indexes are list positions."""
-
-
-class SwipeNotFound(_LookupStoreError, IndexError):
-    """``swipe_id`` outside the message's list of swipes."""
-
-
-class SchemaVersionError(StoreError):
-    """The database was written by a newer server; we refuse to touch it."""
 
 
 # --------------------------------------------------------------------------- models
@@ -165,106 +155,6 @@ class Conversation:
         return data
 
 
-# --------------------------------------------------------------------------- schema
-
-# The tables as the *current* code reads and writes them. Migration steps must
-# not use these objects: a step describes the schema as it was at its version,
-# so it stays correct after these definitions change.
-_METADATA = sa.MetaData()
-
-_schema_version = sa.Table(
-    "schema_version",
-    _METADATA,
-    sa.Column("version", sa.Integer, nullable=False),
-)
-
-_conversations = sa.Table(
-    "conversations",
-    _METADATA,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("character", sa.String(255), nullable=False),
-    sa.Column("user_name", sa.String(255), nullable=False),
-    sa.Column("title", sa.String(500), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-)
-
-_messages = sa.Table(
-    "messages",
-    _METADATA,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column(
-        "conversation_id",
-        sa.String(32),
-        sa.ForeignKey("conversations.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    sa.Column("position", sa.Integer, nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("speaker", sa.String(255), nullable=False),
-    sa.Column("swipes", sa.JSON, nullable=False),
-    sa.Column("swipe_id", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("extra", sa.JSON, nullable=False),
-    sa.UniqueConstraint("conversation_id", "position", name="uq_messages_position"),
-)
-
-
-Migration = Callable[[Connection], None]
-"""One schema step: receives a connection inside an open transaction."""
-
-
-def _migration_1_create_tables(conn: Connection) -> None:
-    """Version 1: conversations and their messages (frozen copy of the v1 schema)."""
-    v1 = sa.MetaData()
-    sa.Table(
-        "conversations",
-        v1,
-        sa.Column("id", sa.String(32), primary_key=True),
-        sa.Column("character", sa.String(255), nullable=False),
-        sa.Column("user_name", sa.String(255), nullable=False),
-        sa.Column("title", sa.String(500), nullable=False),
-        sa.Column("created_at", sa.Float, nullable=False),
-        sa.Column("updated_at", sa.Float, nullable=False),
-        sa.Index("ix_conversations_character", "character"),
-        sa.Index("ix_conversations_updated_at", "updated_at"),
-    )
-    sa.Table(
-        "messages",
-        v1,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column(
-            "conversation_id",
-            sa.String(32),
-            sa.ForeignKey("conversations.id", ondelete="CASCADE"),
-            nullable=False,
-        ),
-        sa.Column("position", sa.Integer, nullable=False),
-        sa.Column("role", sa.String(16), nullable=False),
-        sa.Column("speaker", sa.String(255), nullable=False),
-        sa.Column("swipes", sa.JSON, nullable=False),
-        sa.Column("swipe_id", sa.Integer, nullable=False),
-        sa.Column("created_at", sa.Float, nullable=False),
-        sa.Column("extra", sa.JSON, nullable=False),
-        sa.UniqueConstraint("conversation_id", "position", name="uq_messages_position"),
-    )
-    v1.create_all(conn)
-
-
-MIGRATIONS: tuple[Migration, ...] = (_migration_1_create_tables,)
-"""Step ``i`` upgrades the schema from version ``i`` to ``i + 1``. Append only; never edit a shipped step."""
-
-
-def _read_schema_version(conn: Connection) -> int:
-    """Current version; creates the bookkeeping table (version 0) on a fresh database."""
-    _schema_version.create(conn, checkfirst=True)
-    version = conn.execute(sa.select(_schema_version.c.version)).scalar()
-    if version is None:
-        conn.execute(_schema_version.insert().values(version=0))
-        return 0
-    return int(version)
-
-
 # --------------------------------------------------------------------------- store
 
 
@@ -281,13 +171,20 @@ class ConversationStore:
         *,
         migrations: Sequence[Migration] = MIGRATIONS,
         clock: Callable[[], float] = time.time,
+        owner: str = "",
+        lease_seconds: float = 30.0,
     ) -> None:
         """Open (creating if needed) the database at ``url`` and bring its schema up to date.
 
+        ``owner`` names this process in the turns it runs (a replica's name; made unique per
+        store), ``lease_seconds`` how long such a turn's lease lasts unrenewed.
         ``migrations`` and ``clock`` exist so tests can add a schema step or
         freeze time; production code passes neither.
         """
         self._clock = clock
+        self.owner = f"{owner or 'kobold_api'}/{os.getpid()}/{secrets.token_hex(3)}"
+        self.lease_seconds = lease_seconds
+        self._leases = LeaseKeeper(lease_seconds, self._renew_leases)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._engine = self._create_engine(url)
@@ -307,7 +204,9 @@ class ConversationStore:
         return cls(f"sqlite:///{db_path}", **kwargs)
 
     def close(self) -> None:
-        """Release all pooled connections (lets SQLite checkpoint and drop its WAL file)."""
+        """Stop renewing leases and release all pooled connections (lets SQLite checkpoint and drop
+        its WAL file)."""
+        self._leases.stop()
         self._engine.dispose()
 
     def __enter__(self) -> ConversationStore:
@@ -382,6 +281,7 @@ class ConversationStore:
         """Apply pending steps, each in its own transaction; refuse newer databases."""
         target = len(migrations)
         with self._write_engine.begin() as conn:
+            self._lock_schema(conn)
             current = _read_schema_version(conn)
             if current > target:
                 raise SchemaVersionError(
@@ -391,12 +291,26 @@ class ConversationStore:
                 )
         for step_index in range(current, target):
             with self._write_engine.begin() as conn:
+                self._lock_schema(conn)
                 # Re-read inside the transaction: another process may have
                 # applied this step since we looked.
                 if _read_schema_version(conn) != step_index:
                     continue
                 migrations[step_index](conn)
                 conn.execute(_schema_version.update().values(version=step_index + 1))
+
+    @staticmethod
+    def _lock_schema(conn: Connection) -> None:
+        """Keep replicas that start together from migrating at once: on PostgreSQL a transaction
+        advisory lock (two ``CREATE TABLE``s of one name collide there even with ``checkfirst``);
+        SQLite's ``BEGIN IMMEDIATE`` already lets one writer in at a time."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+    def ping(self) -> None:
+        """Raise if the database does not answer (what /health checks)."""
+        with self._engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
 
     def schema_version(self) -> int:
         """The version recorded in the database (== number of applied steps)."""
@@ -418,8 +332,9 @@ class ConversationStore:
         Each storage call is already atomic; the lock prevents a second turn from
         reading the history while the first is still generating, which would
         otherwise store two replies to the same context in an arbitrary order.
-        Not re-entrant, and only serializes threads of this process; the store's
-        own methods never take it. Different conversations do not block each other.
+        Not re-entrant, and only serializes threads of this process (:meth:`claim_turn`
+        serializes processes); the store's own methods never take it. Different
+        conversations do not block each other.
         """
         with self._locks_guard:
             existing = self._locks.get(conversation_id)
@@ -434,13 +349,58 @@ class ConversationStore:
             if existing is not None and not existing.locked():
                 del self._locks[conversation_id]
 
+    # ------------------------------------------------------------ leased turns
+
+    def claim_turn(self, conversation_id: str, *, kind: str = "turn", key: str | None = None,
+                   fingerprint: str = "") -> TurnTicket:
+        """Lease the conversation for one turn (or edit) in the database; see :mod:`.turns`.
+
+        Raises :class:`TurnBusy` while another turn runs (the caller waits and asks again),
+        :class:`ConversationNotFound`, and :class:`IdempotencyKeyReused`. A ticket with
+        ``replay`` set is a finished turn of the same key: nothing is leased.
+        """
+        with self._writing() as conn:
+            ticket = turns.claim(conn, conversation_id, self.owner, self._clock(), self.lease_seconds,
+                                 kind=kind, key=key, fingerprint=fingerprint)
+        if ticket.replay is None:
+            self._leases.hold(ticket.id)
+        return ticket
+
+    def release_turn(self, ticket: TurnTicket, error: str = "ended without a reply") -> None:
+        """End a claimed turn that stored nothing (aborted, failed); harmless after it completed."""
+        if ticket.replay is not None:
+            return
+        self._leases.drop(ticket.id)
+        with self._writing() as conn:
+            turns.release(conn, ticket, self._clock(), error)
+
+    def finish_turn(self, ticket: TurnTicket, outcome: Mapping[str, Any]) -> None:
+        """Complete a claimed turn that stores no message (an impersonated line, an edit)."""
+        with self._writing(ticket, outcome):
+            pass
+
+    def _renew_leases(self, ids: list[int]) -> None:
+        with self._writing() as conn:
+            turns.renew(conn, ids, self.owner, self._clock() + self.lease_seconds)
+
     # ------------------------------------------------------------ transactions
 
     @contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        """One write transaction: commits on success, rolls everything back on any exception."""
-        with self._write_engine.begin() as conn:
-            yield conn
+    def _writing(self, turn: TurnTicket | None = None,
+                 outcome: Mapping[str, Any] | None = None) -> Iterator[Connection]:
+        """One write transaction: commits on success, rolls everything back on any exception.
+
+        With ``turn``, the same transaction completes that claimed turn with ``outcome`` (and
+        rolls the writes back with :class:`TurnLost` when the turn's lease was lost).
+        """
+        try:
+            with self._write_engine.begin() as conn:
+                yield conn
+                if turn is not None:
+                    turns.complete(conn, turn, self._clock(), outcome or {})
+        finally:
+            if turn is not None:
+                self._leases.drop(turn.id)
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
@@ -505,6 +465,7 @@ class ConversationStore:
             # Explicit rather than relying on ON DELETE CASCADE, which needs
             # foreign keys switched on (not every backend/driver does by default).
             conn.execute(_messages.delete().where(_messages.c.conversation_id == conversation_id))
+            conn.execute(_turns.delete().where(_turns.c.conversation_id == conversation_id))
             conn.execute(_conversations.delete().where(_conversations.c.id == conversation_id))
         self._forget_lock(conversation_id)
 
@@ -527,14 +488,17 @@ class ConversationStore:
         speaker: str | None = None,
         *,
         extra: Mapping[str, Any] | None = None,
+        turn: TurnTicket | None = None,
+        outcome: Mapping[str, Any] | None = None,
     ) -> list[Message]:
         """Append the user's message (unless ``None``) and the reply, atomically.
 
         ``speaker`` defaults to the conversation's character; ``extra`` is stored
-        on the reply (e.g. generation settings). Returns the new messages.
+        on the reply (e.g. generation settings). With ``turn`` (a claimed turn) the
+        same transaction completes it with ``outcome``. Returns the new messages.
         """
         now = self._clock()
-        with self._writing() as conn:
+        with self._writing(turn, outcome) as conn:
             conversation = self._require_conversation(conn, conversation_id)
             position = self._count_messages(conn, conversation_id)
             added: list[Message] = []
@@ -588,20 +552,22 @@ class ConversationStore:
             conversation_id, index, lambda m: _replace_shown(m, text)
         )
 
-    def append_to_message(self, conversation_id: str, index: int, text: str) -> Message:
-        """Continue: add generated text to the end of the shown swipe."""
+    def append_to_message(self, conversation_id: str, index: int, text: str, *, turn: TurnTicket | None = None,
+                          outcome: Mapping[str, Any] | None = None) -> Message:
+        """Continue: add generated text to the end of the shown swipe (``turn``: as for add_turn)."""
         return self._update_message(
-            conversation_id, index, lambda m: _replace_shown(m, m.text + text)
+            conversation_id, index, lambda m: _replace_shown(m, m.text + text), turn, outcome
         )
 
-    def add_swipe(self, conversation_id: str, index: int, text: str) -> Message:
-        """Regenerate / swipe right: keep the old texts, append ``text`` and show it."""
+    def add_swipe(self, conversation_id: str, index: int, text: str, *, turn: TurnTicket | None = None,
+                  outcome: Mapping[str, Any] | None = None) -> Message:
+        """Regenerate / swipe right: keep the old texts, append ``text`` and show it (``turn``: as for add_turn)."""
 
         def append(message: Message) -> tuple[list[str], int]:
             swipes = [*message.swipes, text]
             return swipes, len(swipes) - 1
 
-        return self._update_message(conversation_id, index, append)
+        return self._update_message(conversation_id, index, append, turn, outcome)
 
     def set_swipe(self, conversation_id: str, index: int, swipe_id: int) -> Message:
         """Show another existing alternative of a message."""
@@ -744,9 +710,11 @@ class ConversationStore:
         conversation_id: str,
         index: int,
         change: Callable[[Message], tuple[list[str], int]],
+        turn: TurnTicket | None = None,
+        outcome: Mapping[str, Any] | None = None,
     ) -> Message:
         """Read-modify-write of one message's swipes in a single transaction."""
-        with self._writing() as conn:
+        with self._writing(turn, outcome) as conn:
             self._require_conversation(conn, conversation_id)
             position = self._resolve_index(conn, conversation_id, index)
             where = (_messages.c.conversation_id == conversation_id, _messages.c.position == position)

@@ -55,6 +55,8 @@ class Job:
     #: no genkey reaches only the same owner's jobs.
     owner: str = ""
     submitted_at: float = field(default_factory=time.monotonic)
+    #: When its first output (text or not) left the engine: its time to first token.
+    first_output_at: float | None = None
     _chunks: "queue.SimpleQueue[object]" = field(default_factory=queue.SimpleQueue)
     _parts: list[str] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -155,6 +157,10 @@ class EngineStats:
     total_generations: int = 0
     last_result: GenerationResult | None = None
     last_finished_at: float = field(default_factory=time.time)
+    #: Tokens held in the running rows' KV caches after the last step (what /metrics reports).
+    kv_tokens_in_use: int = 0
+    #: Called with each finished job and its result, on the engine's worker (keep them quick).
+    observers: list[Callable[["Job", GenerationResult], None]] = field(default_factory=list)
 
 
 
@@ -277,6 +283,20 @@ class Engine:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the model's worker runs and takes jobs (what /health reports)."""
+        return self._worker_alive() and not self._queue.closed
+
+    @property
+    def running(self) -> int:
+        """Jobs in the batch now (a prefill included)."""
+        return len(self._running)
+
+    def active_jobs(self) -> list[Job]:
+        """The running and waiting jobs, a snapshot: whose work the model has now (by ``owner``)."""
+        return [*list(self._running.values()), *self._queue.snapshot()]
+
     def submit(self, request: GenerationRequest, genkey: str = "", cancel_token: CancelToken | None = None,
                owner: str = "") -> Job:
         """Queue a request; raises QueueFullError when the queue is full.
@@ -394,6 +414,7 @@ class Engine:
             else:
                 batch.truncate(row, sequence.cache_length)
                 pending[row] = token
+        self.stats.kv_tokens_in_use = sum(sequence.cache_length for _, sequence in rows)
 
     def _start(self, job: Job, batch: DecodeBatch) -> tuple[Sequence, int] | None:
         """Prefill a new job into ``batch`` and take its first token; None if it already finished."""
@@ -419,9 +440,16 @@ class Engine:
     def _deliver(self, job: Job, chunks: list[GenerationChunk]) -> None:
         """Pass chunks on; the perf figures are updated before the final chunk goes out, so a
         client reading /api/extra/perf right after its stream ends sees its own generation."""
+        if chunks and job.first_output_at is None:
+            job.first_output_at = time.monotonic()
         for chunk in chunks:
             if chunk.result is not None:
                 self._record(chunk.result)
+                for observe in self.stats.observers:
+                    try:
+                        observe(job, chunk.result)
+                    except Exception:  # figures are never worth a generation
+                        log.exception("a generation observer failed")
             job._emit(chunk)
 
     def _end(self, job: Job) -> None:

@@ -19,13 +19,14 @@ def _route(rule: str, methods: list[str]):
 @_route("/chat", ["POST"])
 def chat_turn() -> Response:
     svc = services().chat
-    return jsonify(svc.chat(svc.parse(request_json()), disconnect_probe()))
+    return jsonify(svc.chat(svc.parse(request_json(), request.headers.get("Idempotency-Key")), disconnect_probe()))
 
 
 @_route("/chat/stream", ["POST"])
 def chat_stream() -> Response:
     svc = services().chat
-    return sse_response(svc.chat_stream(svc.parse(request_json()), disconnect_probe()))
+    return sse_response(svc.chat_stream(svc.parse(request_json(), request.headers.get("Idempotency-Key")),
+                                        disconnect_probe()))
 
 
 @_route("/characters", ["GET"])

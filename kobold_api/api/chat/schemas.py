@@ -46,6 +46,9 @@ class ChatInput:
     ban_eos: bool
     banned_phrases: list[str]
     constraint: Constraint | None = None
+    #: The ``Idempotency-Key`` header (with a conversation) and a hash of the body it came with.
+    idempotency_key: str | None = None
+    fingerprint: str = ""
 
 
 def _history_rows(value: Any) -> list[list[str]]:

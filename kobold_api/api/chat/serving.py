@@ -8,16 +8,19 @@ API: the client sends ``history`` and gets the updated history back.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping
 
 from ...chat.cards import character_to_v2_dict
 from ...chat.character import Character
 from ...chat.characters import SHIPPED_CHARACTERS, CharacterExistsError, CharacterStore, UnsafeNameError
 from ...chat.prompt import BuiltPrompt, ChatMessage, PromptBuilder, PromptRequest, clean_reply
-from ...chat.conversations import ConversationStore
+from ...chat.conversations import ConversationStore, TurnBusy, TurnTicket
 from ...chat.templates import ChatTemplate, get_named_template
 from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
@@ -33,6 +36,41 @@ from .schemas import (
 BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
 #: How long a turn waits for an earlier turn on the same conversation before giving up.
 TURN_WAIT_SECONDS = 300.0
+#: The longest ``Idempotency-Key`` kept (Stripe's and the IETF draft's keys are far shorter).
+MAX_IDEMPOTENCY_KEY = 255
+
+log = logging.getLogger(__name__)
+
+
+class TurnClaim:
+    """A conversation held for one turn or edit: this process's lock plus the database lease
+    (``ticket``; None for a stateless chat). ``release`` is idempotent and ends the lease unless
+    the turn was stored (``stored``)."""
+
+    def __init__(self, ticket: TurnTicket | None, store: ConversationStore | None = None,
+                 lock: threading.Lock | None = None) -> None:
+        self.ticket = ticket
+        self.stored = False
+        self._store, self._lock = store, lock
+        self._released = threading.Event()
+
+    @property
+    def replay(self) -> Mapping[str, Any] | None:
+        """What a finished turn with the same idempotency key answered; None when this one runs."""
+        return self.ticket.replay if self.ticket is not None else None
+
+    def release(self, error: str = "ended without a reply") -> None:
+        if self._released.is_set():
+            return
+        self._released.set()
+        try:
+            if self._store is not None and self.ticket is not None and not self.stored:
+                self._store.release_turn(self.ticket, error)
+        except Exception:  # its lease runs out on its own; the lock must not stay taken
+            log.warning("could not end the lease of a chat turn on %s", self.ticket.conversation_id, exc_info=True)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
 
 @dataclass
@@ -44,7 +82,8 @@ class TurnPlan:
     prompt: BuiltPrompt
     request: GenerationRequest
     clean: Callable[[str], str]
-    commit: Callable[[str], dict[str, Any]]
+    #: Stores the reply (with the claim's ticket, whose turn it completes with the outcome).
+    commit: Callable[[str, TurnTicket | None, Mapping[str, Any]], dict[str, Any]]
     speaker: str
     #: The history rows (text-generation-webui's shape) as ``commit`` will leave them with
     #: this reply, without storing anything: what a legacy stream shows while the reply grows.
@@ -113,7 +152,9 @@ class ChatService:
         return cls(engine, settings,
                    CharacterStore(settings.characters_path, max_bytes=settings.max_upload_mb * 2**20,
                                   shipped=SHIPPED_CHARACTERS),
-                   ConversationStore(settings.resolved_database_url), model_template, untrusted_origin)
+                   ConversationStore(settings.resolved_database_url, owner=settings.resolved_replica_name,
+                                     lease_seconds=settings.turn_lease_seconds),
+                   model_template, untrusted_origin)
 
     # --- characters -------------------------------------------------------------------
     def list_characters(self) -> dict[str, Any]:
@@ -195,27 +236,38 @@ class ChatService:
     def edit_message(self, conversation_id: str, index: int, body: Mapping[str, Any]) -> dict[str, Any]:
         edit = MessageEditBody.parse(body)
         text, swipe_id = edit.text, edit.swipe_id
-        release = self._turn_lock(conversation_id, lambda: False)
+        claim = self._claim(conversation_id, lambda: False, kind="edit")
         try:
             if swipe_id is not None:
                 self.conversations.set_swipe(conversation_id, index, swipe_id)
             if text is not None:
                 self.conversations.edit_message(conversation_id, index, text)
         finally:
-            release()
+            claim.release()
         return self.get_conversation(conversation_id)
 
     def delete_message(self, conversation_id: str, index: int) -> dict[str, Any]:
-        release = self._turn_lock(conversation_id, lambda: False)
+        claim = self._claim(conversation_id, lambda: False, kind="edit")
         try:
             self.conversations.delete_message(conversation_id, index)
         finally:
-            release()
+            claim.release()
         return self.get_conversation(conversation_id)
 
     # --- /api/v1/chat -----------------------------------------------------------------
-    def parse(self, body: Mapping[str, Any]) -> ChatInput:
-        return parse_chat_input(body, self.settings.generation)
+    def parse(self, body: Mapping[str, Any], idempotency_key: str | None = None) -> ChatInput:
+        """The chat body; with a conversation, ``idempotency_key`` (the ``Idempotency-Key`` header)
+        makes a retried turn answered once (see :mod:`kobold_api.chat.turns`)."""
+        parsed = parse_chat_input(body, self.settings.generation)
+        if idempotency_key is None or not parsed.conversation_id:
+            return parsed  # a stateless chat stores nothing: a retry is simply a new generation
+        if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable() \
+                or not idempotency_key.isascii():
+            raise ApiError(400, {"msg": f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
+                                 "type": "bad_input"}, param="Idempotency-Key")
+        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return replace(parsed, idempotency_key=idempotency_key,
+                       fingerprint=hashlib.sha256(canonical.encode()).hexdigest())
 
     def chat(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> dict[str, Any]:
         """``/api/v1/chat``'s answer: ``{"results": [turn]}``."""
@@ -225,13 +277,15 @@ class ChatService:
         """One chat turn, stored when it is a conversation's: ``text``, ``history``, the token
         counts, ``finish_reason`` (and ``conversation_id``/``conversation`` for a stored one).
         Other APIs (OpenAI's character extension) call this with a :class:`ChatInput` they built."""
-        release = self._turn_lock(parsed.conversation_id, disconnected)
+        claim = self._claim_turn(parsed, disconnected)
         try:
+            if claim.replay is not None:
+                return self._replayed(parsed, claim.replay)
             plan = self._plan(parsed)
             result = jobs.wait(jobs.submit(self.engine, plan.request), disconnected)
-            return self._finish(plan, result)
+            return self._finish(plan, result, claim)
         finally:
-            release()
+            claim.release()
 
     def chat_stream(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> EventStream:
         """SSE: ``{"token"}`` deltas, then a final event with the stored/updated history."""
@@ -247,48 +301,86 @@ class ChatService:
         The conversation stays locked until ``close`` (even if the events are never read), so
         the turn is stored before the next one starts.
         """
-        release = self._turn_lock(parsed.conversation_id, disconnected)
+        claim = self._claim_turn(parsed, disconnected)
         try:
+            if claim.replay is not None:
+                body = self._replayed(parsed, claim.replay)
+                replayed = [TurnEvent(text=body["text"], history=body["history"] if with_history else None),
+                            TurnEvent(result=body, finish_reason=body.get("finish_reason"))]
+                return iter(replayed), claim.release
             plan = self._plan(parsed)
             job = jobs.submit(self.engine, plan.request)
         except BaseException:
-            release()
+            claim.release()
             raise
 
         def close() -> None:
             jobs.cancel_unfinished([job])
-            release()
+            claim.release()
 
-        return self._turn_events(plan, job, disconnected, with_history), close
+        return self._turn_events(plan, job, claim, disconnected, with_history), close
 
-    def _turn_lock(self, conversation_id: str | None, disconnected: Callable[[], bool]) -> Callable[[], None]:
-        """Serialize turns (and edits) on one conversation; returns the (idempotent) release.
+    def _claim_turn(self, parsed: ChatInput, disconnected: Callable[[], bool]) -> TurnClaim:
+        """A page that may not touch stored data is refused first (a replayed turn is stored data too)."""
+        origin = self.untrusted_origin()
+        if origin is not None and (parsed.conversation_id or not self.characters.is_shipped(parsed.character)):
+            raise origin_error(origin)
+        return self._claim(parsed.conversation_id, disconnected, key=parsed.idempotency_key,
+                           fingerprint=parsed.fingerprint)
+
+    def _claim(self, conversation_id: str | None, disconnected: Callable[[], bool], *, kind: str = "turn",
+               key: str | None = None, fingerprint: str = "") -> TurnClaim:
+        """Hold a conversation for one turn (or edit): first this process's lock, then the
+        database lease that keeps other replicas out (see :mod:`kobold_api.chat.turns`).
 
         Waiting gives up when the client leaves or after TURN_WAIT_SECONDS (409), so stuck
         retries cannot pile up and take every server thread.
         """
         if not conversation_id:
-            return lambda: None
+            return TurnClaim(None)
         self.conversations.get(conversation_id)  # 404 before a lock is made for it
         lock = self.conversations.lock(conversation_id)
         deadline = time.monotonic() + TURN_WAIT_SECONDS
-        while not lock.acquire(timeout=0.2):
+
+        def still_waiting() -> None:
             if disconnected():
                 raise ApiError(409, {"msg": "The client left while waiting for the previous turn.",
                                      "type": "aborted"})
             if time.monotonic() > deadline:
                 raise ApiError(409, {"msg": "Another turn on this conversation is still running; try again.",
                                      "type": "turn_in_progress"})
-        released = threading.Event()
 
-        def release() -> None:
-            if not released.is_set():
-                released.set()
-                lock.release()
+        while not lock.acquire(timeout=0.2):
+            still_waiting()
+        try:
+            pause = 0.05
+            while True:  # another replica's turn: poll the database, backing off to half a second
+                try:
+                    ticket = self.conversations.claim_turn(conversation_id, kind=kind, key=key,
+                                                           fingerprint=fingerprint)
+                    break
+                except TurnBusy:
+                    still_waiting()
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+        except BaseException:
+            lock.release()
+            raise
+        if ticket.replay is not None:
+            lock.release()
+            return TurnClaim(ticket)
+        return TurnClaim(ticket, self.conversations, lock)
 
-        return release
+    def _replayed(self, parsed: ChatInput, outcome: Mapping[str, Any]) -> dict[str, Any]:
+        """A finished turn's answer again, for a retry with its idempotency key (the history as
+        it is now)."""
+        conversation_id = parsed.conversation_id or ""
+        stored = self.conversations.get(conversation_id)
+        return {"text": outcome.get("text", ""), "conversation_id": conversation_id,
+                "history": _stored_history(stored), "conversation": stored.to_dict(),
+                **{k: v for k, v in outcome.items() if k != "text"}, "idempotent_replay": True}
 
-    def _turn_events(self, plan: TurnPlan, job: Job, disconnected: Callable[[], bool],
+    def _turn_events(self, plan: TurnPlan, job: Job, claim: TurnClaim, disconnected: Callable[[], bool],
                      with_history: bool = False) -> Iterator[TurnEvent]:
         """Text as it forms (cleaned as the stored reply will be), ending exactly at the stored text."""
         raw, sent = "", ""
@@ -299,7 +391,7 @@ class ChatService:
         try:
             for chunk in job.chunks(disconnected):
                 if chunk.result is not None:
-                    body = self._finish(plan, chunk.result)
+                    body = self._finish(plan, chunk.result, claim)
                     final = body["text"]
                     if final.startswith(sent) and len(final) > len(sent):
                         yield text_event(final[len(sent):], final)
@@ -318,19 +410,19 @@ class ChatService:
             error = domain_error(exc)
             yield TurnEvent(error=error.message, error_status=error.status)
 
-    def _finish(self, plan: TurnPlan, result: GenerationResult) -> dict[str, Any]:
+    def _finish(self, plan: TurnPlan, result: GenerationResult, claim: TurnClaim) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:
             raise ApiError(409, {"msg": "Generation was aborted; nothing was stored.", "type": "aborted"})
-        body = plan.commit(plan.clean(result.text))
-        body.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                    dropped_turns=plan.prompt.dropped_turns, dropped_examples=plan.prompt.dropped_examples,
-                    finish_reason=result.finish_reason)
+        reply = plan.clean(result.text)
+        figures = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                   "dropped_turns": plan.prompt.dropped_turns, "dropped_examples": plan.prompt.dropped_examples,
+                   "finish_reason": result.finish_reason}
+        body = plan.commit(reply, claim.ticket, {"text": reply, **figures})
+        claim.stored = claim.ticket is not None
+        body.update(figures)
         return body
 
     def _plan(self, parsed: ChatInput) -> TurnPlan:
-        origin = self.untrusted_origin()
-        if origin is not None and (parsed.conversation_id or not self.characters.is_shipped(parsed.character)):
-            raise origin_error(origin)
         if parsed.conversation_id:
             return self._plan_stored(parsed)
         return self._plan_stateless(parsed)
@@ -377,7 +469,7 @@ class ChatService:
         def preview(reply: str) -> dict[str, list[list[str]]]:
             return _history_dict(_with_reply(rows, parsed, user_input, reply))
 
-        def commit(reply: str) -> dict[str, Any]:
+        def commit(reply: str, _ticket: TurnTicket | None, _outcome: Mapping[str, Any]) -> dict[str, Any]:
             return {"text": reply, "history": preview(reply)}
 
         return self._turn(parsed, character, parsed.user_name, prompt, request, user_input, commit, preview)
@@ -406,13 +498,17 @@ class ChatService:
         def preview(reply: str) -> dict[str, list[list[str]]]:
             return _history_dict(_with_reply(rows_before, parsed, user_input, reply))
 
-        def commit(reply: str) -> dict[str, Any]:
+        def commit(reply: str, ticket: TurnTicket | None, outcome: Mapping[str, Any]) -> dict[str, Any]:
             if parsed.regenerate:
-                self.conversations.add_swipe(conversation_id, last_index, reply)
+                self.conversations.add_swipe(conversation_id, last_index, reply, turn=ticket, outcome=outcome)
             elif parsed.continue_last:
-                self.conversations.append_to_message(conversation_id, last_index, reply)
-            elif not parsed.impersonate:  # an impersonated line is a suggestion, not a stored turn
-                self.conversations.add_turn(conversation_id, user_input, reply, character.display_name)
+                self.conversations.append_to_message(conversation_id, last_index, reply, turn=ticket,
+                                                     outcome=outcome)
+            elif not parsed.impersonate:
+                self.conversations.add_turn(conversation_id, user_input, reply, character.display_name,
+                                            turn=ticket, outcome=outcome)
+            elif ticket is not None:  # an impersonated line is a suggestion, not a stored turn
+                self.conversations.finish_turn(ticket, outcome)
             stored = self.conversations.get(conversation_id)
             return {"text": reply, "conversation_id": conversation_id, "history": _stored_history(stored),
                     "conversation": stored.to_dict()}
@@ -421,7 +517,8 @@ class ChatService:
 
     @staticmethod
     def _turn(parsed: ChatInput, character: Character, user_name: str, prompt: BuiltPrompt,
-              request: GenerationRequest, user_input: str | None, commit: Callable[[str], dict[str, Any]],
+              request: GenerationRequest, user_input: str | None,
+              commit: Callable[[str, TurnTicket | None, Mapping[str, Any]], dict[str, Any]],
               preview: Callable[[str], dict[str, list[list[str]]]]) -> TurnPlan:
         """How generated text becomes the reply: continued text is kept as generated, an
         impersonated line starts with what the user typed, a reply is tidied by clean_reply."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ... import __version__
 from ...engine.engine import Engine, GenerationFailed, Job
@@ -16,6 +16,9 @@ from ..logprobs import LogprobFormatter
 from ..sse import EventStream, sse_event
 from ..tools import Toolset
 from .schemas import DetokenizeBody, GenkeyBody, JsonToGrammarBody, KoboldGenerationInput, SoftPromptBody, TokenCountBody
+
+if TYPE_CHECKING:
+    from ...horde.worker import HordeWorker
 
 #: The KoboldAI United API level we implement (>= 1.2.2 enables stop_sequence in SillyTavern).
 KOBOLD_API_VERSION = "1.2.5"
@@ -36,6 +39,8 @@ class KoboldService:
         self.settings = settings
         self.started_at = time.time()
         self.logprobs = LogprobFormatter(engine.tokenizer)
+        #: The AI Horde worker, when one runs (its state is part of /api/extra/perf).
+        self.horde: "HordeWorker | None" = None
 
     # --- probes -----------------------------------------------------------------------
     @property
@@ -82,7 +87,8 @@ class KoboldService:
         return min(self.settings.generation.max_context_length, self.context_size)
 
     def perf(self) -> dict[str, Any]:
-        """KoboldCpp's figures of the last generation, from the engine's protocol-free stats."""
+        """KoboldCpp's figures of the last generation, from the engine's protocol-free stats; with the
+        AI Horde worker on, its state as ``horde`` and its error pauses as ``hordeexitcounter``."""
         stats, now = self.engine.stats, time.time()
         last = stats.last_result
         process, decode = (last.prefill_seconds, last.decode_seconds) if last else (0.0, 0.0)
@@ -97,8 +103,11 @@ class KoboldService:
             "total_img_gens": 0,  # KoboldCpp's image generations: none here
             "last_process_speed": round(prompt / process, 2) if process else 0,
             "last_eval_speed": round(tokens / decode, 2) if decode else 0.0, "queue": self.engine.queued,
-            "idle": 0 if self.engine.busy else 1, "hordeexitcounter": 0, "uptime": round(now - self.started_at, 1),
+            "idle": 0 if self.engine.busy else 1,
+            "hordeexitcounter": self.horde.failure_pauses if self.horde else 0,
+            "uptime": round(now - self.started_at, 1),
             "idletime": 0.0 if self.engine.busy else round(now - stats.last_finished_at, 1), "quiet": False,
+            **({"horde": self.horde.status()} if self.horde else {}),
         }
 
     # --- generation -------------------------------------------------------------------
