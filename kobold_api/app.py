@@ -17,9 +17,9 @@ from .api.kobold.serving import KoboldService
 from .api.ollama.routes import ollama
 from .api.ollama.serving import OllamaService
 from .api.openai.routes import openai
+from .api.openai.serving import OpenAIService
 from .api.ops.routes import ops
 from .api.ops.serving import OpsService
-from .api.openai.serving import OpenAIService
 from .api.textgen.routes import textgen
 from .api.textgen.serving import TextgenService
 from .chat.templates import template_for_model
