@@ -17,7 +17,8 @@ def _conversation(server: LiveServer) -> str:
 
 
 def _events(response: Any) -> list[dict[str, Any]]:
-    return [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+    return [json.loads(line[5:]) for line in response.text.splitlines()
+            if line.startswith("data:") and line[5:].strip() != "[DONE]"]
 
 
 def test_a_retried_turn_is_answered_from_the_store(server: LiveServer) -> None:
@@ -69,3 +70,27 @@ def test_a_stateless_chat_ignores_the_key(server: LiveServer) -> None:
         answer = server.post("/api/v1/chat", json=body, headers={"Idempotency-Key": "same"})
         assert answer.status_code == 200
         assert "idempotent_replay" not in answer.json()["results"][0]
+
+
+def test_openai_chat_with_a_conversation_takes_the_key_too(server: LiveServer) -> None:
+    conversation_id = _conversation(server)
+    body = {"model": "x", "conversation_id": conversation_id, "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Hello there"}]}
+    first = server.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "oa-1"})
+    assert first.status_code == 200, first.text
+    again = server.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "oa-1"})
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert again.json()["usage"] == first.json()["usage"]
+    streamed = server.post("/v1/chat/completions", json={**body, "stream": True}, headers={"Idempotency-Key": "oa-1"})
+    assert streamed.status_code == 400  # another body under the same key (OpenAI reports 422s as 400)
+    assert "already used for another request" in streamed.json()["error"]["message"]
+    stream_body = {**body, "stream": True, "messages": [{"role": "user", "content": "Streamed"}]}
+    texts = []
+    for _ in range(2):
+        chunks = _events(server.post("/v1/chat/completions", json=stream_body, headers={"Idempotency-Key": "oa-2"}))
+        texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")))
+    assert texts[0] == texts[1] != ""
+    messages = server.get(f"/api/v1/conversations/{conversation_id}").json()["result"]["messages"]
+    assert [m["text"] for m in messages if m["role"] == "user"] == ["Hello there", "Streamed"]
+    bad = server.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "é"})
+    assert bad.status_code == 400 and "error" in bad.json()  # OpenAI's error shape

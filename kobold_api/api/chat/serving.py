@@ -258,7 +258,11 @@ class ChatService:
     def parse(self, body: Mapping[str, Any], idempotency_key: str | None = None) -> ChatInput:
         """The chat body; with a conversation, ``idempotency_key`` (the ``Idempotency-Key`` header)
         makes a retried turn answered once (see :mod:`kobold_api.chat.turns`)."""
-        parsed = parse_chat_input(body, self.settings.generation)
+        return self.keyed(parse_chat_input(body, self.settings.generation), body, idempotency_key)
+
+    def keyed(self, parsed: ChatInput, body: Mapping[str, Any], idempotency_key: str | None) -> ChatInput:
+        """``parsed`` with the request's ``Idempotency-Key`` and a hash of the whole ``body`` it came
+        with (the same key with another body is refused); unchanged without a key or a conversation."""
         if idempotency_key is None or not parsed.conversation_id:
             return parsed  # a stateless chat stores nothing: a retry is simply a new generation
         if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable() \

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from ..services import request_json, services
 from ..sse import disconnect_probe, sse_response
@@ -27,5 +27,6 @@ def completions() -> Response:
 @openai.route("/chat/completions", methods=["POST"], strict_slashes=False)
 def chat_completions() -> Response:
     svc = services()
-    result = svc.openai.chat_completions(request_json(), svc.chat, disconnect_probe())
+    result = svc.openai.chat_completions(request_json(), svc.chat, disconnect_probe(),
+                                         request.headers.get("Idempotency-Key"))
     return jsonify(result) if isinstance(result, dict) else sse_response(result)

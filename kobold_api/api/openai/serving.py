@@ -77,11 +77,12 @@ class OpenAIService:
         return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
                 "choices": choices, "usage": usage.as_dict()}
 
-    def chat_completions(self, body: dict[str, Any], chat: "ChatService",
-                         disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
-        """Plain chat completions, or (extension) a server-side character/conversation turn."""
+    def chat_completions(self, body: dict[str, Any], chat: "ChatService", disconnected: Callable[[], bool],
+                         idempotency_key: str | None = None) -> dict[str, Any] | EventStream:
+        """Plain chat completions, or (extension) a server-side character/conversation turn, where
+        ``idempotency_key`` answers a retried turn once."""
         if body.get("character") is not None or body.get("conversation_id") is not None:
-            return self.character_chat_completion(body, chat, disconnected)
+            return self.character_chat_completion(body, chat, disconnected, idempotency_key)
         parsed = parse_chat_completion(body, self.settings.generation, self._renders_tools)
         return self.chat_completion(parsed, disconnected)
 
@@ -128,8 +129,8 @@ class OpenAIService:
         return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": choices, "usage": usage.as_dict()}
 
-    def character_chat_completion(self, body: dict[str, Any], chat: "ChatService",
-                                  disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
+    def character_chat_completion(self, body: dict[str, Any], chat: "ChatService", disconnected: Callable[[], bool],
+                                  idempotency_key: str | None = None) -> dict[str, Any] | EventStream:
         """Extension: ``character`` and/or ``conversation_id`` route the turn through the server-side chat.
 
         The last user message is the new input; with ``conversation_id`` the stored history
@@ -156,6 +157,7 @@ class OpenAIService:
             continue_last=continuing, sampling=parsed.sampling, stop_strings=parsed.stop, ban_eos=parsed.ban_eos,
             banned_phrases=parsed.banned_phrases, max_new_tokens=parsed.max_tokens or chat_fields.max_new_tokens,
             max_context_length=parsed.truncation_length or chat_fields.max_context_length)
+        chat_input = chat.keyed(chat_input, body, idempotency_key)
         if parsed.stream:
             events, close = chat.stream_turn(chat_input, disconnected)
             return EventStream(self._turn_chunks(events, model, parsed.include_usage), on_close=close)
