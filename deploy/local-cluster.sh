@@ -92,13 +92,17 @@ stop_pidfile() {  # file
     rm -f "$file"
 }
 
-down() {
-    [ -d "$state" ] || { say "nothing to stop in $state"; return 0; }
+stop_all() {  # HAProxy, the replicas, PostgreSQL; the state folder stays
     stop_pidfile "$state/haproxy.pid"
     for file in "$state"/replica-*.pid; do [ -e "$file" ] && stop_pidfile "$file"; done
     if [ -f "$state/pg/data/postmaster.pid" ] && bin="$(pg_bin)"; then
         as_pg "$bin/pg_ctl" -D "$state/pg/data" -m fast -w stop >/dev/null 2>&1 || true
     fi
+}
+
+down() {
+    [ -d "$state" ] || { say "nothing to stop in $state"; return 0; }
+    stop_all
     rm -rf "$state"
     say "stopped and removed $state"
 }
@@ -170,13 +174,9 @@ PY
     echo "http://127.0.0.1:$port"
 }
 
-down_on_failure() {
+down_on_failure() {  # the logs stay for reading; the next `up` clears them
     trap - ERR
-    stop_pidfile "$state/haproxy.pid"
-    for file in "$state"/replica-*.pid; do [ -e "$file" ] && stop_pidfile "$file"; done
-    if [ -f "$state/pg/data/postmaster.pid" ] && bin="$(pg_bin)"; then
-        as_pg "$bin/pg_ctl" -D "$state/pg/data" -m fast -w stop >/dev/null 2>&1 || true
-    fi
+    stop_all
     exit 1
 }
 

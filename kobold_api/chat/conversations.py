@@ -442,6 +442,11 @@ class ConversationStore:
                 )
             return self._load(conn, conversation_id, with_messages=True)
 
+    def require(self, conversation_id: str) -> None:
+        """Raise :class:`ConversationNotFound` unless the conversation exists (without loading it)."""
+        with self._reading() as conn:
+            self._require_conversation(conn, conversation_id)
+
     def get(self, conversation_id: str) -> Conversation:
         """The conversation with all of its messages."""
         with self._reading() as conn:

@@ -59,13 +59,13 @@ class TurnClaim:
         """What a finished turn with the same idempotency key answered; None when this one runs."""
         return self.ticket.replay if self.ticket is not None else None
 
-    def release(self, error: str = "ended without a reply") -> None:
+    def release(self) -> None:
         if self._released.is_set():
             return
         self._released.set()
         try:
             if self._store is not None and self.ticket is not None and not self.stored:
-                self._store.release_turn(self.ticket, error)
+                self._store.release_turn(self.ticket)
         except Exception:  # its lease runs out on its own; the lock must not stay taken
             log.warning("could not end the lease of a chat turn on %s", self.ticket.conversation_id, exc_info=True)
         finally:
@@ -342,7 +342,7 @@ class ChatService:
         """
         if not conversation_id:
             return TurnClaim(None)
-        self.conversations.get(conversation_id)  # 404 before a lock is made for it
+        self.conversations.require(conversation_id)  # 404 before a lock is made for it
         lock = self.conversations.lock(conversation_id)
         deadline = time.monotonic() + TURN_WAIT_SECONDS
 
