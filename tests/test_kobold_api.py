@@ -1075,6 +1075,39 @@ def test_queue_overflow_is_503(start_server: Callable[..., Any], tiny_model_dir:
             thread.join(timeout=10)
 
 
+
+def test_more_generations_than_the_queue_holds_run_in_waves(
+        start_server: Callable[..., Any], tiny_model_dir: Path, test_settings: Any, server: Any) -> None:
+    """An idle server whose queue holds 3: a request for more generations at once (Kobold ``n``,
+    OpenAI prompts x ``n``, plain and streamed) queues them in waves and gets every result, the
+    same ones a server with a larger queue gives (seeded, so each result is reproducible)."""
+    engine = make_engine(tiny_model_dir, queue_size=3)
+    try:
+        small = start_server(engine, test_settings)
+        body = {"prompt": PROMPT, "max_length": 6, "n": 4, "sampler_seed": 11, "temperature": 1.0}
+        waved = small.post("/api/v1/generate", json=body)
+        assert waved.status_code == 200, waved.text
+        at_once = server.post("/api/v1/generate", json=body)  # the shared server queues 16
+        assert [r["text"] for r in waved.json()["results"]] == [r["text"] for r in at_once.json()["results"]]
+
+        completion = {"prompt": ["Once upon", "The sea"], "n": 2, "max_tokens": 4, "seed": 3, "temperature": 1.0}
+        plain = small.post("/v1/completions", json=completion)
+        assert plain.status_code == 200, plain.text
+        expected = [c["text"] for c in server.post("/v1/completions", json=completion).json()["choices"]]
+        assert [c["text"] for c in plain.json()["choices"]] == expected
+        streamed = small.post("/v1/completions", json={**completion, "stream": True}, stream=True)
+        texts: dict[int, str] = {}
+        events, _ = parse_all(streamed.iter_content(chunk_size=None))
+        assert events[-1].data == "[DONE]"
+        for event in events[:-1]:
+            choice = event.json()["choices"][0]
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        assert [texts[index] for index in range(4)] == expected
+        assert engine.queued == 0
+    finally:
+        engine.shutdown()
+
+
 def test_concurrent_requests_match_solo_runs(start_server: Callable[..., Any], tiny_model_dir: Path,
                                             test_settings: Any) -> None:
     # The server's default engine batches concurrent requests; a seeded or greedy request must

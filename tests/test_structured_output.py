@@ -291,8 +291,8 @@ def test_props_serviceinfo_and_capability_flags(server: Any) -> None:
     info = server.get("/.well-known/serviceinfo").json()
     assert info["api"]["koboldai"]["rel_url"] == "/api" and info["api"]["openai"]["rel_url"] == "/v1"
     version = server.get("/api/extra/version").json()
-    assert version["llm"] is True and version["jinja"] is True
-    assert not any(version[flag] for flag in ("txt2img", "vision", "audio", "embeddings", "guidance", "admin"))
+    assert version["llm"] is True and version["jinja"] is True and version["guidance"] is True
+    assert not any(version[flag] for flag in ("txt2img", "vision", "audio", "embeddings", "admin"))
 
 
 WEATHER = {"type": "function", "function": {

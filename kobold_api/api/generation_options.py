@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, cre
 from pydantic_core import PydanticCustomError
 
 from ..engine.constraints import Constraint, ConstraintError
+from ..engine.guidance import MAX_GUIDANCE_SCALE
 from ..engine.sampling import (
     SamplingParams, SettingError, TokenSampler, normalize_sampler_order,
 )
@@ -98,6 +99,8 @@ SAMPLERS: dict[str, Sampler] = {sampler.names[0]: sampler for sampler in (
     Sampler(("adaptive_decay",), 0.0, 0.99, description="Adaptive-P history decay per token"),
     Sampler(("dynatemp_low",), 0.0, 100.0, description="dynamic temperature's lowest (with dynatemp_high)"),
     Sampler(("dynatemp_high",), 0.0, 100.0, description="dynamic temperature's highest (with dynatemp_low)"),
+    Sampler(("guidance_scale",), 0.0, MAX_GUIDANCE_SCALE,
+            description="classifier-free guidance against negative_prompt; 1 = off"),
     Sampler(("min_keep",), 0, integer=True, description="accepted; every truncation here keeps at least the best "
                                                         "token"),
 )}
@@ -105,7 +108,8 @@ SAMPLERS: dict[str, Sampler] = {sampler.names[0]: sampler for sampler in (
 _ENGINE_DEFAULTED = ("presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta",
                      "dynatemp_range", "dynatemp_exponent", "smoothing_factor", "smoothing_curve", "xtc_threshold",
                      "xtc_probability", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-                     "dry_sequence_breakers", "nsigma", "adaptive_target", "adaptive_decay")
+                     "dry_sequence_breakers", "nsigma", "adaptive_target", "adaptive_decay", "guidance_scale",
+                     "negative_prompt")
 
 
 def _sampler_order(value: list[int]) -> list[int]:
@@ -145,6 +149,8 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
                                                  description="phrases never written")
     grammar: Grammar | None = spellings("grammar", "grammar_string")
     grammar_retain_state: Bool | None = Field(None, description="continue the last generation's grammar state")
+    negative_prompt: str | None = Field(None, description="what guidance_scale steers away from (empty: the last "
+                                                          "prompt token alone)")
 
     #: Cross-field rules for the document, per family (see :func:`not_together`).
     SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = []

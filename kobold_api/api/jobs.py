@@ -7,7 +7,7 @@ Kobold, OpenAI and chat services alike.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from flask import has_request_context, request
 
@@ -24,6 +24,46 @@ def submit(engine: Engine, generation: GenerationRequest, genkey: str = "",
         return engine.submit(generation, genkey, cancel_token, owner=client_address())
     except QueueFullError:
         raise busy_error() from None
+
+
+class JobWaves:
+    """One request's generations (the ``n`` results, a list of prompts), queued together so they
+    decode as one batch, in waves of at most the queue's capacity: the first wave at once (a full
+    queue is a 503 before anything is sent), each next one when the caller has read the wave
+    before to its end. Iterate the jobs in order, each to its end; :meth:`cancel` stops the rest.
+    ``genkey`` names the first job."""
+
+    def __init__(self, engine: Engine, generations: list[GenerationRequest], genkey: str = "",
+                 cancel_token: CancelToken | None = None) -> None:
+        self._engine, self._cancel_token = engine, cancel_token
+        self._pending = list(generations)
+        self.submitted: list[Job] = []
+        self._queue_wave(genkey)
+
+    def _queue_wave(self, genkey: str = "") -> None:
+        wave, self._pending = self._pending[:self._engine.queue_capacity], self._pending[self._engine.queue_capacity:]
+        start = len(self.submitted)
+        try:
+            for index, generation in enumerate(wave):
+                self.submitted.append(submit(self._engine, generation, genkey if index == 0 else "",
+                                             self._cancel_token))
+        except ApiError:  # the queue filled part way: the request ends here
+            self.cancel()
+            del self.submitted[start:]
+            raise
+
+    def __iter__(self) -> Iterator[Job]:
+        index = 0
+        while index < len(self.submitted):
+            yield self.submitted[index]
+            index += 1
+            if index == len(self.submitted) and self._pending:
+                self._queue_wave()
+
+    def cancel(self) -> None:
+        """Stop every job not finished, and queue no more."""
+        self._pending = []
+        cancel_unfinished(self.submitted)
 
 
 def client_address() -> str:

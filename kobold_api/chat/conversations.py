@@ -9,14 +9,11 @@ swipes, regenerate and continue (see ``shared/reference/chat_and_cards.md`` §4)
 Design points
 -------------
 * **Any SQLAlchemy URL** works (SQLAlchemy Core, no ORM session state). SQLite is
-  the default deployment, so it gets extra care: WAL journal (readers never
-  block the writer), foreign keys, a busy timeout, and explicit ``BEGIN`` /
-  ``BEGIN IMMEDIATE`` so that DDL and reads really run inside transactions
-  (Python's ``sqlite3`` legacy mode would otherwise autocommit them).
+  the default deployment and gets extra care (:mod:`.store_engine`).
 * **Every public operation is one transaction.** A failure half-way (e.g. after
   the user message of a turn was inserted) rolls everything back.
-* **Versioned migrations.** ``schema_version`` holds one integer; the steps in
-  :data:`MIGRATIONS` are applied in order at start-up, one transaction each.
+* **Versioned migrations** (:mod:`.store_schema`). ``schema_version`` holds one integer; the steps
+  in :data:`MIGRATIONS` are applied in order at start-up, one transaction each.
   Adding a schema change later means appending one function to that tuple.
   A database written by a newer server is refused, never modified.
 * **Turn serialization.** Storage calls are atomic, but a chat turn is
@@ -29,31 +26,29 @@ Design points
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Connection, Engine
 
 from ..settings import DATABASE_FILE
 from . import turns
+from .conversation import ROLES, Conversation, Message, conversation_from_row, message_from_row
+from .store_engine import open_engine
 from .store_errors import (
     ConversationNotFound, IdempotencyKeyReused, MessageNotFound, SchemaVersionError, StoreError, SwipeNotFound,
     TurnLost,
 )
 from .store_schema import (
-    MIGRATIONS, Migration, conversations as _conversations, messages as _messages,
-    read_schema_version as _read_schema_version, schema_version_table as _schema_version, turns as _turns,
+    MIGRATIONS, Migration, conversations as _conversations, messages as _messages, migrate,
+    schema_version_table as _schema_version, turns as _turns,
 )
 from .turns import LeaseKeeper, TurnBusy, TurnTicket
 
@@ -75,84 +70,7 @@ __all__ = [
     "ROLES",
 ]
 
-ROLES: frozenset[str] = frozenset({"user", "character", "system"})
-"""Who wrote a message; ``system`` is for narration / notes injected into the chat."""
-
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-"""How long a SQLite writer waits for another writer before failing with 'database is locked'."""
-
-#: The PostgreSQL advisory lock key taken while the schema is read and migrated ("kobo").
-SCHEMA_LOCK_KEY = 0x6B6F626F
-
 _ID_BYTES = 8  # token_urlsafe(8) -> 11 characters, 64 random bits
-
-
-# --------------------------------------------------------------------------- models
-
-
-@dataclass
-class Message:
-    """One chat message; ``index`` is its 0-based position in the conversation."""
-
-    index: int
-    role: str
-    speaker: str
-    swipes: list[str]
-    swipe_id: int
-    created_at: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        """The text a reader sees: the currently selected swipe."""
-        return self.swipes[self.swipe_id]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; includes every swipe so clients can page through them."""
-        return {
-            "index": self.index,
-            "role": self.role,
-            "speaker": self.speaker,
-            "text": self.text,
-            "swipes": list(self.swipes),
-            "swipe_id": self.swipe_id,
-            "created_at": self.created_at,
-            "extra": dict(self.extra),
-        }
-
-
-@dataclass
-class Conversation:
-    """A chat with one character.
-
-    ``messages`` is only filled by :meth:`ConversationStore.get` and
-    :meth:`ConversationStore.create`; listings leave it empty and report
-    ``message_count`` instead so they stay cheap.
-    """
-
-    id: str
-    character: str
-    user_name: str
-    title: str
-    created_at: float
-    updated_at: float
-    message_count: int = 0
-    messages: list[Message] = field(default_factory=list)
-
-    def to_dict(self, *, include_messages: bool = True) -> dict[str, Any]:
-        """JSON-ready form (timestamps are Unix seconds)."""
-        data: dict[str, Any] = {
-            "id": self.id,
-            "character": self.character,
-            "user_name": self.user_name,
-            "title": self.title,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "message_count": self.message_count,
-        }
-        if include_messages:
-            data["messages"] = [m.to_dict() for m in self.messages]
-        return data
 
 
 # --------------------------------------------------------------------------- store
@@ -187,12 +105,12 @@ class ConversationStore:
         self._leases = LeaseKeeper(lease_seconds, self._renew_leases)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._engine = self._create_engine(url)
+        self._engine = open_engine(url)
         # Same pool and events; its connections start write transactions with
         # BEGIN IMMEDIATE on SQLite (see _install_sqlite_hooks).
         self._write_engine = self._engine.execution_options(kobold_write=True)
         try:
-            self._migrate(migrations)
+            migrate(self._write_engine, migrations)
         except BaseException:
             self._engine.dispose()
             raise
@@ -220,92 +138,7 @@ class ConversationStore:
         """The underlying engine, for diagnostics and tests (e.g. checking PRAGMAs)."""
         return self._engine
 
-    # ------------------------------------------------------------ engine setup
-
-    @staticmethod
-    def _create_engine(url: str) -> Engine:
-        """Build the engine; SQLite gets its parent folder created and its hooks installed."""
-        parsed = make_url(url)
-        # Non-ASCII (most chats) is stored as-is instead of \\u escapes.
-        kwargs: dict[str, Any] = {
-            "json_serializer": lambda obj: json.dumps(obj, ensure_ascii=False),
-        }
-        is_sqlite = parsed.get_backend_name() == "sqlite"
-        if is_sqlite:
-            database = parsed.database or ""
-            in_memory = database in ("", ":memory:") or parsed.query.get("mode") == "memory"
-            kwargs["connect_args"] = {"check_same_thread": False}
-            if in_memory:
-                # One shared connection, or every pooled connection would see its own
-                # empty database. Transactions from concurrent threads would collide on
-                # it, so in-memory stores are for tests and single-threaded tools only.
-                kwargs["poolclass"] = StaticPool
-            elif not database.startswith("file:"):
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, **kwargs)
-        if is_sqlite:
-            ConversationStore._install_sqlite_hooks(engine)
-        return engine
-
-    @staticmethod
-    def _install_sqlite_hooks(engine: Engine) -> None:
-        """WAL, foreign keys, busy timeout, and real transactions for the sqlite3 driver."""
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            if hasattr(dbapi_connection, "isolation_level"):
-                # Stop sqlite3 from managing BEGIN itself: it skips BEGIN for
-                # DDL and SELECT, which would make migrations non-atomic.
-                dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-                cursor.execute("PRAGMA foreign_keys = ON")
-                # Persistent in the file; a no-op ('memory') for in-memory databases.
-                cursor.execute("PRAGMA journal_mode = WAL")
-                cursor.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
-            finally:
-                cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # Writers take the write lock up front: a deferred transaction that
-            # later upgrades can fail with SQLITE_BUSY without waiting for the
-            # busy timeout when another writer got there first.
-            immediate = conn.get_execution_options().get("kobold_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    # ------------------------------------------------------------ migrations
-
-    def _migrate(self, migrations: Sequence[Migration]) -> None:
-        """Apply pending steps, each in its own transaction; refuse newer databases."""
-        target = len(migrations)
-        with self._write_engine.begin() as conn:
-            self._lock_schema(conn)
-            current = _read_schema_version(conn)
-            if current > target:
-                raise SchemaVersionError(
-                    f"conversation database schema is version {current}, but this "
-                    f"server only knows up to version {target}; upgrade kobold_api "
-                    "or point it at another data directory (the database was left untouched)"
-                )
-        for step_index in range(current, target):
-            with self._write_engine.begin() as conn:
-                self._lock_schema(conn)
-                # Re-read inside the transaction: another process may have
-                # applied this step since we looked.
-                if _read_schema_version(conn) != step_index:
-                    continue
-                migrations[step_index](conn)
-                conn.execute(_schema_version.update().values(version=step_index + 1))
-
-    @staticmethod
-    def _lock_schema(conn: Connection) -> None:
-        """Keep replicas that start together from migrating at once: on PostgreSQL a transaction
-        advisory lock (two ``CREATE TABLE``s of one name collide there even with ``checkfirst``);
-        SQLite's ``BEGIN IMMEDIATE`` already lets one writer in at a time."""
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    # ------------------------------------------------------------ schema
 
     def ping(self) -> None:
         """Raise if the database does not answer (what /health checks)."""
@@ -629,7 +462,7 @@ class ConversationStore:
         if character is not None:
             query = query.where(_conversations.c.character == character)
         with self._reading() as conn:
-            return [_conversation_from_row(row) for row in conn.execute(query).mappings()]
+            return [conversation_from_row(row) for row in conn.execute(query).mappings()]
 
     # ------------------------------------------------------------ helpers
 
@@ -649,7 +482,7 @@ class ConversationStore:
         ).mappings().first()
         if row is None:
             raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-        return _conversation_from_row(row)
+        return conversation_from_row(row)
 
     def _count_messages(self, conn: Connection, conversation_id: str) -> int:
         return int(
@@ -678,7 +511,7 @@ class ConversationStore:
             .where(_messages.c.conversation_id == conversation_id)
             .order_by(_messages.c.position)
         ).mappings()
-        messages = [_message_from_row(row) for row in rows]
+        messages = [message_from_row(row) for row in rows]
         conversation.message_count = len(messages)
         if with_messages:
             conversation.messages = messages
@@ -724,7 +557,7 @@ class ConversationStore:
             position = self._resolve_index(conn, conversation_id, index)
             where = (_messages.c.conversation_id == conversation_id, _messages.c.position == position)
             row = conn.execute(sa.select(_messages).where(*where)).mappings().one()
-            message = _message_from_row(row)
+            message = message_from_row(row)
             swipes, swipe_id = change(message)
             conn.execute(_messages.update().where(*where).values(swipes=swipes, swipe_id=swipe_id))
             self._touch(conn, conversation_id, self._clock())
@@ -744,27 +577,3 @@ def _replace_shown(message: Message, text: str) -> tuple[list[str], int]:
     swipes = list(message.swipes)
     swipes[message.swipe_id] = text
     return swipes, message.swipe_id
-
-
-def _conversation_from_row(row: Mapping[str, Any]) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        character=row["character"],
-        user_name=row["user_name"],
-        title=row["title"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        message_count=int(row.get("message_count", 0) or 0),
-    )
-
-
-def _message_from_row(row: Mapping[str, Any]) -> Message:
-    return Message(
-        index=row["position"],
-        role=row["role"],
-        speaker=row["speaker"],
-        swipes=list(row["swipes"]),
-        swipe_id=row["swipe_id"],
-        created_at=row["created_at"],
-        extra=dict(row["extra"] or {}),
-    )

@@ -8,13 +8,18 @@ See :mod:`kobold_api.chat.turns` for how replicas use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
+
+from .store_errors import SchemaVersionError
 
 __all__ = ["METADATA", "schema_version_table", "conversations", "messages", "turns", "Migration", "MIGRATIONS",
-           "read_schema_version"]
+           "read_schema_version", "migrate", "SCHEMA_LOCK_KEY"]
+
+#: The PostgreSQL advisory lock key taken while the schema is read and migrated ("kobo").
+SCHEMA_LOCK_KEY = 0x6B6F626F
 
 # The tables as the *current* code reads and writes them. Migration steps must
 # not use these objects: a step describes the schema as it was at its version,
@@ -160,3 +165,39 @@ def read_schema_version(conn: Connection) -> int:
         conn.execute(schema_version_table.insert().values(version=0))
         return 0
     return int(version)
+
+
+def migrate(write_engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+    """Bring the schema up to date, each pending step in its own transaction; a newer database is refused untouched.
+
+    ``write_engine`` begins its transactions as writers (see :mod:`.store_engine`).
+    """
+    target = len(migrations)
+    with write_engine.begin() as conn:
+        _lock_schema(conn)
+        current = read_schema_version(conn)
+        if current > target:
+            raise SchemaVersionError(
+                f"conversation database schema is version {current}, but this "
+                f"server only knows up to version {target}; upgrade kobold_api "
+                "or point it at another data directory (the database was left untouched)"
+            )
+    for step_index in range(current, target):
+        with write_engine.begin() as conn:
+            _lock_schema(conn)
+            # Re-read inside the transaction: another process may have
+            # applied this step since we looked.
+            if read_schema_version(conn) != step_index:
+                continue
+            migrations[step_index](conn)
+            conn.execute(schema_version_table.update().values(version=step_index + 1))
+
+
+def _lock_schema(conn: Connection) -> None:
+    """Keep replicas that start together from migrating at once.
+
+    On PostgreSQL a transaction advisory lock (two ``CREATE TABLE``s of one name collide there even
+    with ``checkfirst``); SQLite's ``BEGIN IMMEDIATE`` already lets one writer in at a time.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})

@@ -284,6 +284,11 @@ class Engine:
         return len(self._queue)
 
     @property
+    def queue_capacity(self) -> int:
+        """How many jobs may wait at once (more is :class:`QueueFullError`)."""
+        return self._queue.capacity
+
+    @property
     def alive(self) -> bool:
         """Whether the model's worker runs and takes jobs (what /health reports)."""
         return self._worker_alive() and not self._queue.closed

@@ -17,6 +17,7 @@ import numpy as np
 
 from .constraints import Constraint, GrammarVocabulary
 from .decode_batch import DecodeBatch, new_decode_batch
+from .guidance import Guidance, check_guidance_scale
 from .onnx_model import KVCache, OnnxCausalLM
 from .phrase_bans import HeldToken, PhraseBanGuard
 from .prefix_cache import PrefixCache
@@ -158,6 +159,18 @@ class TextGenerator:
             ids = [bos if bos is not None else (self.model.info.eos_token_ids or [0])[0]]
         return ids, cut
 
+    def guidance_for(self, request: GenerationRequest, prompt_ids: list[int], budget: int) -> Guidance | None:
+        """The negative context of a request with ``guidance_scale`` other than 1 (None otherwise):
+        ``negative_prompt`` tokenized as the prompt is and cut to ``budget`` tokens like it; an
+        empty one is the prompt's last token (transformers' unconditional context)."""
+        scale = check_guidance_scale(request.sampling.guidance_scale)
+        if scale == 1.0:
+            return None
+        negative = request.sampling.negative_prompt
+        ids = self._encode(negative, request.add_special_tokens) if negative else []
+        ids = keep_tail(ids, max(1, budget), self.model.info.bos_token_id)[0] if ids else prompt_ids[-1:]
+        return Guidance(self.model, ids, scale)
+
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         bos = self.model.info.bos_token_id
@@ -249,6 +262,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._prompt_sent = False
         self.guide = generator.grammar_vocabulary.guide(request.constraint) if request.constraint else None
+        self.guidance = generator.guidance_for(request, self.prompt_ids, context_length - self.max_new)
 
     def prefill(self, batch: DecodeBatch) -> np.ndarray | None:
         """Add this sequence to ``batch`` (reusing a cached prefix); return its first logits.
@@ -281,6 +295,8 @@ class Sequence:
             return self._finish(STOP_ABORT), None
         if self.generated >= self.max_new:
             return self._finish(STOP_LENGTH), None
+        if self.guidance is not None:
+            logits = self.guidance.apply(logits, self.context[len(self.prompt_ids):self.length])
         if self.guide is not None:
             if self.guide.finished:  # the grammar is complete: nothing may follow
                 return self._finish(STOP_EOS), None
@@ -392,6 +408,8 @@ class Sequence:
                 chunks = self._emit(tail.text + self.matcher.flush())
         if self.guide is not None:
             self.guide.close()
+        if self.guidance is not None:
+            self.guidance.close()
         finished = time.perf_counter()
         self.result = GenerationResult(
             text="".join(self.text_parts),

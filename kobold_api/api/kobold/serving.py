@@ -58,7 +58,7 @@ class KoboldService:
         return {"result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION,
                 "protected": bool(self.settings.api_key), "llm": True, "txt2img": False, "vision": False,
                 "audio": False, "transcribe": False, "multiplayer": False, "websearch": False, "tts": False,
-                "embeddings": False, "savedata": False, "admin": 0, "guidance": False, "jinja": True,
+                "embeddings": False, "savedata": False, "admin": 0, "guidance": True, "jinja": True,
                 "music": False, "router": False, "mcp": False, "server": "kobold_api", "server_version": __version__}
 
     def props(self, chat_template: str | None) -> dict[str, Any]:
@@ -117,15 +117,12 @@ class KoboldService:
         The ``n`` jobs are submitted together (so they decode as one batch) and share one
         cancel token, so aborting the request's genkey stops all of them.
         """
-        cancel = CancelToken()
-        submitted: list[Job] = []
+        submitted = jobs.JobWaves(self.engine, [parsed.to_request(index) for index in range(parsed.n)],
+                                  parsed.genkey, CancelToken())
         try:
-            for index in range(parsed.n):
-                submitted.append(jobs.submit(self.engine, parsed.to_request(index),
-                                             parsed.genkey if index == 0 else "", cancel))
             results = [jobs.wait(job, disconnected) for job in submitted]
         finally:
-            jobs.cancel_unfinished(submitted)
+            submitted.cancel()
         return {"results": [self._result(r, parsed) for r in results]}
 
     def _result(self, result: GenerationResult, parsed: KoboldGenerationInput) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ...chat.templates import ChatTemplate, ChatTemplateError
-from ...engine.engine import Engine, GenerationFailed, Job
+from ...engine.engine import Engine, GenerationFailed
 from ...engine.generation import GenerationRequest, GenerationResult, TokenLogprob, token_budget
 from ...settings import Settings
 from .. import jobs
@@ -231,17 +231,10 @@ class OpenAIService:
                                  banned_phrases=parsed.banned_phrases, constraint=parsed.constraint,
                                  prompt_logprobs=parsed.prompt_logprobs)
 
-    def _submit_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]]) -> list[Job]:
-        """Every choice is queued at once (they decode as one batch); if the queue fills part
-        way, the ones already queued are cancelled and the request is a 503."""
-        submitted: list[Job] = []
-        try:
-            for _, ids, copy in plans:
-                submitted.append(jobs.submit(self.engine, self._request(ids, parsed, copy)))
-        except ApiError:
-            jobs.cancel_unfinished(submitted)
-            raise
-        return submitted
+    def _submit_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]]) -> jobs.JobWaves:
+        """Every choice is queued at once (they decode as one batch), or in waves when there are
+        more than the queue holds (see :class:`jobs.JobWaves`)."""
+        return jobs.JobWaves(self.engine, [self._request(ids, parsed, copy) for _, ids, copy in plans])
 
     def _run_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]],
                  disconnected: Callable[[], bool]) -> list[GenerationResult]:
@@ -249,7 +242,7 @@ class OpenAIService:
         try:
             return [jobs.wait(job, disconnected) for job in submitted]
         finally:
-            jobs.cancel_unfinished(submitted)
+            submitted.cancel()
 
     def _stream(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], model: str, kind: str,
                 disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
@@ -263,9 +256,9 @@ class OpenAIService:
         shape = logprobs if parsed.logprobs is not None else None
         events = self._events(parsed, plans, submitted, model, kind, disconnected, piece, first, echo, shape,
                               toolset)
-        return EventStream(events, on_close=lambda: jobs.cancel_unfinished(submitted))
+        return EventStream(events, on_close=submitted.cancel)
 
-    def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], submitted: list[Job],
+    def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], submitted: jobs.JobWaves,
                 model: str, kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
                 first: Callable[[int], dict] | None, echo: list[str] | None,
                 logprobs: Callable[[list[TokenLogprob], int], Any] | None,
@@ -315,6 +308,8 @@ class OpenAIService:
             yield sse_event("[DONE]")
         except GenerationFailed as exc:  # headers are sent: report it in the stream
             yield writer.error(jobs.stream_failure(exc))
+        except ApiError as exc:  # a later wave found the queue full (see jobs.JobWaves)
+            yield writer.error(exc.message)
 
 
 class _ChunkWriter:

@@ -90,6 +90,10 @@ class SamplingParams:
     nsigma: float = 0.0  # top-n-sigma; 0 = off
     adaptive_target: float = -1.0  # Adaptive-P; negative = off
     adaptive_decay: float = 0.9
+    # Classifier-free guidance (not a sampler in the chain: the generation loop mixes a second
+    # context's logits in before the chain runs; see engine/guidance.py). 1 = off.
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
 
     def for_copy(self, index: int) -> "SamplingParams":
         """Parameters for the ``index``-th of ``n`` results of one request: seed + index, so
