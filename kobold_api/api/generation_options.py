@@ -9,13 +9,14 @@ so the routes cannot drift apart and the document describes exactly what is vali
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..engine.constraints import Constraint, ConstraintError
 from ..engine.guidance import MAX_GUIDANCE_SCALE
+from ..engine.thinking import REASONING_EFFORTS
 from ..engine.sampling import (
     SamplingParams, SettingError, TokenSampler, normalize_sampler_order,
 )
@@ -101,6 +102,8 @@ SAMPLERS: dict[str, Sampler] = {sampler.names[0]: sampler for sampler in (
     Sampler(("dynatemp_high",), 0.0, 100.0, description="dynamic temperature's highest (with dynatemp_low)"),
     Sampler(("guidance_scale",), 0.0, MAX_GUIDANCE_SCALE,
             description="classifier-free guidance against negative_prompt; 1 = off"),
+    Sampler(("thinking_budget_tokens",), 0, integer=True,
+            description="tokens a reasoning block may hold before its closing tag is forced"),
     Sampler(("min_keep",), 0, integer=True, description="accepted; every truncation here keeps at least the best "
                                                         "token"),
 )}
@@ -109,7 +112,7 @@ _ENGINE_DEFAULTED = ("presence_penalty", "frequency_penalty", "mirostat", "miros
                      "dynatemp_range", "dynatemp_exponent", "smoothing_factor", "smoothing_curve", "xtc_threshold",
                      "xtc_probability", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
                      "dry_sequence_breakers", "nsigma", "adaptive_target", "adaptive_decay", "guidance_scale",
-                     "negative_prompt")
+                     "negative_prompt", "reasoning_effort", "thinking_budget_tokens")
 
 
 def _sampler_order(value: list[int]) -> list[int]:
@@ -151,6 +154,9 @@ class GenerationOptions(_SamplerFields):  # type: ignore[misc, valid-type]
     grammar_retain_state: Bool | None = Field(None, description="continue the last generation's grammar state")
     negative_prompt: str | None = Field(None, description="what guidance_scale steers away from (empty: the last "
                                                           "prompt token alone)")
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = Field(  # type: ignore[valid-type]
+        None, description="a reasoning block's share of max tokens: none 0, minimal 10%, low 25%, medium 50%, "
+                          "high/xhigh unbounded")
 
     #: Cross-field rules for the document, per family (see :func:`not_together`).
     SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = []

@@ -40,6 +40,11 @@ _SYSTEM_SENTINEL = "KOBOLDSENTINELSYSTEM"
 _OPEN_TURN_SENTINEL = "KOBOLDSENTINELOPENTURN"
 
 
+#: Names a client's template variables may not take: what every render passes, and our functions.
+_RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools",
+                                 "raise_exception", "strftime_now"})
+
+
 class ChatTemplateError(ValueError):
     """A template could not be compiled or refused the messages (``raise_exception``)."""
 
@@ -49,9 +54,11 @@ class ChatTemplate(Protocol):
     """Anything that can turn system/user/assistant messages into prompt text."""
 
     def render(self, messages: list[Message], add_generation_prompt: bool,
-               tools: list[dict[str, Any]] | None = None) -> str:
+               tools: list[dict[str, Any]] | None = None, variables: dict[str, Any] | None = None) -> str:
         """Render ``messages``; ``add_generation_prompt`` opens an assistant turn at the end;
-        ``tools``: OpenAI function definitions, for a template that lays them out."""
+        ``tools``: OpenAI function definitions, for a template that lays them out; ``variables``:
+        more the template may read (``enable_thinking``, ``reasoning_effort``: a client's
+        ``chat_template_kwargs``)."""
         ...
 
     @property
@@ -88,7 +95,8 @@ class _DerivedMarkers:
     eos_token: str = ""
 
     def render(self, messages: list[Message], add_generation_prompt: bool,
-               tools: list[dict[str, Any]] | None = None) -> str:  # pragma: no cover
+               tools: list[dict[str, Any]] | None = None,
+               variables: dict[str, Any] | None = None) -> str:  # pragma: no cover
         raise NotImplementedError
 
     @cached_property
@@ -194,19 +202,23 @@ class JinjaChatTemplate(_DerivedMarkers):
         return "tools" in self.source
 
     def render(self, messages: list[Message], add_generation_prompt: bool,
-               tools: list[dict[str, Any]] | None = None) -> str:
-        """Render with the variables HF templates expect; template errors become ChatTemplateError."""
-        extra = {"tools": tools} if tools else {}
+               tools: list[dict[str, Any]] | None = None, variables: dict[str, Any] | None = None) -> str:
+        """Render with the variables HF templates expect; template errors become ChatTemplateError.
+        ``variables`` (a client's) never replace those or the template's functions, and a template
+        they break (a list where it wants text...) is a ChatTemplateError too."""
+        context = {key: value for key, value in (variables or {}).items() if key not in _RESERVED_VARIABLES}
+        context.update(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                       eos_token=self.eos_token)
+        if tools:
+            context["tools"] = tools
         try:
-            return self._compiled.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                **extra,
-            )
+            return self._compiled.render(**context)
         except TemplateError as error:
             raise ChatTemplateError(f"chat template error: {error}") from error
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as error:
+            if not variables:
+                raise
+            raise ChatTemplateError(f"chat template error with the variables sent: {error}") from error
 
     def __repr__(self) -> str:
         return f"JinjaChatTemplate(name={self.name!r})"

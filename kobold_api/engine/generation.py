@@ -23,6 +23,7 @@ from .phrase_bans import HeldToken, PhraseBanGuard
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenSampler
 from .stopping import StopMatcher
+from .thinking import ThinkFormat, ThinkLimit, think_budget
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 #: Prompt tokens kept after the longest ``memory`` (KoboldCpp keeps a few too).
@@ -132,6 +133,8 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.grammar_vocabulary = GrammarVocabulary(model.model_dir, model.vocab_size, model.info.eos_token_ids)
+        self.think = ThinkFormat.for_model(tokenizer.chat_template,
+                                           lambda text: tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Tokenize and left-truncate to ``max_context_length - max_new_tokens``; return (ids, cut).
@@ -170,6 +173,15 @@ class TextGenerator:
         ids = self._encode(negative, request.add_special_tokens) if negative else []
         ids = keep_tail(ids, max(1, budget), self.model.info.bos_token_id)[0] if ids else prompt_ids[-1:]
         return Guidance(self.model, ids, scale)
+
+    def think_limit_for(self, request: GenerationRequest, prompt_ids: list[int], max_new: int) -> ThinkLimit | None:
+        """The reasoning budget of a request that sets one (None otherwise, and under a grammar,
+        which decides every token itself); whether the prompt opened the block is read from its end."""
+        budget = think_budget(request.sampling.reasoning_effort, request.sampling.thinking_budget_tokens, max_new)
+        if budget is None or request.constraint is not None:
+            return None
+        tail = self.tokenizer.decode(prompt_ids[-2 * len(self.think.start_ids) - 8:], skip_special_tokens=False)
+        return ThinkLimit(self.think, budget, self.think.opened_by(tail))
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -263,6 +275,7 @@ class Sequence:
         self._prompt_sent = False
         self.guide = generator.grammar_vocabulary.guide(request.constraint) if request.constraint else None
         self.guidance = generator.guidance_for(request, self.prompt_ids, context_length - self.max_new)
+        self.think_limit = generator.think_limit_for(request, self.prompt_ids, self.max_new)
 
     def prefill(self, batch: DecodeBatch) -> np.ndarray | None:
         """Add this sequence to ``batch`` (reusing a cached prefix); return its first logits.
@@ -303,7 +316,9 @@ class Sequence:
             logits = self.guide.mask(logits)
             if not self._any_allowed(logits):
                 return self._finish(STOP_GRAMMAR), None
-        token = self.sampler(logits, self.context[: self.length])
+        forced = None if self.think_limit is None else \
+            self.think_limit.forced_token(self.context[len(self.prompt_ids):self.length])
+        token = forced if forced is not None else self.sampler(logits, self.context[: self.length])
         banned: set[int] = set()
         while True:
             if token in self.eos_ids:

@@ -27,13 +27,13 @@ from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult
 from ...settings import Settings
 from .. import jobs
 from ..errors import DOMAIN_ERRORS, ApiError, admin_error, domain_error, not_found_error, origin_error
+from ..reasoning import split_reasoning
 from ..sse import EventStream, sse_event
+from .history import history_dict, is_greeting_row, rows_to_messages, stored_history, stored_rows, with_reply
 from .schemas import (
     DEFAULT_CHARACTER, DEFAULT_USER, ChatInput, MessageEditBody, NewConversationBody, RenameBody, parse_chat_input,
 )
 
-#: text-generation-webui marks the greeting row's user half with this.
-BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
 #: How long a turn waits for an earlier turn on the same conversation before giving up.
 TURN_WAIT_SECONDS = 300.0
 #: The longest ``Idempotency-Key`` kept (Stripe's and the IETF draft's keys are far shorter).
@@ -88,15 +88,20 @@ class TurnPlan:
     #: The history rows (text-generation-webui's shape) as ``commit`` will leave them with
     #: this reply, without storing anything: what a legacy stream shows while the reply grows.
     preview: Callable[[str], dict[str, list[list[str]]]]
+    #: A reasoning model's thoughts in the generated text (None: it did not think); ``clean``
+    #: leaves them out of the reply.
+    thoughts: Callable[[str], str | None] = lambda text: None
+    #: Text a reply may open with that ``clean`` removes once complete (a think tag).
+    opening: str = ""
 
     def stream_preview(self, raw: str) -> str:
         """The part of the final reply already certain after ``raw`` was generated.
 
-        While the text could still turn into the ``"{speaker}:"`` prefix that ``clean``
-        strips, nothing is certain yet.
+        While the text could still turn into the ``"{speaker}:"`` prefix or the opening tag of
+        a think block, both of which ``clean`` strips, nothing is certain yet.
         """
         head = raw.lstrip().casefold()
-        if head and f"{self.speaker}:".casefold().startswith(head):
+        if head and (f"{self.speaker}:".casefold().startswith(head) or self.opening.casefold().startswith(head)):
             return ""
         return self.clean(raw)
 
@@ -381,7 +386,7 @@ class ChatService:
         conversation_id = parsed.conversation_id or ""
         stored = self.conversations.get(conversation_id)
         return {"text": outcome.get("text", ""), "conversation_id": conversation_id,
-                "history": _stored_history(stored), "conversation": stored.to_dict(),
+                "history": stored_history(stored), "conversation": stored.to_dict(),
                 **{k: v for k, v in outcome.items() if k != "text"}, "idempotent_replay": True}
 
     def _turn_events(self, plan: TurnPlan, job: Job, claim: TurnClaim, disconnected: Callable[[], bool],
@@ -421,6 +426,9 @@ class ChatService:
         figures = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                    "dropped_turns": plan.prompt.dropped_turns, "dropped_examples": plan.prompt.dropped_examples,
                    "finish_reason": result.finish_reason}
+        thoughts = plan.thoughts(result.text)
+        if thoughts is not None:
+            figures["reasoning"] = thoughts
         body = plan.commit(reply, claim.ticket, {"text": reply, **figures})
         claim.stored = claim.ticket is not None
         body.update(figures)
@@ -462,16 +470,16 @@ class ChatService:
         rows = [list(row) for row in parsed.history]
         user_input: str | None = parsed.user_input or None
         if (parsed.regenerate or parsed.continue_last) and (not rows or not rows[-1][1] or (
-                parsed.regenerate and len(rows) == 1 and _is_greeting_row(rows[0]))):
+                parsed.regenerate and len(rows) == 1 and is_greeting_row(rows[0]))):
             raise ApiError(409, {"msg": "Nothing to regenerate or continue: the history has no reply yet.",
                                  "type": "conflict"})
         if parsed.regenerate:
             user_input = rows.pop()[0] or None
-        history = _rows_to_messages(rows)
+        history = rows_to_messages(rows)
         prompt, request = self._build(parsed, character, parsed.user_name, history, user_input)
 
         def preview(reply: str) -> dict[str, list[list[str]]]:
-            return _history_dict(_with_reply(rows, parsed, user_input, reply))
+            return history_dict(with_reply(rows, parsed, user_input, reply))
 
         def commit(reply: str, _ticket: TurnTicket | None, _outcome: Mapping[str, Any]) -> dict[str, Any]:
             return {"text": reply, "history": preview(reply)}
@@ -497,10 +505,10 @@ class ChatService:
         # A new turn with an empty user_input stores no user message: the character speaks again.
         prompt, request = self._build(parsed, character, user_name, history, user_input)
         last_index = messages[-1].index if messages else 0
-        rows_before = _stored_rows(conversation)
+        rows_before = stored_rows(conversation)
 
         def preview(reply: str) -> dict[str, list[list[str]]]:
-            return _history_dict(_with_reply(rows_before, parsed, user_input, reply))
+            return history_dict(with_reply(rows_before, parsed, user_input, reply))
 
         def commit(reply: str, ticket: TurnTicket | None, outcome: Mapping[str, Any]) -> dict[str, Any]:
             if parsed.regenerate:
@@ -514,28 +522,38 @@ class ChatService:
             elif ticket is not None:  # an impersonated line is a suggestion, not a stored turn
                 self.conversations.finish_turn(ticket, outcome)
             stored = self.conversations.get(conversation_id)
-            return {"text": reply, "conversation_id": conversation_id, "history": _stored_history(stored),
+            return {"text": reply, "conversation_id": conversation_id, "history": stored_history(stored),
                     "conversation": stored.to_dict()}
 
         return self._turn(parsed, character, user_name, prompt, request, user_input, commit, preview)
 
-    @staticmethod
-    def _turn(parsed: ChatInput, character: Character, user_name: str, prompt: BuiltPrompt,
+    def _turn(self, parsed: ChatInput, character: Character, user_name: str, prompt: BuiltPrompt,
               request: GenerationRequest, user_input: str | None,
               commit: Callable[[str, TurnTicket | None, Mapping[str, Any]], dict[str, Any]],
               preview: Callable[[str], dict[str, list[list[str]]]]) -> TurnPlan:
         """How generated text becomes the reply: continued text is kept as generated, an
-        impersonated line starts with what the user typed, a reply is tidied by clean_reply."""
+        impersonated line starts with what the user typed, a reply is tidied by clean_reply. A
+        reasoning model's thoughts are left out of the reply (and so out of later prompts), as
+        SillyTavern does; the turn's answer returns them as ``reasoning``."""
         char_name = character.display_name
         if parsed.continue_last:
             return TurnPlan(prompt, request, lambda text: text, commit, "", preview)
+        think = self.engine.generator.think
+        opened = think.opened_by(prompt.text)
+
+        def answer(text: str) -> str:
+            return split_reasoning(text, think, opened)[1]
+
+        def thoughts(text: str) -> str | None:
+            return split_reasoning(text, think, opened)[0]
+
         if parsed.impersonate:
             typed = user_input or ""
             return TurnPlan(prompt, request,
-                            lambda text: clean_reply(typed + text, char_name, user_name, speaker=user_name),
-                            commit, user_name, preview)
-        return TurnPlan(prompt, request, lambda text: clean_reply(text, char_name, user_name), commit,
-                        char_name, preview)
+                            lambda text: clean_reply(typed + answer(text), char_name, user_name, speaker=user_name),
+                            commit, user_name, preview, thoughts, think.start)
+        return TurnPlan(prompt, request, lambda text: clean_reply(answer(text), char_name, user_name), commit,
+                        char_name, preview, thoughts, think.start)
 
 
 def _character_summary(stem: str, character: Character) -> dict[str, Any]:
@@ -543,56 +561,3 @@ def _character_summary(stem: str, character: Character) -> dict[str, Any]:
     return {"id": stem, "name": character.name, "description": character.description[:300],
             "greetings": len(character.greetings), "tags": character.tags, "format": character.source_format,
             "has_lorebook": bool(character.character_book and character.character_book.entries)}
-
-
-def _is_greeting_row(row: list[str]) -> bool:
-    return row[0] in ("", BEGIN_VISIBLE_CHAT)
-
-
-def _rows_to_messages(rows: list[list[str]]) -> list[ChatMessage]:
-    messages = []
-    for user_text, reply in rows:
-        if user_text and user_text != BEGIN_VISIBLE_CHAT:
-            messages.append(ChatMessage("user", user_text))
-        if reply:
-            messages.append(ChatMessage("character", reply))
-    return messages
-
-
-def _history_dict(rows: list[list[str]]) -> dict[str, list[list[str]]]:
-    return {"internal": [list(r) for r in rows], "visible": [["" if r[0] == BEGIN_VISIBLE_CHAT else r[0], r[1]]
-                                                             for r in rows]}
-
-
-def _with_reply(rows: list[list[str]], parsed: ChatInput, user_input: str | None,
-                reply: str) -> list[list[str]]:
-    """A copy of the history rows with this turn's reply in place: a new row, the last reply
-    replaced (regenerate) or extended (continue); an impersonated line is not a turn."""
-    rows = [list(row) for row in rows]
-    if parsed.impersonate:
-        return rows
-    if parsed.continue_last:
-        rows[-1][1] += reply
-    elif parsed.regenerate and parsed.conversation_id:
-        rows[-1][1] = reply
-    else:
-        rows.append([user_input or "", reply])
-    return rows
-
-
-def _stored_history(conversation: Any) -> dict[str, list[list[str]]]:
-    """A stored conversation in text-generation-webui's row shape (greeting row first)."""
-    return _history_dict(_stored_rows(conversation))
-
-
-def _stored_rows(conversation: Any) -> list[list[str]]:
-    rows: list[list[str]] = []
-    for message in conversation.messages:
-        if message.role == "user":
-            rows.append([message.text, ""])
-        elif message.role == "character":
-            if rows and rows[-1][1] == "" and rows[-1][0] not in ("", BEGIN_VISIBLE_CHAT):
-                rows[-1][1] = message.text
-            else:
-                rows.append([BEGIN_VISIBLE_CHAT if not rows else "", message.text])
-    return rows

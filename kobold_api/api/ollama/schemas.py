@@ -92,9 +92,10 @@ Format = Annotated[Any, BeforeValidator(_format), WithJsonSchema({
 #: Accepted and ignored: the model stays loaded (a zero still answers a load request as "unload").
 KeepAlive = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}],
                                            "description": "accepted; the model always stays loaded"})]
-#: Accepted and ignored: the reply is the model's text as written, with no separate ``thinking``.
-Think = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}],
-                                       "description": "accepted and ignored (no separate thinking output)"})]
+#: A thinking model's thoughts come back as ``message.thinking``; ``think`` can switch them off or bound them.
+Think = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}], "description": (
+    "false: no thinking (an empty block where the template allows, else one closed at once); a level: "
+    "bounded as reasoning_effort is; true or absent: free")})]
 
 NumPredict = number(integer=True, description=(
     "tokens to generate; below 1 or absent: until a stop, the end of the turn or the end of the context"))

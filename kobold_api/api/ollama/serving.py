@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +32,7 @@ from ...settings import Settings
 from .. import jobs
 from ..errors import ApiError, bad_input_error
 from ..logprobs import LogprobFormatter
+from ..reasoning import ReasoningSplitter, split_reasoning, template_variables
 from ..sse import SSE_HEADERS, EventStream
 from ..tools import Toolset, with_instructions, with_tool_calls
 from .schemas import OllamaChatBody, OllamaGenerateBody, OllamaBody, OllamaShowBody
@@ -69,7 +70,8 @@ class _Run:
     model: str
     request: GenerationRequest
     logprobs: bool
-    piece: Callable[[str], dict[str, Any]]
+    #: A streamed piece's fields (None: nothing to send yet).
+    piece: Callable[[str], dict[str, Any] | None]
     #: The last object's fields, from the result and the calls it made (with tools).
     final: Callable[[GenerationResult, list[dict[str, Any]] | None], dict[str, Any]]
     toolset: Toolset | None = None
@@ -181,16 +183,32 @@ class OllamaService:
         if toolset is not None and not native:
             messages = with_instructions(messages, toolset.instructions())
         tools = [{"type": "function", "function": function} for function in toolset.offered] if native else None
+        # ``think``: false switches thinking off (an empty block where the template can, else a
+        # block closed at once), a level bounds it as reasoning_effort does; true or absent: free.
+        effort = "none" if body.think is False else body.think if body.think in ("low", "medium", "high") else ""
+        variables = template_variables(None, effort)
         if messages[-1]["role"] == "assistant":  # Ollama continues a last assistant message
             last = messages.pop()
-            prompt = self._render(messages, continue_with=last["content"])
+            prompt = self._render(messages, continue_with=last["content"], variables=variables)
         else:
-            prompt = self._render(messages, tools=tools)
+            prompt = self._render(messages, tools=tools, variables=variables)
         constraint = toolset.constraint() if toolset is not None else None
         request = self._request(body, prompt, [], self.template.stop_strings, constraint)
+        if effort:
+            request.sampling = replace(request.sampling, reasoning_effort=effort)
+        think = self.engine.generator.think
+        opened = think.opened_by(prompt)
+        splitter = ReasoningSplitter(think, opened)
 
-        def message(text: str) -> dict[str, Any]:
-            return {"message": {"role": "assistant", "content": text}}
+        def message(content: str, thinking: str | None = None) -> dict[str, Any]:
+            said: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                said["thinking"] = thinking
+            return {"message": said}
+
+        def piece(text: str) -> dict[str, Any] | None:
+            thought, said = splitter.feed(text)
+            return message(said, thought) if thought or said else None
 
         def final(result: GenerationResult, calls: list[dict[str, Any]] | None, text: str = "") -> dict[str, Any]:
             if calls:  # Ollama's shape: the arguments as an object, no ids
@@ -198,9 +216,13 @@ class OllamaService:
                     {"function": {"name": call["function"]["name"],
                                   "arguments": json.loads(call["function"]["arguments"])}} for call in calls]},
                         **self._done(result, started)}
-            return {**message(text), **self._done(result, started)}
+            if text:  # the whole reply (not streamed)
+                thought, said = split_reasoning(text, think, opened)
+            else:  # the end of a stream: what the splitter still held
+                thought, said = splitter.finish()
+            return {**message(said, thought), **self._done(result, started)}
 
-        run = _Run(model, request, body.logprobs is True, message, final, toolset)
+        run = _Run(model, request, body.logprobs is True, piece, final, toolset)
         if body.streaming:
             return self._stream(run, disconnected)
         result = self._wait(run, disconnected)
@@ -218,11 +240,11 @@ class OllamaService:
                 "done_reason": "unload" if body.unloading else "load"}
 
     def _render(self, messages: list[dict[str, Any]], continue_with: str | None = None,
-                tools: list[dict[str, Any]] | None = None) -> str:
+                tools: list[dict[str, Any]] | None = None, variables: dict[str, Any] | None = None) -> str:
         try:
             if continue_with is not None:
                 return render_open_turn(self.template, messages, "assistant", continue_with)
-            return self.template.render(messages, add_generation_prompt=True, tools=tools)
+            return self.template.render(messages, add_generation_prompt=True, tools=tools, variables=variables)
         except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
             raise ApiError(400, {"msg": f"The model's chat template rejected the messages: {exc}",
                                  "type": "invalid_messages"}) from exc
@@ -282,9 +304,8 @@ class OllamaService:
                 if chunk.result is not None:
                     yield ndjson_line({"model": run.model, "created_at": now(), **run.final(chunk.result, calls),
                                        **extra})
-                elif chunk.text:
-                    yield ndjson_line({"model": run.model, "created_at": now(), **run.piece(chunk.text),
-                                       "done": False, **extra})
+                elif chunk.text and (piece := run.piece(chunk.text)) is not None:
+                    yield ndjson_line({"model": run.model, "created_at": now(), **piece, "done": False, **extra})
         except GenerationFailed as exc:  # headers are sent: report it in the stream, as Ollama does
             yield ndjson_line({"error": jobs.stream_failure(exc)})
 

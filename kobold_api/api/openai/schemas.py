@@ -18,6 +18,7 @@ from ...engine.sampling import SamplingParams
 from ...settings import GenerationDefaults
 from ..errors import ValidationError
 from ..generation_options import GRAMMAR_FIELDS, N, GenerationOptions, not_together
+from ..reasoning import template_variables
 from ..tools import ToolFields, Toolset, call_text
 from ..request_model import JSON_SCHEMA_DOC, TOKEN_ID_SCHEMA, Bool, Count, RequestModel, number, spellings
 
@@ -58,6 +59,8 @@ class CompletionInput(OpenAIInput):
 class ChatCompletionInput(OpenAIInput):
     messages: list[dict[str, Any]] = field(default_factory=list)
     toolset: Toolset | None = None
+    #: What the chat template may read beyond the messages (see :func:`reasoning.template_variables`).
+    template_variables: dict[str, Any] = field(default_factory=dict)
 
 
 def _openai_defaults(defaults: GenerationDefaults) -> GenerationDefaults:
@@ -227,6 +230,8 @@ class ChatCompletionBody(OpenAIOptions, ToolFields):
     top_logprobs: number(0, 20, integer=True) | None = None  # type: ignore[valid-type]
     character: str | None = Field(None, description="extension: answer as this character (server-side chat)")
     conversation_id: str | None = Field(None, description="extension: use and store a server-side conversation")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="more variables for the model's chat template (e.g. enable_thinking)")
 
     def to_input(self, defaults: GenerationDefaults, template_renders_tools: bool = False) -> ChatCompletionInput:
         toolset = self.toolset()
@@ -237,7 +242,8 @@ class ChatCompletionBody(OpenAIOptions, ToolFields):
             common["constraint"] = toolset.constraint()
         return ChatCompletionInput(**common, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
                                    messages=[message.as_dict(template_renders_tools) for message in self.messages],
-                                   toolset=toolset)
+                                   toolset=toolset, template_variables=template_variables(
+                                       self.chat_template_kwargs, self.reasoning_effort or ""))
 
 
 def parse_chat_completion(body: Any, defaults: GenerationDefaults,

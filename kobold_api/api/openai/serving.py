@@ -14,6 +14,7 @@ from ...settings import Settings
 from .. import jobs
 from ..errors import ApiError
 from ..logprobs import LogprobFormatter
+from ..reasoning import ReasoningSplitter, split_reasoning
 from ..sse import EventStream, sse_event
 from ..tools import Toolset, with_instructions, with_tool_calls
 from .schemas import ChatCompletionInput, CompletionInput, OpenAIInput, parse_chat_completion
@@ -94,32 +95,39 @@ class OpenAIService:
                         disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         model = self._response_model()
         toolset = parsed.toolset
+        variables = parsed.template_variables
         try:
             if toolset is not None and self._renders_tools:
                 prompt = self.template.render(parsed.messages, True, tools=[
-                    {"type": "function", "function": function} for function in toolset.offered])
+                    {"type": "function", "function": function} for function in toolset.offered], variables=variables)
             elif toolset is not None:
-                prompt = self.template.render(with_instructions(parsed.messages, toolset.instructions()), True)
+                prompt = self.template.render(with_instructions(parsed.messages, toolset.instructions()), True,
+                                              variables=variables)
             else:
-                prompt = self.template.render(parsed.messages, add_generation_prompt=True)
+                prompt = self.template.render(parsed.messages, add_generation_prompt=True, variables=variables)
         except ChatTemplateError as exc:  # e.g. a template that only accepts alternating roles
             raise ApiError(400, {"msg": f"The model's chat template rejected the messages: {exc}",
                                  "type": "invalid_messages"}, param="messages") from exc
         ids = self._prompt_ids(prompt, parsed)
         parsed.stop = [*parsed.stop, *self.template.stop_strings]
         plans = [(0, ids, copy) for copy in range(parsed.n)]
+        think, opened = self.engine.generator.think, self.engine.generator.think.opened_by(prompt)
         if parsed.stream:
             return self._stream(parsed, plans, model, "chat.completion.chunk", disconnected,
                                 lambda index, text: {"index": index, "delta": {"content": text},
                                                      "logprobs": None, "finish_reason": None},
                                 first=lambda index: {"index": index, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None},
-                                logprobs=lambda items, _: {"content": self.logprobs.content(items)}, toolset=toolset)
+                                logprobs=lambda items, _: {"content": self.logprobs.content(items)}, toolset=toolset,
+                                reasoning=lambda: ReasoningSplitter(think, opened))
         choices, usage = [], _Usage()
         for index, ((_, _, copy), result) in enumerate(zip(plans, self._run_all(parsed, plans, disconnected))):
             usage.add(result, count_prompt=copy == 0)
             calls = toolset.parse(result.text) if toolset is not None else None
-            message: dict[str, Any] = {"role": "assistant", "content": result.text}
+            reasoning, content = split_reasoning(result.text, think, opened)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
             if calls:
                 message = {"role": "assistant", "content": None, "tool_calls": calls}
             choices.append({"index": index, "message": message,
@@ -163,6 +171,8 @@ class OpenAIService:
             return EventStream(self._turn_chunks(events, model, parsed.include_usage), on_close=close)
         result = chat.turn(chat_input, disconnected)
         message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
+        if "reasoning" in result:
+            message["reasoning_content"] = result["reasoning"]
         if "conversation_id" in result:
             message["conversation_id"] = result["conversation_id"]
         return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
@@ -188,6 +198,8 @@ class OpenAIService:
                 continue
             result = event.result
             delta = {"conversation_id": result["conversation_id"]} if "conversation_id" in result else {}
+            if "reasoning" in result:  # the thoughts, which the text streamed above left out
+                delta["reasoning_content"] = result["reasoning"]
             yield chunk(delta, event.finish_reason)
             if include_usage:
                 yield writer.usage(_turn_usage(result))
@@ -248,26 +260,29 @@ class OpenAIService:
                 disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
                 first: Callable[[int], dict] | None = None, echo: list[str] | None = None,
                 logprobs: Callable[[list[TokenLogprob], int], Any] | None = None,
-                toolset: Toolset | None = None) -> EventStream:
+                toolset: Toolset | None = None,
+                reasoning: Callable[[], ReasoningSplitter] | None = None) -> EventStream:
         """Queue every choice now (so a full queue is a 503 before any byte is sent), then stream
         the choices one after another; with logprobs on, each chunk carries its own tokens'
-        (``logprobs(items, text offset)`` shapes them)."""
+        (``logprobs(items, text offset)`` shapes them); with ``reasoning`` (chat), a thinking
+        model's thoughts go out as ``reasoning_content`` deltas."""
         submitted = self._submit_all(parsed, plans)
         shape = logprobs if parsed.logprobs is not None else None
         events = self._events(parsed, plans, submitted, model, kind, disconnected, piece, first, echo, shape,
-                              toolset)
+                              toolset, reasoning)
         return EventStream(events, on_close=submitted.cancel)
 
     def _events(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]], submitted: jobs.JobWaves,
                 model: str, kind: str, disconnected: Callable[[], bool], piece: Callable[[int, str], dict],
                 first: Callable[[int], dict] | None, echo: list[str] | None,
                 logprobs: Callable[[list[TokenLogprob], int], Any] | None,
-                toolset: Toolset | None) -> Iterator[bytes]:
+                toolset: Toolset | None, reasoning: Callable[[], ReasoningSplitter] | None) -> Iterator[bytes]:
         writer, usage = _ChunkWriter(kind, model, parsed.include_usage), _Usage()
         envelope = writer.choice
 
         try:
             for index, ((_, ids, copy), job) in enumerate(zip(plans, submitted)):
+                splitter = reasoning() if reasoning is not None else None
                 if first is not None:
                     yield envelope(first(index))
                 offset = 0
@@ -285,6 +300,8 @@ class OpenAIService:
                         yield envelope(echoed)
                         offset, echo_waits = len(echo[index]), False
                     if chunk.result is not None:
+                        if splitter is not None and any(rest := splitter.finish()):
+                            yield envelope(_split_delta(piece(index, ""), *rest))
                         usage.add(chunk.result, count_prompt=copy == 0)
                         final = piece(index, "")
                         if "delta" in final:
@@ -295,6 +312,11 @@ class OpenAIService:
                                 {"index": number, **call} for number, call in enumerate(calls)]},
                                 "logprobs": None, "finish_reason": None})
                             final["finish_reason"] = "tool_calls"
+                    elif chunk.text and splitter is not None:
+                        thought, said = splitter.feed(chunk.text)
+                        if not (thought or said or logprobs):
+                            continue  # a tag, or whitespace, not settled yet
+                        final = _split_delta(piece(index, ""), thought, said)
                     elif chunk.text:
                         final = piece(index, chunk.text)
                     else:
@@ -310,6 +332,16 @@ class OpenAIService:
             yield writer.error(jobs.stream_failure(exc))
         except ApiError as exc:  # a later wave found the queue full (see jobs.JobWaves)
             yield writer.error(exc.message)
+
+
+def _split_delta(choice: dict[str, Any], thought: str, said: str) -> dict[str, Any]:
+    """A chat chunk carrying ``thought`` as ``reasoning_content`` and ``said`` as ``content``."""
+    delta: dict[str, Any] = {}
+    if thought:
+        delta["reasoning_content"] = thought
+    if said or not thought:
+        delta["content"] = said
+    return {**choice, "delta": delta}
 
 
 class _ChunkWriter:

@@ -94,6 +94,10 @@ class SamplingParams:
     # context's logits in before the chain runs; see engine/guidance.py). 1 = off.
     guidance_scale: float = 1.0
     negative_prompt: str = ""
+    # KoboldCpp's reasoning budget (engine/thinking.py): how long a think block may run before
+    # its closing tag is forced. "" and -1: unbounded.
+    reasoning_effort: str = ""
+    thinking_budget_tokens: int = -1
 
     def for_copy(self, index: int) -> "SamplingParams":
         """Parameters for the ``index``-th of ``n`` results of one request: seed + index, so
