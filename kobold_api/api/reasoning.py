@@ -12,17 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.stopping import partial_suffix_length
 from ..engine.thinking import ThinkFormat
 
 __all__ = ["ReasoningSplitter", "split_reasoning", "template_variables"]
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Characters at the end of ``text`` that could begin ``tag``."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
 
 
 class ReasoningSplitter:
@@ -55,7 +48,7 @@ class ReasoningSplitter:
                     reasoning += self._held[:at]
                     self._held, self._state, closed = self._held[at + len(self.think.end):], "after", True
                     continue
-                keep = _partial_suffix(self._held, self.think.end)
+                keep = partial_suffix_length(self._held, [self.think.end])
                 body = self._held[:len(self._held) - keep]
                 settled = body.rstrip()  # trailing whitespace waits: it is dropped if the tag follows
                 reasoning += settled

@@ -434,6 +434,8 @@ class Engine:
             log.exception("generation failed")
             job.error = exc
             chunks, token = [], None
+        if token is not None:  # its keys count before its first token goes out (a client may look at once)
+            self.stats.kv_tokens_in_use += sequence.cache_length
         self._deliver(job, chunks)
         if token is None:
             self._end(job)

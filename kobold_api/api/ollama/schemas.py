@@ -93,9 +93,10 @@ Format = Annotated[Any, BeforeValidator(_format), WithJsonSchema({
 KeepAlive = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}],
                                            "description": "accepted; the model always stays loaded"})]
 #: A thinking model's thoughts come back as ``message.thinking``; ``think`` can switch them off or bound them.
-Think = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}], "description": (
-    "false: no thinking (an empty block where the template allows, else one closed at once); a level: "
-    "bounded as reasoning_effort is; true or absent: free")})]
+Think = Annotated[Any, WithJsonSchema({
+    "anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}],
+    "description": "false: no thinking (an empty block where the template allows, else one closed at once); a "
+                   "level: bounded as reasoning_effort is; true or absent: free"})]
 
 NumPredict = number(integer=True, description=(
     "tokens to generate; below 1 or absent: until a stop, the end of the turn or the end of the context"))
