@@ -24,6 +24,7 @@ from ...chat.conversations import ConversationStore, TurnBusy, TurnTicket
 from ...chat.templates import ChatTemplate, get_named_template
 from ...engine.engine import Engine, GenerationFailed, Job
 from ...engine.generation import STOP_ABORT, GenerationRequest, GenerationResult, token_budget
+from ...engine.thinking import ThinkFormat
 from ...settings import Settings
 from .. import jobs
 from ..errors import DOMAIN_ERRORS, ApiError, admin_error, domain_error, not_found_error, origin_error
@@ -88,22 +89,26 @@ class TurnPlan:
     #: The history rows (text-generation-webui's shape) as ``commit`` will leave them with
     #: this reply, without storing anything: what a legacy stream shows while the reply grows.
     preview: Callable[[str], dict[str, list[list[str]]]]
-    #: A reasoning model's thoughts in the generated text (None: it did not think); ``clean``
-    #: leaves them out of the reply.
-    thoughts: Callable[[str], str | None] = lambda text: None
-    #: Text a reply may open with that ``clean`` removes once complete (a think tag).
-    opening: str = ""
+    #: A reasoning model's tags and whether the prompt opened its block: its thoughts are then
+    #: split off before ``clean`` (None: the text is the reply as it is, e.g. a continuation).
+    reasoning: tuple[ThinkFormat, bool] | None = None
+
+    def parts(self, raw: str) -> tuple[str | None, str]:
+        """The thoughts in generated ``raw`` (None: the model did not think) and the reply, cleaned."""
+        thoughts, answer = split_reasoning(raw, *self.reasoning) if self.reasoning is not None else (None, raw)
+        return thoughts, self.clean(answer)
 
     def stream_preview(self, raw: str) -> str:
         """The part of the final reply already certain after ``raw`` was generated.
 
-        While the text could still turn into the ``"{speaker}:"`` prefix or the opening tag of
-        a think block, both of which ``clean`` strips, nothing is certain yet.
+        While the text could still turn into the ``"{speaker}:"`` prefix that ``clean`` strips,
+        or the opening tag of a think block, nothing is certain yet.
         """
         head = raw.lstrip().casefold()
-        if head and (f"{self.speaker}:".casefold().startswith(head) or self.opening.casefold().startswith(head)):
+        opening = self.reasoning[0].start.casefold() if self.reasoning is not None else ""
+        if head and (f"{self.speaker}:".casefold().startswith(head) or opening.startswith(head)):
             return ""
-        return self.clean(raw)
+        return self.parts(raw)[1]
 
 
 @dataclass
@@ -422,11 +427,10 @@ class ChatService:
     def _finish(self, plan: TurnPlan, result: GenerationResult, claim: TurnClaim) -> dict[str, Any]:
         if result.stop_reason == STOP_ABORT:
             raise ApiError(409, {"msg": "Generation was aborted; nothing was stored.", "type": "aborted"})
-        reply = plan.clean(result.text)
+        thoughts, reply = plan.parts(result.text)
         figures = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                    "dropped_turns": plan.prompt.dropped_turns, "dropped_examples": plan.prompt.dropped_examples,
                    "finish_reason": result.finish_reason}
-        thoughts = plan.thoughts(result.text)
         if thoughts is not None:
             figures["reasoning"] = thoughts
         body = plan.commit(reply, claim.ticket, {"text": reply, **figures})
@@ -538,22 +542,14 @@ class ChatService:
         char_name = character.display_name
         if parsed.continue_last:
             return TurnPlan(prompt, request, lambda text: text, commit, "", preview)
-        think = self.engine.generator.think
-        opened = think.opened_by(prompt.text)
-
-        def answer(text: str) -> str:
-            return split_reasoning(text, think, opened)[1]
-
-        def thoughts(text: str) -> str | None:
-            return split_reasoning(text, think, opened)[0]
-
+        reasoning = (self.engine.generator.think, self.engine.generator.think.opened_by(prompt.text))
         if parsed.impersonate:
             typed = user_input or ""
             return TurnPlan(prompt, request,
-                            lambda text: clean_reply(typed + answer(text), char_name, user_name, speaker=user_name),
-                            commit, user_name, preview, thoughts, think.start)
-        return TurnPlan(prompt, request, lambda text: clean_reply(answer(text), char_name, user_name), commit,
-                        char_name, preview, thoughts, think.start)
+                            lambda text: clean_reply(typed + text, char_name, user_name, speaker=user_name),
+                            commit, user_name, preview, reasoning)
+        return TurnPlan(prompt, request, lambda text: clean_reply(text, char_name, user_name), commit,
+                        char_name, preview, reasoning)
 
 
 def _character_summary(stem: str, character: Character) -> dict[str, Any]:
