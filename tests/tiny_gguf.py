@@ -180,12 +180,36 @@ def _add_family_metadata(writer, family: str, config: dict) -> None:
             writer.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], np.float32))
 
 
-def _add_spm_tokenizer(writer, vocab_size: int) -> None:
+def write_tokenizer_gguf(path: Path, family: str, hf_dir: Path | None = None, words: tuple[str, ...] = ()) -> Path:
+    """A GGUF with only a model's metadata and a tokenizer: the byte-level vocabulary of
+    ``hf_dir`` as ``gpt2``, or (``hf_dir`` None) a SentencePiece one with ``words`` added."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), family)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    if hf_dir is None:
+        _add_spm_tokenizer(writer, 300, words)
+    else:
+        _add_tokenizer(writer, hf_dir)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _add_spm_tokenizer(writer, vocab_size: int, extra_words: tuple[str, ...] = ()) -> None:
     """A SentencePiece-style vocabulary (``llama`` model): control tokens, the 256 byte
     tokens, then word pieces up to ``vocab_size``."""
     special = ["<pad>", "<eos>", "<bos>", "<unk>"]
     pieces = [f"<0x{byte:02X}>" for byte in range(256)]
-    words = ["▁", "▁t", "▁th", "▁the", "h", "e", "t", "n", "i", "▁hen", "▁thin"]
+    words = ["▁", "▁t", "▁th", "▁the", "h", "e", "t", "n", "i", "▁hen", "▁thin", *extra_words]
     tokens = (special + pieces + words)[:vocab_size]
     tokens += [f"▁w{i}" for i in range(vocab_size - len(tokens))]
     writer.add_tokenizer_model("llama")

@@ -24,9 +24,15 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
 
 
-def build_tokenizer(out_dir: Path, merges: int = 0) -> dict[str, int]:
+def build_tokenizer(out_dir: Path, merges: int = 0, gguf_decoder: bool = True) -> dict[str, int]:
     """Write tokenizer.json/tokenizer_config.json; return the vocabulary. Byte-level tokens,
-    plus the first ``merges`` of :data:`MERGES`."""
+    plus the first ``merges`` of :data:`MERGES`.
+
+    ``gguf_decoder``: decode as transformers' conversion of a Llama-architecture GGUF with a
+    byte-level vocabulary does (Llama 3, SmolLM2: ``Sequence[ByteFallback, Fuse, Replace,
+    ByteLevel, Strip]``), as most users' models do, instead of plain ``ByteLevel`` (a Hugging Face
+    folder's). The text is the same but for the first token's leading space; readers that
+    look for a plain ``ByteLevel`` decoder get it wrong (a constraint engine once did)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
@@ -36,7 +42,9 @@ def build_tokenizer(out_dir: Path, merges: int = 0) -> dict[str, int]:
         vocab[left + right] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=MERGES[:merges]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.decoder = decoders.Sequence([
+        decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " "), decoders.ByteLevel(),
+        decoders.Strip(" ", 1, 0)]) if gguf_decoder else decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     config = {

@@ -28,11 +28,12 @@ class LogprobFormatter:
         self.tokenizer = tokenizer
 
     def text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """The token's text as it reads inside the reply (part of a character: U+FFFD)."""
+        return self.tokenizer.token_piece(token_id).decode("utf-8", errors="replace")
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self.text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        piece = self.tokenizer.token_piece(token_id)
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
 
     def content(self, items: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
         return [{**self._entry(item.token_id, item.logprob),

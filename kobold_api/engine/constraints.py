@@ -16,16 +16,20 @@ rollback). This module keeps its API in one place:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
+
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 #: JSON without free whitespace (llguidance's default, "any whitespace", lets a small model loop
 #: on newlines forever), and ``oneOf`` read as ``anyOf`` (exclusivity cannot be masked for).
@@ -70,7 +74,7 @@ class Constraint:
             if isinstance(schema, dict):
                 return cls.from_json_schema(schema, retain_state)
         try:
-            lark = any_to_lark(_plain_unicode_escapes(text))
+            lark = _group_nested_repetitions(any_to_lark(_plain_unicode_escapes(text)))
             grammar = llguidance.LLMatcher.grammar_from_lark(_character_level(lark))
         except Exception as exc:  # the converter raises bare Exceptions for a bad grammar
             raise ConstraintError(f"Invalid grammar: {_first_line(exc)}") from None
@@ -158,6 +162,43 @@ def _character_level(lark: str) -> str:
     return "".join(parts)
 
 
+#: Lark text as tokens: strings, regular expressions and comments whole, quantifiers, parentheses.
+_LARK_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"i?|/(?:[^/\\\n]|\\.)+/[imsx]*|//[^\n]*|#[^\n]*'
+                         r'|\{\d*(?:,\d*)?\}|[+*?()]|\s+|[^\s"/+*?(){}]+|.')
+
+
+def _is_quantifier(token: str) -> bool:
+    return token in ("+", "*", "?") or (token.startswith("{") and token.endswith("}"))
+
+
+def _group_nested_repetitions(lark: str) -> str:
+    """The converted grammar with a repetition of a repetition parenthesized: GBNF's ``(x+)?``
+    comes out of the converter as ``x+?``, which Lark refuses."""
+    lines = []
+    for line in lark.split("\n"):
+        tokens = _LARK_TOKEN.findall(line) if not line.startswith("%") else [line]
+        index = 1
+        while index < len(tokens):
+            if _is_quantifier(tokens[index]) and _is_quantifier(tokens[index - 1]):
+                start = _operand_start(tokens, index - 2)
+                tokens[index:index] = [")"]
+                tokens[start:start] = ["("]
+                index += 2
+            index += 1
+        lines.append("".join(tokens))
+    return "\n".join(lines)
+
+
+def _operand_start(tokens: list[str], end: int) -> int:
+    """Where the operand ending at ``tokens[end]`` starts (a parenthesized group is one)."""
+    depth = 0
+    for position in range(end, -1, -1):
+        depth += {")": 1, "(": -1}.get(tokens[position], 0)
+        if depth == 0:
+            return position
+    return 0
+
+
 _KIND_NAMES = {"gbnf": "grammar", "lark": "grammar", "json_schema": "JSON schema"}
 
 
@@ -168,10 +209,17 @@ def _first_line(error: object) -> str:
 
 class GrammarVocabulary:
     """The model's vocabulary for llguidance, built on first use (about a second) and shared
-    by every sequence (a matcher is per sequence; the vocabulary is read-only)."""
+    by every sequence (a matcher is per sequence; the vocabulary is read-only).
 
-    def __init__(self, model_dir: Path, logits_width: int, stop_ids: list[int]) -> None:
-        self._path = Path(model_dir) / "tokenizer.json"
+    llguidance is given each token's bytes as the model's own decoder writes them
+    (:meth:`Tokenizer.token_bytes`), not the raw ``tokenizer.json``: its own reading of a
+    decoder chain takes byte-level tokens of GGUF-converted tokenizers for UTF-8 letters, and
+    then masks and text disagree. A token with no bytes of its own is marked special, which no
+    text grammar allows.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, logits_width: int, stop_ids: list[int]) -> None:
+        self._source = tokenizer
         self.width = logits_width
         self.stop_ids = list(stop_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
@@ -183,9 +231,17 @@ class GrammarVocabulary:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                text = self._path.read_text(encoding="utf-8")
-                self._tokenizer = llguidance.LLTokenizer(text, n_vocab=self.width, eos_token=self.stop_ids or None)
+                self._tokenizer = self._build()
             return self._tokenizer
+
+    def _build(self) -> llguidance.LLTokenizer:
+        eos = self.stop_ids or None
+        table = self._source.token_bytes()
+        if table is None:  # a decoder not known here: llguidance's own reading is all there is
+            log.warning("grammars read the tokenizer by llguidance's own rules")
+            return llguidance.LLTokenizer(self._source.to_json(), n_vocab=self.width, eos_token=eos)
+        wrapper = llguidance.TokenizerWrapper(_TokenTable(self._source, table, self.stop_ids))
+        return llguidance.LLTokenizer(wrapper, n_vocab=self.width, eos_token=eos)
 
     def guide(self, constraint: Constraint) -> "Guide":
         """A matcher for one sequence; a retained grammar continues from the last one's state."""
@@ -201,9 +257,31 @@ class GrammarVocabulary:
                                   f"{_first_line(matcher.get_error())}")
         return Guide(matcher, self, constraint)
 
+    def encode(self, text: str) -> list[int]:
+        """``text`` as tokens the matchers can follow (any tokenization of it will do)."""
+        return self._source.encode(text, add_special_tokens=False)
+
     def retain(self, constraint: Constraint, matcher: llguidance.LLMatcher) -> None:
         with self._lock:
             self._retained = (constraint.grammar, matcher.deep_copy())
+
+
+class _TokenTable:
+    """llguidance's tokenizer protocol (``TokenizerWrapper``) over a token byte table."""
+
+    def __init__(self, tokenizer: Tokenizer, table: list[bytes | None], stop_ids: list[int]) -> None:
+        self._encode = tokenizer.encode
+        special = set(tokenizer.special_ids)
+        special.update(token_id for token_id, value in enumerate(table) if not value)
+        self.tokens = [value if value else f"<[{token_id}]>".encode() for token_id, value in enumerate(table)]
+        self.special_token_ids = sorted(special)
+        self.eos_token_id = stop_ids[0] if stop_ids else None
+        self.bos_token_id = None
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("text, not bytes")  # llguidance then passes text
+        return self._encode(text, add_special_tokens=False)
 
 
 class Guide:
@@ -214,6 +292,7 @@ class Guide:
         self.vocabulary = vocabulary
         self.constraint = constraint
         self._bits = np.empty((vocabulary.width + 31) // 32, dtype=np.int32)
+        self._start = matcher.deep_copy()
 
     @property
     def finished(self) -> bool:
@@ -239,6 +318,13 @@ class Guide:
     def rollback(self, count: int) -> None:
         if count > 0:
             self.matcher.rollback(count)
+
+    def accepts(self, text: str) -> bool:
+        """Whether ``text`` is a complete output of the grammar (from where this sequence
+        started): a stop string may end the output there. The text is tokenized afresh; the
+        grammar is over bytes, so any tokenization of the same text is judged alike."""
+        matcher = self._start.deep_copy()
+        return matcher.consume_tokens(self.vocabulary.encode(text)) and matcher.is_accepting()
 
     def close(self) -> None:
         """The sequence ended: keep the state for a ``retain_state`` grammar's next request."""

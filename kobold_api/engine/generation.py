@@ -31,7 +31,7 @@ MIN_PROMPT_TOKENS = 4
 
 #: Why a generation ended. ``finish_reason`` on the wire is derived from these.
 STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ABORT = "eos", "stop_string", "length", "abort"
-#: The grammar allows no token that the bans leave (or it failed): the output ends where it is.
+#: The grammar allows no token that the bans (EOS and phrase bans) leave: the output ends where it is.
 STOP_GRAMMAR = "grammar"
 
 
@@ -132,7 +132,7 @@ class TextGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
-        self.grammar_vocabulary = GrammarVocabulary(model.model_dir, model.vocab_size, model.info.eos_token_ids)
+        self.grammar_vocabulary = GrammarVocabulary(tokenizer, model.vocab_size, model.info.eos_token_ids)
         self.think = ThinkFormat.for_model(tokenizer.chat_template,
                                            lambda text: tokenizer.encode(text, add_special_tokens=False))
 
@@ -254,9 +254,8 @@ class Sequence:
         context_length = min(request.max_context_length, info.context_length)
         self.max_new = max(0, min(request.max_new_tokens, context_length - len(self.prompt_ids)))
         self.eos_ids = set(info.eos_token_ids)
-        self.matcher = StopMatcher(request.stop_strings, request.trim_stop)
         self.bans = PhraseBanGuard(request.banned_phrases)
-        self.decoder = IncrementalDecoder(generator.tokenizer)
+        self.decoder = IncrementalDecoder(generator.tokenizer, context=self.prompt_ids)
         self.context = np.empty(len(self.prompt_ids) + self.max_new, dtype=np.int64)
         self.context[: len(self.prompt_ids)] = self.prompt_ids
         self.length = len(self.prompt_ids)
@@ -274,6 +273,9 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._prompt_sent = False
         self.guide = generator.grammar_vocabulary.guide(request.constraint) if request.constraint else None
+        # Under a grammar a stop string ends the output only where the grammar could end it.
+        self.matcher = StopMatcher(request.stop_strings, request.trim_stop,
+                                   None if self.guide is None else self._grammar_may_end)
         self.guidance = generator.guidance_for(request, self.prompt_ids, context_length - self.max_new)
         self.think_limit = generator.think_limit_for(request, self.prompt_ids, self.max_new)
 
@@ -337,7 +339,10 @@ class Sequence:
                 delta = self.bans.release(final=stop_at is not None)
                 break
             logits, banned = self._take_back(rewind.index).logits, rewind.banned
-            token = self.sampler(_without(logits, banned), self.context[: self.length])
+            logits = _without(logits, banned)
+            if not self._any_allowed(logits):  # the grammar allows only what the bans took
+                return self._finish(STOP_GRAMMAR), None
+            token = self.sampler(logits, self.context[: self.length])
         match = self.matcher.feed(delta)
         chunks = self._emit(match.text)
         if match.stop_string is not None:
@@ -353,6 +358,9 @@ class Sequence:
         if banned:
             allowed[[token for token in banned if token < allowed.size]] = False
         return bool(allowed.any())
+
+    def _grammar_may_end(self, text: str) -> bool:
+        return self.guide is not None and self.guide.accepts("".join(self.text_parts) + text)
 
     @property
     def cache_length(self) -> int:

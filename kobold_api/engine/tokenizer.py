@@ -8,11 +8,15 @@ from the model folder by :func:`read_chat_template`.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer as FastTokenizer
 
 from ..jsontext import REPLACEMENT_CHAR, clean_text
+from .token_bytes import UnsupportedDecoder, token_bytes
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -27,6 +31,8 @@ class Tokenizer:
         self.bos_token: str = _token_text(self.config.get("bos_token"))
         self.eos_token: str = _token_text(self.config.get("eos_token"))
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        #: :meth:`token_bytes`'s table once worked out (False: the decoder is not known).
+        self._token_bytes: list[bytes | None] | bool | None = None
         self.special_ids: set[int] = {
             token_id for token_id, token in self._tokenizer.get_added_tokens_decoder().items() if token.special
         }
@@ -41,6 +47,33 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
+
+    def token_bytes(self) -> list[bytes | None] | None:
+        """The bytes each token id writes in the middle of a text (None for a token with none
+        of its own; see :mod:`.token_bytes`), worked out once; None for a decoder not known
+        there."""
+        if self._token_bytes is None:
+            decoder = json.loads(self._tokenizer.to_str()).get("decoder")
+            strings = [self._tokenizer.id_to_token(token_id) for token_id in range(self.vocab_size)]
+            try:
+                table = token_bytes(decoder, [string or "" for string in strings])
+            except UnsupportedDecoder as exc:
+                log.warning("token bytes are read by each token's own decoding: %s is not known here", exc)
+                self._token_bytes = False
+            else:
+                self._token_bytes = [None if string is None else value for string, value in zip(strings, table)]
+        return self._token_bytes or None
+
+    def token_piece(self, token_id: int) -> bytes:
+        """What one token writes in the middle of a text (a lone token's decoding drops a
+        leading space under some decoders); its own decoding where the table has none."""
+        table = self.token_bytes() or []
+        piece = table[token_id] if token_id < len(table) else None
+        return piece if piece is not None else self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def to_json(self) -> str:
+        """The whole tokenizer as ``tokenizer.json`` text."""
+        return self._tokenizer.to_str()
 
     def count(self, text: str) -> int:
         return len(self.encode(text, add_special_tokens=False))
@@ -61,12 +94,21 @@ class IncrementalDecoder:
     the following tokens complete it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    #: Prompt tokens decoded before the first new one (see ``context``).
+    CONTEXT_TOKENS = 4
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: list[int] = ()) -> None:
+        """``context``: the tokens before the first one added (the prompt's end). Decoders that
+        drop the leading space of a text (SentencePiece's, a GGUF conversion's ``Strip``) would
+        drop it from the first new token too, and a continued story would read "timethere"."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._ids: list[int] = []
+        context = list(context)[-self.CONTEXT_TOKENS:]
+        if context and tokenizer.decode(context, skip_special_tokens).endswith(REPLACEMENT_CHAR):
+            context = []  # the prompt ends inside a character: its end is no clean start
+        self._ids: list[int] = context
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(context)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (possibly empty)."""
