@@ -83,6 +83,12 @@ class Settings:
     cpu_threads: int = 0
     queue_size: int = 16
     max_batch_size: int = 8
+    #: Generations one request may ask for (a list of prompts times ``n``); more is a 4xx.
+    max_request_choices: int = 16
+    #: Tokens one request may generate over all its generations: each of its results is clamped
+    #: to its share (as every result is clamped to the context), so no request holds the batch for
+    #: long. A request with one result is held only by the context.
+    max_request_tokens: int = 16384
     prefix_cache_mb: int = 256
     #: Reuse a cached chat whose oldest turns were dropped by moving the rest into place
     #: (KoboldCpp's ContextShift); off: only a shared prefix is reused (see README, "Long chats").
@@ -204,9 +210,11 @@ def _validate(settings: Settings) -> Settings:
         raise SettingsError(f"quant must be one of {', '.join(QUANTS)}, got {settings.quant!r}")
     if not 0 < settings.port < 65536:
         raise SettingsError(f"port must be 1-65535, got {settings.port}")
-    for name in ("threads", "queue_size", "max_batch_size", "context_size"):
+    for name in ("threads", "queue_size", "max_batch_size", "context_size", "max_request_choices"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{name} must be at least 1")
+    if settings.max_request_tokens < 16 * settings.max_request_choices:
+        raise SettingsError("max_request_tokens must be at least 16 tokens for each of max_request_choices")
     if settings.turn_lease_seconds < 0.5:
         raise SettingsError("turn_lease_seconds must be at least 0.5")
     if bool(settings.horde_key) != bool(settings.horde_name):

@@ -7,6 +7,7 @@ Kobold, OpenAI and chat services alike.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterator
 
 from flask import has_request_context, request
@@ -14,7 +15,7 @@ from flask import has_request_context, request
 from ..engine.engine import Engine, GenerationFailed, Job, QueueFullError
 from ..engine.generation import CancelToken, GenerationRequest, GenerationResult
 from ..settings import Settings
-from .errors import ApiError, busy_error, internal_error
+from .errors import ApiError, ValidationError, busy_error, internal_error
 
 
 def submit(engine: Engine, generation: GenerationRequest, genkey: str = "",
@@ -26,17 +27,31 @@ def submit(engine: Engine, generation: GenerationRequest, genkey: str = "",
         raise busy_error() from None
 
 
+def check_choices(settings: Settings, count: int, field: str = "n") -> None:
+    """A request may ask for at most ``max_request_choices`` generations (a 4xx under ``field``)."""
+    if count > settings.max_request_choices:
+        raise ValidationError({field: [
+            f"This request asks for {count} generations (prompts x n); this server takes at most "
+            f"{settings.max_request_choices} per request (max_request_choices)."]})
+
+
 class JobWaves:
     """One request's generations (the ``n`` results, a list of prompts), queued together so they
     decode as one batch, in waves of at most the queue's capacity: the first wave at once (a full
     queue is a 503 before anything is sent), each next one when the caller has read the wave
     before to its end. Iterate the jobs in order, each to its end; :meth:`cancel` stops the rest.
-    ``genkey`` names the first job."""
+    ``genkey`` names the first job.
 
-    def __init__(self, engine: Engine, generations: list[GenerationRequest], genkey: str = "",
+    The request's bounds hold here, for every route: at most ``max_request_choices``
+    generations, and each of several clamped to its share of ``max_request_tokens``."""
+
+    def __init__(self, engine: Engine, settings: Settings, generations: list[GenerationRequest], genkey: str = "",
                  cancel_token: CancelToken | None = None) -> None:
+        check_choices(settings, len(generations))
         self._engine, self._cancel_token = engine, cancel_token
-        self._pending = list(generations)
+        share = settings.max_request_tokens // max(1, len(generations))
+        self._pending = [generation if len(generations) == 1 or generation.max_new_tokens <= share
+                         else replace(generation, max_new_tokens=share) for generation in generations]
         self.submitted: list[Job] = []
         self._queue_wave(genkey)
 

@@ -117,7 +117,7 @@ class KoboldService:
         The ``n`` jobs are submitted together (so they decode as one batch) and share one
         cancel token, so aborting the request's genkey stops all of them.
         """
-        submitted = jobs.JobWaves(self.engine, [parsed.to_request(index) for index in range(parsed.n)],
+        submitted = jobs.JobWaves(self.engine, self.settings, [parsed.to_request(index) for index in range(parsed.n)],
                                   parsed.genkey, CancelToken())
         try:
             results = [jobs.wait(job, disconnected) for job in submitted]

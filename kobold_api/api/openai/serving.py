@@ -56,6 +56,7 @@ class OpenAIService:
     # --- completions ------------------------------------------------------------------
     def completion(self, parsed: CompletionInput, disconnected: Callable[[], bool]) -> dict[str, Any] | EventStream:
         model = self._response_model()
+        jobs.check_choices(self.settings, len(parsed.prompts) * parsed.n, "prompt" if len(parsed.prompts) > 1 else "n")
         prompts_ids = [self._prompt_ids(prompt, parsed) for prompt in parsed.prompts]
         prompt_texts = [p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=False)
                         for p in parsed.prompts]
@@ -246,7 +247,7 @@ class OpenAIService:
     def _submit_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]]) -> jobs.JobWaves:
         """Every choice is queued at once (they decode as one batch), or in waves when there are
         more than the queue holds (see :class:`jobs.JobWaves`)."""
-        return jobs.JobWaves(self.engine, [self._request(ids, parsed, copy) for _, ids, copy in plans])
+        return jobs.JobWaves(self.engine, self.settings, [self._request(ids, parsed, copy) for _, ids, copy in plans])
 
     def _run_all(self, parsed: OpenAIInput, plans: list[tuple[int, list[int], int]],
                  disconnected: Callable[[], bool]) -> list[GenerationResult]:
