@@ -3,7 +3,8 @@
 Kobold routes answer ``{"detail": {...}}`` (KoboldAI United / KoboldCpp); OpenAI
 routes answer ``{"error": {"message", "type", "param", "code"}}``; Ollama routes answer
 ``{"error": "message"}``. Which shape a failure gets depends on the path, so one handler
-serves the whole app.
+serves the whole app. A 503 that says when to come back (the conversation database is away) carries
+``Retry-After`` in every shape.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from werkzeug.exceptions import HTTPException
 from ..chat.cards import CardError
 from ..chat.characters import CardTooLargeError, CharacterExistsError, UnsafeNameError
 from ..chat.conversations import (
-    ConversationNotFound, IdempotencyKeyReused, MessageNotFound, StoreError, SwipeNotFound, TurnLost,
+    ConversationNotFound, DatabaseUnavailable, IdempotencyKeyReused, MessageNotFound, StoreError, SwipeNotFound,
+    TurnLost,
 )
 from ..chat.prompt import PromptBuildError, PromptTooLongError
 
@@ -29,12 +31,14 @@ class ApiError(Exception):
     """A failure with an HTTP status and a Kobold ``detail`` body."""
 
     def __init__(self, status: int, detail: dict[str, Any], openai_type: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(detail.get("msg", str(detail)))
         self.status = status
         self.detail = detail
         self.openai_type = openai_type
         self.param = param
+        #: Seconds for the ``Retry-After`` header (None: no header).
+        self.retry_after = retry_after
 
     @property
     def message(self) -> str:
@@ -53,7 +57,7 @@ class ValidationError(ApiError):
 
 def busy_error() -> ApiError:
     return ApiError(503, {"msg": "Server is busy; please try again later.", "type": "service_unavailable"},
-                    openai_type="server_error")
+                    openai_type="server_error", retry_after=1)
 
 
 def unauthorized_error() -> ApiError:
@@ -110,6 +114,8 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int, 
     (SwipeNotFound, 409, "conflict", ""),  # the message is there; the body names a swipe it lacks
     (TurnLost, 409, "turn_lost", ""),
     (IdempotencyKeyReused, 422, "idempotency_key_reused", ""),
+    # Down, restarting, or the connection was lost: try again (Retry-After), never a 500.
+    (DatabaseUnavailable, 503, "database_unavailable", ""),
     (StoreError, 400, "bad_input", ""),
 )
 #: The classes to register a handler for (each subclass is found through its base).
@@ -123,7 +129,9 @@ def domain_error(error: Exception) -> ApiError:
         if isinstance(error, kind):
             if kind is CharacterExistsError:
                 message += " Send overwrite=true to replace it."
-            return ApiError(status, {"msg": prefix + message, "type": name})
+            return ApiError(status, {"msg": prefix + message, "type": name},
+                            openai_type="server_error" if status >= 500 else None,
+                            retry_after=getattr(error, "retry_after", None))
     raise TypeError(f"not a domain error: {error!r}")
 
 
@@ -173,6 +181,8 @@ def error_response(error: ApiError) -> Response:
         body = {"detail": error.detail}
     response = jsonify(body)
     response.status_code = status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 

@@ -11,7 +11,9 @@ Design points
 * **Any SQLAlchemy URL** works (SQLAlchemy Core, no ORM session state). SQLite is
   the default deployment and gets extra care (:mod:`.store_engine`).
 * **Every public operation is one transaction.** A failure half-way (e.g. after
-  the user message of a turn was inserted) rolls everything back.
+  the user message of a turn was inserted) rolls everything back. A database that does not
+  answer raises :class:`DatabaseUnavailable`; an operation whose connection was lost before it
+  committed runs again once (:func:`.store_engine.once_more_if_disconnected`).
 * **Versioned migrations** (:mod:`.store_schema`). ``schema_version`` holds one integer; the steps
   in :data:`MIGRATIONS` are applied in order at start-up, one transaction each.
   Adding a schema change later means appending one function to that tuple.
@@ -41,10 +43,10 @@ from sqlalchemy.engine import Connection, Engine
 from ..settings import DATABASE_FILE
 from . import turns
 from .conversation import ROLES, Conversation, Message, conversation_from_row, message_from_row
-from .store_engine import open_engine
+from .store_engine import once_more_if_disconnected, open_engine, transaction
 from .store_errors import (
-    ConversationNotFound, IdempotencyKeyReused, MessageNotFound, SchemaVersionError, StoreError, SwipeNotFound,
-    TurnLost,
+    ConversationNotFound, DatabaseUnavailable, IdempotencyKeyReused, MessageNotFound, SchemaVersionError, StoreError,
+    SwipeNotFound, TurnLost,
 )
 from .store_schema import (
     MIGRATIONS, Migration, conversations as _conversations, messages as _messages, migrate,
@@ -61,6 +63,7 @@ __all__ = [
     "MessageNotFound",
     "SwipeNotFound",
     "SchemaVersionError",
+    "DatabaseUnavailable",
     "TurnLost",
     "IdempotencyKeyReused",
     "TurnBusy",
@@ -184,6 +187,7 @@ class ConversationStore:
 
     # ------------------------------------------------------------ leased turns
 
+    @once_more_if_disconnected
     def claim_turn(self, conversation_id: str, *, kind: str = "turn", key: str | None = None,
                    fingerprint: str = "") -> TurnTicket:
         """Lease the conversation for one turn (or edit) in the database; see :mod:`.turns`.
@@ -193,12 +197,13 @@ class ConversationStore:
         ``replay`` set is a finished turn of the same key: nothing is leased.
         """
         with self._writing() as conn:
-            ticket = turns.claim(conn, conversation_id, self.owner, self._clock(), self.lease_seconds,
+            ticket = turns.claim(conn, conversation_id, self.owner, self._clock, self.lease_seconds,
                                  kind=kind, key=key, fingerprint=fingerprint)
         if ticket.replay is None:
             self._leases.hold(ticket.id)
         return ticket
 
+    @once_more_if_disconnected
     def release_turn(self, ticket: TurnTicket, error: str = "ended without a reply") -> None:
         """End a claimed turn that stored nothing (aborted, failed); harmless after it completed."""
         if ticket.replay is not None:
@@ -207,11 +212,13 @@ class ConversationStore:
         with self._writing() as conn:
             turns.release(conn, ticket, self._clock(), error)
 
+    @once_more_if_disconnected
     def finish_turn(self, ticket: TurnTicket, outcome: Mapping[str, Any]) -> None:
         """Complete a claimed turn that stores no message (an impersonated line, an edit)."""
         with self._writing(ticket, outcome):
             pass
 
+    @once_more_if_disconnected
     def _renew_leases(self, ids: list[int]) -> None:
         with self._writing() as conn:
             turns.renew(conn, ids, self.owner, self._clock() + self.lease_seconds)
@@ -227,7 +234,7 @@ class ConversationStore:
         rolls the writes back with :class:`TurnLost` when the turn's lease was lost).
         """
         try:
-            with self._write_engine.begin() as conn:
+            with transaction(self._write_engine) as conn:
                 yield conn
                 if turn is not None:
                     turns.complete(conn, turn, self._clock(), outcome or {})
@@ -238,11 +245,12 @@ class ConversationStore:
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
         """One read transaction, so a conversation and its messages come from one snapshot."""
-        with self._engine.begin() as conn:
+        with transaction(self._engine) as conn:
             yield conn
 
     # ------------------------------------------------------------ conversation operations
 
+    @once_more_if_disconnected
     def create(
         self,
         character: str,
@@ -275,16 +283,19 @@ class ConversationStore:
                 )
             return self._load(conn, conversation_id, with_messages=True)
 
+    @once_more_if_disconnected
     def require(self, conversation_id: str) -> None:
         """Raise :class:`ConversationNotFound` unless the conversation exists (without loading it)."""
         with self._reading() as conn:
             self._require_conversation(conn, conversation_id)
 
+    @once_more_if_disconnected
     def get(self, conversation_id: str) -> Conversation:
         """The conversation with all of its messages."""
         with self._reading() as conn:
             return self._load(conn, conversation_id, with_messages=True)
 
+    @once_more_if_disconnected
     def rename(self, conversation_id: str, title: str) -> Conversation:
         """Change the title; returns the conversation without its messages."""
         with self._writing() as conn:
@@ -296,6 +307,7 @@ class ConversationStore:
             )
             return self._load(conn, conversation_id, with_messages=False)
 
+    @once_more_if_disconnected
     def delete(self, conversation_id: str) -> None:
         """Remove the conversation and its messages."""
         with self._writing() as conn:
@@ -318,6 +330,7 @@ class ConversationStore:
 
     # ------------------------------------------------------------ message operations
 
+    @once_more_if_disconnected
     def add_turn(
         self,
         conversation_id: str,
@@ -357,6 +370,7 @@ class ConversationStore:
             self._touch(conn, conversation_id, now)
             return added
 
+    @once_more_if_disconnected
     def add_message(
         self,
         conversation_id: str,
@@ -420,6 +434,7 @@ class ConversationStore:
 
         return self._update_message(conversation_id, index, select)
 
+    @once_more_if_disconnected
     def delete_message(self, conversation_id: str, index: int) -> None:
         """Remove one message; later messages move up so indexes stay 0..n-1."""
         with self._writing() as conn:
@@ -443,6 +458,7 @@ class ConversationStore:
 
     # ------------------------------------------------------------ listing
 
+    @once_more_if_disconnected
     def list(self, character: str | None = None) -> list[Conversation]:
         """Conversations (without messages), most recently active first; optionally one character's."""
         counts = (
@@ -543,6 +559,7 @@ class ConversationStore:
         )
         return Message(position, role, speaker, list(swipes), swipe_id, created_at, dict(extra))
 
+    @once_more_if_disconnected
     def _update_message(
         self,
         conversation_id: str,

@@ -5,20 +5,35 @@ writer), foreign keys, a busy timeout, and explicit ``BEGIN`` / ``BEGIN IMMEDIAT
 reads really run inside transactions (Python's ``sqlite3`` legacy mode would otherwise autocommit
 them). A connection whose execution options carry ``kobold_write=True`` begins with
 ``BEGIN IMMEDIATE``: writers take SQLite's write lock up front.
+
+A server database (PostgreSQL) can restart, fail over or drop a connection while the server runs.
+Its pool checks each connection before handing it out (``pool_pre_ping``), so connections that a
+restart closed are replaced, not used: a database that is back costs no request. :func:`transaction`
+turns a database that does not answer into :class:`DatabaseUnavailable`, and
+:func:`once_more_if_disconnected` runs an operation again, once, when its connection was lost
+before its ``COMMIT`` was sent (the server rolled the transaction back, so nothing is applied twice).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["open_engine", "SQLITE_BUSY_TIMEOUT_MS"]
+from .store_errors import DatabaseUnavailable
+
+__all__ = ["open_engine", "transaction", "once_more_if_disconnected", "ConnectionLost", "SQLITE_BUSY_TIMEOUT_MS"]
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for another writer before failing with 'database is locked'."""
@@ -43,6 +58,11 @@ def open_engine(url: str) -> Engine:
             kwargs["poolclass"] = StaticPool
         elif not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    else:
+        # A round trip per checkout, so that a connection the server closed (a restart, a
+        # failover, an idle timeout) is replaced before use instead of failing a request; a
+        # failed ping also discards every older pooled connection.
+        kwargs["pool_pre_ping"] = True
     engine = sa.create_engine(parsed, **kwargs)
     if is_sqlite:
         _install_sqlite_hooks(engine)
@@ -75,3 +95,65 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         # busy timeout when another writer got there first.
         immediate = conn.get_execution_options().get("kobold_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class ConnectionLost(DatabaseUnavailable):
+    """The connection was lost before the transaction's ``COMMIT`` was sent: the database rolled
+    it back, so running the whole operation again is safe (:func:`once_more_if_disconnected`)."""
+
+
+def _unavailable(kind: type[DatabaseUnavailable], error: sa.exc.DBAPIError, when: str) -> DatabaseUnavailable:
+    """The store's error for a driver's ``error``; the driver's text stays in the log (it can
+    name hosts and users), the client is told only that the database does not answer."""
+    reason = type(error.orig).__name__ if error.orig is not None else type(error).__name__
+    log.warning("the conversation database does not answer (%s %s): %s", reason, when,
+                str(error.orig or error).partition("\n")[0])
+    stored = "it is not known whether the change was stored" if when == "committing" else "nothing was stored"
+    return kind(f"The conversation database does not answer ({reason}); {stored}. Try again in a moment.")
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction on ``engine``: commits when the block ends, rolls back on any exception.
+
+    A database that cannot be reached raises :class:`DatabaseUnavailable`; a connection lost in
+    the block (before ``COMMIT``) raises :class:`ConnectionLost`; one lost while committing raises
+    plain :class:`DatabaseUnavailable`, as the commit may or may not have been applied.
+    """
+    try:
+        conn = engine.connect()
+    except sa.exc.DBAPIError as exc:  # refused, shutting down, starting up, the pool's new connection failed
+        raise _unavailable(DatabaseUnavailable, exc, "connecting") from exc
+    with conn:
+        committing = False
+        try:
+            with conn.begin():
+                yield conn
+                committing = True  # the block is done: leaving conn.begin() sends COMMIT
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:  # a statement's own error (a constraint, a lock timeout)
+                raise
+            if committing:
+                raise _unavailable(DatabaseUnavailable, exc, "committing") from exc
+            raise _unavailable(ConnectionLost, exc, "in a transaction") from exc
+
+
+_Operation = TypeVar("_Operation", bound=Callable[..., Any])
+
+
+def once_more_if_disconnected(operation: _Operation) -> _Operation:
+    """Run ``operation`` (one store transaction) again, once, when it raised :class:`ConnectionLost`.
+
+    Safe because that transaction never committed; the pool already replaced the dead connection.
+    Only for operations that are one transaction and have no effect outside it before it commits.
+    """
+
+    @functools.wraps(operation)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(*args, **kwargs)
+        except ConnectionLost:
+            log.warning("running %s again on a new database connection", operation.__name__)
+            return operation(*args, **kwargs)
+
+    return run  # type: ignore[return-value]

@@ -37,3 +37,12 @@ class TurnLost(StoreError):
 
 class IdempotencyKeyReused(StoreError):
     """An ``Idempotency-Key`` already names a different request on this conversation."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database does not answer (it is down, restarting, or the connection to it was lost);
+    nothing of the operation was stored, or (a connection lost while committing) it is unknown
+    whether it was. Routes answer 503 with ``Retry-After``."""
+
+    #: Seconds a client is told to wait before trying again.
+    retry_after = 2
