@@ -67,9 +67,11 @@ pg_owner() {
     if [ "$(id -u)" = 0 ]; then id -u postgres >/dev/null 2>&1 && echo postgres || echo nobody; else id -un; fi
 }
 
-wait_healthy() {  # url seconds
-    local url="$1" deadline=$((SECONDS + $2))
+wait_healthy() {  # url seconds [pid file of the process that should answer]
+    local url="$1" deadline=$((SECONDS + $2)) pidfile="${3:-}"
     while [ $SECONDS -lt $deadline ]; do
+        # A process that exited (a port already in use, a bad argument) will not answer: say so now.
+        if [ -n "$pidfile" ] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then return 1; fi
         if "$python" - "$url" <<'PY' 2>/dev/null; then return 0; fi
 import sys, urllib.request
 with urllib.request.urlopen(sys.argv[1] + "/health", timeout=2) as r:
@@ -147,7 +149,8 @@ up() {
         servers+="    server r$i 127.0.0.1:$replica_port check"$'\n'
     done
     for i in $(seq 1 "$replicas"); do
-        wait_healthy "${urls[$((i - 1))]}" 300 || { say "replica r$i did not become healthy (see replica-$i.log)"; false; }
+        wait_healthy "${urls[$((i - 1))]}" 300 "$state/replica-$i.pid" \
+            || { say "replica r$i did not become healthy (see replica-$i.log)"; false; }
     done
 
     python3 - "$here/haproxy.cfg.in" "$state/haproxy.cfg" "127.0.0.1:$port" "$state" "$servers" <<'PY'
@@ -159,7 +162,7 @@ PY
     haproxy -c -q -f "$state/haproxy.cfg"
     nohup haproxy -db -f "$state/haproxy.cfg" >"$state/haproxy.log" 2>&1 &
     echo $! >"$state/haproxy.pid"
-    wait_healthy "http://127.0.0.1:$port" 30 || { say "HAProxy does not answer (see haproxy.log)"; false; }
+    wait_healthy "http://127.0.0.1:$port" 30 "$state/haproxy.pid" || { say "HAProxy does not answer (see haproxy.log)"; false; }
     trap - ERR
 
     {

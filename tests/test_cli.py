@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
+from free_ports import PORT_IN_USE, free_ports
 from kobold_api.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_prepare_prints_the_ready_folder(tiny_model_dir: Path, capsys) -> None:
@@ -49,22 +43,22 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def test_serve_starts_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> None:
-    port, ws_port = free_port(), free_port()
     env = dict(os.environ)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kobold_api", "serve", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--ws-port", str(ws_port), "--data-dir", str(tmp_path / "data"), "--provider", "cpu"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(3):  # a port taken between the pick and the server's bind: pick others
+        port = free_ports(2)
+        ws_port = port + 1
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kobold_api", "serve", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
+             "--port", str(port), "--ws-port", str(ws_port), "--data-dir", str(tmp_path / "data"), "--provider",
+             "cpu"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        response = _wait_listening(process, port)
+        if response is not None:
+            break
+        output = process.stdout.read() if process.stdout else ""
+        assert PORT_IN_USE in output, output
+    else:
+        pytest.fail("no free ports for the server")
     try:
-        for _ in range(300):  # up to about a minute for the model to load
-            try:
-                response = requests.get(f"http://127.0.0.1:{port}/api/v1/model", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert process.poll() is None, process.stdout.read() if process.stdout else ""
-                time.sleep(0.2)
-        else:
-            pytest.fail("the server did not start listening")
         assert response.json()["result"].startswith("koboldcpp/")
         generated = requests.post(f"http://127.0.0.1:{port}/api/v1/generate",
                                   json={"prompt": "Hi", "max_length": 3, "ban_eos_token": True}, timeout=30)
@@ -77,6 +71,20 @@ def test_serve_starts_a_real_server(tiny_model_dir: Path, tmp_path: Path) -> Non
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _wait_listening(process: subprocess.Popen, port: int) -> requests.Response | None:
+    """The server's first answer once it listens; None if the process exited first."""
+    deadline = time.monotonic() + 120  # an upper bound: the model loads in seconds
+    while time.monotonic() < deadline:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/api/v1/model", timeout=10)
+        except requests.ConnectionError:
+            if process.poll() is not None:
+                return None
+            time.sleep(0.1)
+    process.terminate()
+    pytest.fail("the server did not start listening")
 
 
 def test_bench_prints_every_figure(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -9,7 +9,6 @@ text (as in llama.cpp's K-shift), so there only layer 0 is exact.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from kobold_api.engine.prefix_cache import PrefixCache
 from kobold_api.engine.prepare import prepare_model
 from kobold_api.engine.sampling import SamplingParams
 
+from model_probe import ModelProbe, submit_together
 from tiny_gguf import write_gguf
 from tiny_model import FAMILIES, build_tiny_hf_model
 
@@ -62,8 +62,13 @@ def test_plan_with_two_dropped_spans_and_none() -> None:
     # A run shorter than MIN_RUN is not worth a shift; the limit caps what is reused.
     short = plan_shift(np.array(CARD + OLD + KEPT[:MIN_RUN - 1]), np.array(CARD + KEPT[:MIN_RUN - 1] + NEW), 100)
     assert not short.moves
+    # Ten tokens of room after the card: too few for a run, so only the prefix is kept.
     capped = plan_shift(cached, prompt, len(CARD) + 10)
-    assert capped.reused == len(CARD) + 10 or capped.reused == len(CARD)
+    assert capped.segments == (Segment(0, 0, len(CARD)),) and capped.reused == len(CARD) and not capped.moves
+    # Twenty: the run after the first dropped span is kept up to the limit, not to its end.
+    capped = plan_shift(cached, prompt, len(CARD) + 20)
+    assert capped.segments == (Segment(0, 0, len(CARD)), Segment(len(CARD) + 20, len(CARD), 20))
+    assert capped.reused == len(CARD) + 20 and capped.moved_tokens == 20
     # An over-long prompt cut from the start (no shared prefix at all) still finds its run.
     cut = plan_shift(np.array(OLD + KEPT), np.array(KEPT[10:] + NEW), 200)
     assert cut.segments == (Segment(len(OLD) + 10, 0, len(KEPT) - 10),)
@@ -231,18 +236,16 @@ def test_shift_while_other_rows_decode(one_layer_model: Path) -> None:
         _generate(engine, CARD + OLD + KEPT)
         follow_up = CARD + KEPT + NEW
         others = [_tokens(30) for _ in range(3)]
-        results: dict[int, Any] = {}
-
-        def run(index: int, ids: list[int]) -> None:
-            results[index] = _generate(engine, ids, max_new_tokens=24)
-
-        threads = [threading.Thread(target=run, args=(i, ids)) for i, ids in enumerate([follow_up, *others])]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert results[0].reused_tokens == len(CARD) + len(KEPT)
-        for index, ids in enumerate([follow_up, *others]):
+        order = [others[0], follow_up, *others[1:]]  # another row is running when the follow-up comes in
+        with ModelProbe(engine) as probe:
+            jobs: list[Any] = []
+            submit_together(probe, lambda: jobs.append(engine.submit(_request(order[0], max_new_tokens=24))),
+                            [lambda ids=ids: jobs.append(engine.submit(_request(ids, max_new_tokens=24)))
+                             for ids in order[1:]])
+            results = [job.wait() for job in jobs]
+            assert probe.max_rows == 4  # all four decoded together
+        assert results[1].reused_tokens == len(CARD) + len(KEPT)
+        for index, ids in enumerate(order):
             assert results[index].text == _generate(plain, ids, max_new_tokens=24).text, index
     finally:
         engine.shutdown()

@@ -17,6 +17,8 @@ from kobold_api.engine.prefix_cache import RECOMPUTED_TOKENS, PrefixCache
 from kobold_api.engine.sampling import SamplingParams
 from kobold_api.engine.tokenizer import IncrementalDecoder, Tokenizer
 
+from model_probe import ModelProbe, submit_together
+
 GREEDY = SamplingParams(temperature=0)
 RANDOM = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=1234)
 PROMPT = "The quick brown fox"
@@ -275,10 +277,15 @@ def test_batched_decoding_matches_single_stream(tiny_model_dir: Path) -> None:
 
     engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0)
     try:
-        blocker = engine.submit(request(max_new_tokens=5, ban_eos=True))  # later jobs join a running batch
-        jobs = [engine.submit(r) for r in requests]
-        blocker.wait()
-        assert [job.wait().text for job in jobs] == expected
+        with ModelProbe(engine) as probe:
+            jobs: list = []
+            # Later jobs join a running batch: the blocker is held in its prefill while they queue.
+            submit_together(probe, lambda: jobs.append(engine.submit(request(max_new_tokens=5, ban_eos=True))),
+                            [lambda r=r: jobs.append(engine.submit(r)) for r in requests])
+            blocker, jobs = jobs[0], jobs[1:]
+            blocker.wait()
+            assert [job.wait().text for job in jobs] == expected
+            assert probe.max_rows == 4  # the blocker and three jobs decoded together; the fourth took its row
     finally:
         engine.shutdown()
 
@@ -541,8 +548,12 @@ def test_phrase_bans_in_a_batch_match_the_single_stream(tiny_model_dir: Path) ->
     expected = [single.generate(r).text for r in requests]
     engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0)
     try:
-        jobs = [engine.submit(r) for r in requests]
-        assert [job.wait().text for job in jobs] == expected
+        with ModelProbe(engine) as probe:
+            jobs: list = []
+            submit_together(probe, lambda: jobs.append(engine.submit(requests[0])),
+                            [lambda r=r: jobs.append(engine.submit(r)) for r in requests[1:]])
+            assert [job.wait().text for job in jobs] == expected
+            assert probe.max_rows == 3  # the rewinds happened with all three rows in the batch
     finally:
         engine.shutdown()
     for r, text in zip(requests, expected):

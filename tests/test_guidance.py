@@ -12,6 +12,7 @@ from kobold_api.engine.guidance import Guidance, guided_logits
 from kobold_api.engine.sampling import SamplingParams
 
 from conftest import LiveServer
+from model_probe import ModelProbe, submit_together
 
 PROMPT = "The old lighthouse keeper looked at the sea and said"
 NEGATIVE = "A cheerful list of numbers:"
@@ -117,8 +118,12 @@ def test_guided_rows_in_a_busy_batch_match_running_alone(tiny_model_dir) -> None
     engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0)
     try:
         alone = [engine.generator.generate(greedy(scale, NEGATIVE)).text for scale in (1.0, 2.0, 0.5)]
-        jobs = [engine.submit(greedy(scale, NEGATIVE)) for scale in (1.0, 2.0, 0.5)]
-        assert [job.wait().text for job in jobs] == alone
+        with ModelProbe(engine) as probe:
+            jobs: list = []
+            submit_together(probe, lambda: jobs.append(engine.submit(greedy(1.0, NEGATIVE))),
+                            [lambda s=scale: jobs.append(engine.submit(greedy(s, NEGATIVE))) for scale in (2.0, 0.5)])
+            assert [job.wait().text for job in jobs] == alone
+            assert probe.max_rows == 3  # the three rows decoded in one batch (negatives run in their own)
     finally:
         engine.shutdown()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from kobold_api.settings import GenerationDefaults, Settings
 
 from conftest import LiveServer, make_engine
 from horde_standin import HordeStandin
+from model_probe import ModelProbe
 
 #: Every wait shortened; three failures in a row are "many".
 FAST = Pacing(quiet_seconds=1.0, local_check_seconds=0.05, idle_waits=(0.05, 0.1, 0.2, 0.3), failure_wait=0.05,
@@ -194,22 +196,48 @@ def test_a_refused_key_waits_long_and_says_so(start_worker, standin: HordeStandi
     assert all(pop.status == 401 for pop in standin.pops)
 
 
-def test_local_users_come_first(start_worker, standin: HordeStandin) -> None:
-    server, worker = start_worker(pacing=replace(FAST, quiet_seconds=1.5))
+class MovableClock:
+    """The worker's clock: real time plus whatever the test adds. Counts its reads, so a test can
+    wait for the worker to go round its loop."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return time.monotonic() + self.offset
+
+
+def test_local_users_come_first(start_worker, standin: HordeStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pop while a local request runs or during the quiet period after it. The quiet period is
+    longer than any test run, and ended by moving the worker's clock, not by waiting for it."""
+    quiet = 3600.0
+    server, worker = start_worker(pacing=replace(FAST, quiet_seconds=quiet))
+    clock = MovableClock()
+    monkeypatch.setattr(worker, "_clock", clock)
     standin.wait_for(lambda: len(standin.pops) >= 2, what="idle pops")
-    started = time.monotonic()
-    reply = server.post("/api/v1/generate", json={"prompt": "Hello", "max_length": 300,
-                                                  "use_default_badwordsids": True})
-    ended = time.monotonic()
-    assert reply.status_code == 200
-    time.sleep(0.4)
-    assert worker.status()["state"] == "waiting_for_local"
+    replies: list[Any] = []
+    local = threading.Thread(target=lambda: replies.append(server.post(
+        "/api/v1/generate", json={"prompt": "Hello", "max_length": 16, "use_default_badwordsids": True})))
+    with ModelProbe(server.app.extensions["kobold_api"].engine) as probe:
+        probe.hold()  # the local request stays in its prefill while the worker is watched
+        local.start()
+        probe.wait_held()
+        began = len(standin.pops)
+        wait_status(worker, lambda s: s["state"] == "waiting_for_local")
+        during = len(standin.pops)
+        assert during - began <= 1  # at most a pop already on its way when the request began
+        probe.release()
+        local.join(60)
+    assert replies and replies[0].status_code == 200
+    reads = clock.reads
+    standin.wait_for(lambda: clock.reads >= reads + 30, what="the worker to go round its loop again")
+    assert worker.status()["state"] == "waiting_for_local" and len(standin.pops) == during  # no pop meanwhile
     job = standin.add_job(SMALL)
-    standin.wait_for(submitted(standin, job.id))  # once the quiet period is over
-    # No pop from shortly after the local request began until its quiet period ended (a pop
-    # already on its way when it began may land just after).
-    assert not [pop.at - ended for pop in standin.pops if started + 0.3 < pop.at < ended + 1.2]
-    assert [pop for pop in standin.pops if pop.at >= ended + 1.2]
+    clock.offset += quiet  # the quiet period is over
+    standin.wait_for(submitted(standin, job.id))
+    assert len(standin.pops) > during
 
 
 def test_stopping_hands_a_job_in_hand_back(start_worker, standin: HordeStandin) -> None:
@@ -232,7 +260,7 @@ def test_the_worker_stops_with_its_engine(tiny_model_dir: Path, test_settings: S
     try:
         standin.wait_for(lambda: standin.pops, what="a pop")
         engine.shutdown()
-        wait_status(worker, lambda s: s["state"] == "stopped", timeout=5)
+        wait_status(worker, lambda s: s["state"] == "stopped")
     finally:
         worker.stop()
     assert not worker.running and worker._observe not in engine.stats.observers

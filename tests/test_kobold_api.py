@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from conftest import LiveServer, close_server, make_engine, module_server
+from model_probe import ModelProbe, submit_together
 from sse_client import EventSourceStream, SSEEvent, parse_all, sillytavern_text
 
 PROMPT = "Hello world"
@@ -587,6 +588,31 @@ def test_same_seed_same_text_different_seed_different_text(server: Any) -> None:
     assert generate(server, **greedy(sampler_seed=1))["text"] == generate(server, **greedy(sampler_seed=2))["text"]
 
 
+def test_text_completion_spellings_act_like_the_kobold_names(server: Any) -> None:
+    """Each other spelling the route reads does what its Kobold name does: the same reply for the
+    same request, and that reply differs from the one without the option."""
+    body, text, stops = stop_case(server)
+    index, stop = stops[0]
+    without_length = {k: v for k, v in body.items() if k != "max_length"}
+    for name in ("max_new_tokens", "max_tokens", "n_predict", "num_predict"):
+        limited = generate(server, **{**without_length, name: 7})
+        assert (limited["completion_tokens"], limited["finish_reason"]) == (7, "length"), name
+    for name in ("stopping_strings", "stop", "stop_sequence"):
+        stopped = generate(server, **{**body, name: [stop]})
+        assert (stopped["text"], stopped["finish_reason"]) == (text[:index], "stop"), name
+    other_seed = generate(server, **{**body, "sampler_seed": body["sampler_seed"] + 1})["text"]
+    assert other_seed != text
+    without_seed = {k: v for k, v in body.items() if k != "sampler_seed"}
+    assert generate(server, **{**without_seed, "seed": body["sampler_seed"] + 1})["text"] == other_seed
+    plain = generate(server, **greedy(max_length=24))["text"]
+    penalised = generate(server, **greedy(max_length=24, rep_pen=3.0, rep_pen_range=64))["text"]
+    assert penalised != plain
+    for name in ("repetition_penalty", "repeat_penalty"):
+        assert generate(server, **greedy(max_length=24, rep_pen_range=64, **{name: 3.0}))["text"] == penalised, name
+    assert generate(server, **greedy(max_length=24, rep_pen=3.0, repeat_last_n=64))["text"] == penalised
+    assert generate(server, **greedy(max_length=24, rep_pen=3.0, repeat_last_n=1))["text"] != penalised
+
+
 @pytest.mark.parametrize("seed", [0, 2**31 + 7, 2**53 + 1, 2**62 + 3, 2**63 - 1])
 def test_sampler_seed_whole_range(server: Any, seed: int) -> None:
     # United accepts 0..2^64-1; a seed is an integer, not a float.
@@ -1112,7 +1138,7 @@ def test_concurrent_requests_match_solo_runs(start_server: Callable[..., Any], t
                                             test_settings: Any) -> None:
     # The server's default engine batches concurrent requests; a seeded or greedy request must
     # give the same text whether it ran alone or next to others (different prompt lengths).
-    engine = throttle(make_engine(tiny_model_dir, max_batch_size=4), 0.002)
+    engine = make_engine(tiny_model_dir, max_batch_size=4)
     try:
         server = start_server(engine, test_settings)
         bodies = [seeded(prompt="Hi", max_length=90, sampler_seed=11),
@@ -1130,10 +1156,11 @@ def test_concurrent_requests_match_solo_runs(start_server: Callable[..., Any], t
                 results[index] = generate(server, **bodies[index])["text"]
 
         threads = [threading.Thread(target=run, args=(index,)) for index in range(len(bodies))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        with ModelProbe(engine) as probe:  # the first is held in its prefill until the others queue
+            submit_together(probe, threads[0].start, [thread.start for thread in threads[1:]])
+            for thread in threads:
+                thread.join(timeout=120)
+            assert probe.max_rows == 4  # the four really ran in one batch
         assert results == solo
     finally:
         engine.shutdown()

@@ -209,14 +209,34 @@ def test_stop_ends_at_the_stop_string(client: ollama.Client) -> None:
     assert stopped.done_reason == "stop"
 
 
-def test_ollama_option_names_and_defaults_are_read(server: LiveServer) -> None:
-    body = {"prompt": "x", "stream": False, "options": {"num_predict": 3, "num_ctx": 64, "repeat_last_n": -1,
-                                                         "repeat_penalty": 1.2, "typical_p": 0.9, "tfs_z": 1.0,
-                                                         "min_p": 0.05, "mirostat": 0, "num_keep": 5,
-                                                         "num_gpu": 99, "penalize_newline": True}}
+def test_ollama_option_names_and_defaults_are_read(server: LiveServer, tiny_engine: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of Ollama's names reaches the engine as the sampler setting it stands for, and the
+    length and context options act on the reply and the prompt."""
+    submitted: list[Any] = []
+    original = tiny_engine.submit
+    monkeypatch.setattr(tiny_engine, "submit", lambda request, *a, **k: (submitted.append(request),
+                                                                         original(request, *a, **k))[1])
+    options = {"num_predict": 3, "num_ctx": 64, "repeat_last_n": -1, "repeat_penalty": 1.2, "typical_p": 0.9,
+               "tfs_z": 0.95, "min_p": 0.05, "mirostat": 0, "num_keep": 5, "num_gpu": 99, "penalize_newline": True,
+               "ban_eos_token": True}
+    body = {"prompt": "a long prompt " * 40, "stream": False, "options": options}
     response = server.post("/api/generate", json=body)
     assert response.status_code == 200, response.text
-    assert response.json()["eval_count"] <= 3
+    answer = response.json()
+    assert answer["eval_count"] == 3 and answer["done_reason"] == "length"  # num_predict limits the reply
+    whole = server.post("/api/extra/tokencount", json={"prompt": body["prompt"]}).json()["value"]
+    assert answer["prompt_eval_count"] <= 64 - 3 < whole  # num_ctx cut the prompt to fit with the reply
+    request = submitted[-1]
+    assert (request.max_new_tokens, request.max_context_length) == (3, 64)
+    sampling = request.sampling
+    assert (sampling.rep_pen, sampling.rep_pen_range, sampling.typical, sampling.tfs, sampling.min_p,
+            sampling.mirostat) == (1.2, 0, 0.9, 0.95, 0.05, 0)  # repeat_last_n -1: the whole context
+    # Left out, Ollama's own defaults apply (its repeat_penalty 1.1 over the last 64 tokens).
+    assert server.post("/api/generate", json={"prompt": "x", "stream": False,
+                                              "options": {"num_predict": 1}}).status_code == 200
+    defaults = submitted[-1].sampling
+    assert (submitted[-1].max_new_tokens, defaults.rep_pen, defaults.rep_pen_range) == (1, 1.1, 64)
 
 
 # --- refusals and errors ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import requests
 
 from conftest import LiveServer, make_engine
+from model_probe import ModelProbe
 from kobold_api.api.ops.serving import OpsService
 from kobold_api.settings import Settings
 
@@ -44,13 +45,17 @@ def test_metrics_show_a_running_generation(start_server, tiny_engine, test_setti
     server: LiveServer = start_server(tiny_engine, test_settings)
     body = {"prompt": "A long tale", "max_length": 400, "max_context_length": 1024,
             "use_default_badwordsids": True, "genkey": "KCPPMETRICS"}
-    with requests.post(server.url + "/api/extra/generate/stream", json=body, stream=True, timeout=60) as stream:
-        lines = stream.iter_lines()
-        next(line for line in lines if line.startswith(b"data:") and json.loads(line[5:])["token"])
-        running = _values(server.get("/metrics").text)
-        server.post("/api/extra/abort", json={"genkey": "KCPPMETRICS"})
-        for _ in lines:
-            pass
+    with ModelProbe(tiny_engine) as probe:
+        # The generation stops inside its third model run (after its prefill and first decode step)
+        # until /metrics has been read: it is running then, however fast the tiny model is.
+        probe.hold(after=2)
+        with requests.post(server.url + "/api/extra/generate/stream", json=body, stream=True, timeout=60) as stream:
+            probe.wait_held()
+            running = _values(server.get("/metrics").text)
+            assert server.post("/api/extra/abort", json={"genkey": "KCPPMETRICS"}).json()["success"] == "true"
+            probe.release()
+            payloads = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith(b"data:")]
+    assert payloads[-1]["finish_reason"] == "stop"  # aborted, not run to its 400 tokens
     assert running["kobold_api_requests_running"] == 1 == running["vllm:num_requests_running"]
     assert running["kobold_api_kv_cache_tokens"] > 0
     assert 0 < running["kobold_api_kv_cache_usage_ratio"] == running["vllm:kv_cache_usage_perc"] <= 1

@@ -21,6 +21,7 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
+from free_ports import PORT_IN_USE, free_ports
 from kobold_api.api.access import AccessPolicy, exposure_warnings, is_loopback, split_host
 from kobold_api.api.textgen.websocket import WebSocketServer
 from kobold_api.settings import Settings, SettingsError, load_settings
@@ -368,31 +369,36 @@ def _lan_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class _Process:
     """``kobold-api serve`` as a real process, its output gathered."""
 
     def __init__(self, model: Path, data: Path, *flags: str) -> None:
-        self.port = _free_port()
         data.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kobold_api", "serve", "--model", str(model), "--port", str(self.port),
-             "--ws-port", "0", "--data-dir", str(data), "--provider", "cpu", *flags],
-            cwd=data.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._command = [sys.executable, "-m", "kobold_api", "serve", "--model", str(model), "--ws-port", "0",
+                         "--data-dir", str(data), "--provider", "cpu", *flags]
+        self._cwd = data.parent
+        self._start()
+
+    def _start(self) -> None:
+        self.port = free_ports()
+        self.process = subprocess.Popen([*self._command, "--port", str(self.port)], cwd=self._cwd,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self) -> None:
-        for _ in range(300):
+        """Until it answers; a start that lost its port to someone else is retried on another."""
+        deadline = time.monotonic() + 120  # an upper bound: the model loads in seconds
+        retries = 2
+        while time.monotonic() < deadline:
             try:
-                requests.get(f"http://127.0.0.1:{self.port}/api/v1/model", timeout=2)
+                requests.get(f"http://127.0.0.1:{self.port}/api/v1/model", timeout=10)
                 return
             except requests.ConnectionError:
-                assert self.process.poll() is None, self.output()
-                time.sleep(0.2)
+                if self.process.poll() is not None:
+                    out = self.output()
+                    assert PORT_IN_USE in out and retries, out
+                    retries -= 1
+                    self._start()
+                time.sleep(0.1)
         pytest.fail("the server did not start listening")
 
     def output(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -486,31 +487,52 @@ def test_lock_is_one_lock_per_conversation(store: ConversationStore) -> None:
     assert store.lock("a") is not store.lock("b")
 
 
+def _blocked_at(thread: threading.Thread, code: Any, line: int) -> bool:
+    """Whether ``thread`` stands at ``line`` of ``code`` with no Python frame above it: inside a C
+    call made there, such as a lock's acquire that waits."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code is code and frame.f_lineno == line
+
+
 def test_lock_blocks_a_second_turn_until_the_first_finishes(store: ConversationStore) -> None:
     conversation = make_chat(store)
     first_inside = threading.Event()
     release_first = threading.Event()
     second_inside = threading.Event()
+    second_lock: list[Any] = []
 
     def first_turn() -> None:
         with store.lock(conversation.id):
             first_inside.set()
-            release_first.wait(5)
+            release_first.wait(60)
 
     def second_turn() -> None:
-        with store.lock(conversation.id):
+        second_lock.append(store.lock(conversation.id))
+        with second_lock[0]:  # the line the second turn must wait at
             second_inside.set()
 
+    waiting_line = second_turn.__code__.co_firstlineno + 2
     first = threading.Thread(target=first_turn)
     second = threading.Thread(target=second_turn)
     first.start()
-    assert first_inside.wait(5)
+    assert first_inside.wait(60)
+    held = store.lock(conversation.id)
+    assert held.locked()  # the first turn holds the conversation's one lock
     second.start()
-    assert not second_inside.wait(0.3), "second turn entered while the first held the lock"
+    # The second turn reaches its `with` and stays there, in the lock's acquire: it waits for the
+    # lock, whatever the machine's speed, rather than merely not having got there yet.
+    deadline = time.monotonic() + 60
+    while not _blocked_at(second, second_turn.__code__, waiting_line):
+        assert not second_inside.is_set(), "second turn entered while the first held the lock"
+        assert time.monotonic() < deadline, "the second turn never reached the lock"
+        time.sleep(0.005)
+    assert second_lock == [held] and second_lock[0] is held  # the lock the first turn holds
+    assert not second_inside.is_set() and held.locked()
     release_first.set()
-    assert second_inside.wait(5)
-    first.join(5)
-    second.join(5)
+    assert second_inside.wait(60)
+    first.join(60)
+    second.join(60)
+    assert not held.locked()
 
 
 def test_locked_turns_store_consistent_history(store: ConversationStore) -> None:
@@ -538,7 +560,7 @@ def test_locked_turns_store_consistent_history(store: ConversationStore) -> None
 def test_different_conversations_do_not_block_each_other(store: ConversationStore) -> None:
     one = make_chat(store)
     two = make_chat(store)
-    both_inside = threading.Barrier(2, timeout=5)
+    both_inside = threading.Barrier(2, timeout=60)
     failures: list[BaseException] = []
 
     def hold(conversation_id: str) -> None:

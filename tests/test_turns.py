@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
+import sqlalchemy as sa
 
 from kobold_api.chat.conversations import (
     MIGRATIONS, ConversationNotFound, ConversationStore, IdempotencyKeyReused, TurnBusy, TurnLost,
 )
+from kobold_api.chat.store_schema import turns
 
 
 class Clock:
@@ -26,7 +28,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'turns.db'}"
@@ -105,16 +107,79 @@ def test_an_idempotency_key_is_answered_once(replicas: tuple[ConversationStore, 
     assert r1.claim_turn(other.id, key="k1", fingerprint="body-b").replay is None  # keys are per conversation
 
 
-def test_a_running_turn_keeps_its_lease_by_renewal(database_url: str) -> None:
-    with ConversationStore(database_url, owner="r1", lease_seconds=1.5) as r1, \
-            ConversationStore(database_url, owner="r2", lease_seconds=1.5) as r2:
+def _lease_until(store: ConversationStore, ticket_id: int) -> float:
+    with store.engine.connect() as conn:
+        return float(conn.execute(sa.select(turns.c.lease_until).where(turns.c.id == ticket_id)).scalar_one())
+
+
+def _wait_for(condition: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; ``limit`` is only an upper bound for a stuck thread."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_a_running_turn_keeps_its_lease_by_renewal(database_url: str, clock: Clock) -> None:
+    """The renewal thread runs in real time (every third of the lease); the lease is judged on the
+    test's clock, so each round waits for a renewal to be seen and then moves time past the lease
+    the turn had before it: without renewal, the other replica would take the conversation."""
+    lease = 0.3
+    with ConversationStore(database_url, clock=clock, owner="r1", lease_seconds=lease) as r1, \
+            ConversationStore(database_url, clock=clock, owner="r2", lease_seconds=lease) as r2:
         conversation = r1.create("Mira Vance", "Sam", [])
         ticket = r1.claim_turn(conversation.id)
-        time.sleep(3.5)  # more than twice the lease: renewed every half second meanwhile
-        with pytest.raises(TurnBusy):
-            r2.claim_turn(conversation.id)
+        assert _lease_until(r1, ticket.id) == clock.now + lease
+        for _ in range(3):  # three whole leases in all
+            earlier = _lease_until(r1, ticket.id)
+            clock.now = earlier - lease / 10  # still inside the lease: a renewal from now on moves it on
+            _wait_for(lambda: _lease_until(r1, ticket.id) == clock.now + lease, "the lease's renewal")
+            clock.now = earlier + lease / 10  # past the lease the turn had before the renewal
+            with pytest.raises(TurnBusy):
+                r2.claim_turn(conversation.id)
         r1.add_turn(conversation.id, "Hi", "Still mine.", turn=ticket, outcome={})
         r2.release_turn(r2.claim_turn(conversation.id))
+
+
+def test_a_claim_that_waited_for_the_row_lock_starts_after_it(postgres_url: str) -> None:
+    """A claim blocked on the conversation row (another replica's transaction holds it) reads the
+    time only once it has the row: the clock is never read while the other transaction is open."""
+    import psycopg2
+
+    holding = threading.Event()
+    reads: list[bool] = []  # per clock read: whether the other transaction still held the row
+
+    def clock() -> float:
+        reads.append(holding.is_set())
+        return time.time()
+
+    with ConversationStore(postgres_url, clock=clock, owner="r1") as r1:
+        conversation = r1.create("Mira Vance", "Sam", [])
+        url = r1.engine.url
+        other = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
+        claimed: list[Any] = []
+        try:
+            with other.cursor() as cursor:
+                cursor.execute("SELECT id FROM conversations WHERE id = %s FOR UPDATE", (conversation.id,))
+                holding.set()
+                reads.clear()
+                claimer = threading.Thread(target=lambda: claimed.append(r1.claim_turn(conversation.id)))
+                claimer.start()
+
+                def claim_waits_for_the_row() -> bool:
+                    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock'")
+                    return cursor.fetchone()[0] == 1
+
+                _wait_for(claim_waits_for_the_row, "the claim to wait for the row lock")
+            holding.clear()
+            other.commit()  # the other replica's transaction ends
+            claimer.join(30)
+        finally:
+            other.close()
+        assert claimed and claimed[0].replay is None
+        assert reads and not any(reads), reads  # no time was read while the claim waited
 
 
 def test_deleting_a_conversation_ends_its_running_turn(replicas: tuple[ConversationStore, ConversationStore]) -> None:

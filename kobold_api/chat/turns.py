@@ -62,14 +62,21 @@ class TurnTicket:
     replay: Mapping[str, Any] | None = None
 
 
-def claim(conn: Connection, conversation_id: str, owner: str, now: float, lease_seconds: float, *,
+def claim(conn: Connection, conversation_id: str, owner: str, clock: Callable[[], float], lease_seconds: float, *,
           kind: str = "turn", key: str | None = None, fingerprint: str = "") -> TurnTicket:
     """Claim the conversation for one turn (see the module docs); raises :class:`TurnBusy` while
-    another runs, :class:`IdempotencyKeyReused` when ``key`` was used for another request."""
+    another runs, :class:`IdempotencyKeyReused` when ``key`` was used for another request.
+
+    ``clock`` is read only once the conversation row is locked: a claim that waited for the lock
+    (another replica completing its turn) neither records a start before that turn's end nor
+    judges leases by the time it began waiting. The start is read again after the check for a
+    running turn, so it also follows a completion that committed while this claim held the lock.
+    """
     found = conn.execute(sa.select(conversations.c.id).where(conversations.c.id == conversation_id)
                          .with_for_update()).first()
     if found is None:
         raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+    now = clock()
     of_conversation = turns.c.conversation_id == conversation_id
     conn.execute(turns.update().where(of_conversation, turns.c.status == RUNNING, turns.c.lease_until < now)
                  .values(status=FAILED, finished_at=now, error="lease expired: the replica running it stopped"))
@@ -88,8 +95,9 @@ def claim(conn: Connection, conversation_id: str, owner: str, now: float, lease_
                                   replay=dict(earlier["outcome"] or {}))
     if conn.execute(sa.select(turns.c.id).where(of_conversation, turns.c.status == RUNNING)).first() is not None:
         raise TurnBusy(conversation_id)
-    values = dict(status=RUNNING, owner=owner, lease_until=now + lease_seconds, started_at=now, finished_at=None,
-                  outcome=None, error=None)
+    started = max(now, clock())
+    values = dict(status=RUNNING, owner=owner, lease_until=started + lease_seconds, started_at=started,
+                  finished_at=None, outcome=None, error=None)
     if earlier is not None:  # a retry of a turn that failed: run it again under the same key
         attempt = earlier["attempt"] + 1
         conn.execute(turns.update().where(turns.c.id == earlier["id"]).values(attempt=attempt, **values))
