@@ -25,8 +25,44 @@ from kobold_api.settings import Settings
 from tiny_model import build_tiny_hf_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
 #: Shared with `kobold-api serve` (default data dir), so a test run also warms the server's cache.
 DEFAULT_MODEL_CACHE = REPO_ROOT / "data" / "models"
+
+#: Tiers a developer can run alone (README, "Tests"), set here so the modules stay as they are.
+#: ``fast`` is everything but the other tiers: unit tests and API tests on the tiny model.
+TIER_MARKERS = {
+    "e2e": "the real default model (downloads its wheel from PyPI once)",
+    "browser": "Chromium driving the chat page",
+    "postgres": "a PostgreSQL server of their own",
+    "cluster": "replicas behind HAProxy on PostgreSQL (deploy/local-cluster.sh)",
+    "slow": "long property and fuzz runs, and importer builds of every family",
+    "gpu": "an NVIDIA GPU (skipped without one)",
+    "fast": "none of the above: unit tests and API tests on the tiny model",
+}
+#: Modules by tier; single tests join a tier by the fixtures they use (see below).
+_MODULE_TIERS = {
+    "test_chat_page": ("browser",), "test_cluster": ("cluster", "postgres"), "test_store_postgres": ("postgres",),
+    "test_database_restart": ("postgres",), "test_openapi_fuzz": ("slow",), "test_no_5xx": ("slow",),
+    "test_importer": ("slow",), "test_cuda": ("gpu",),
+}
+_FIXTURE_TIERS = {"default_model_dir": "e2e", "postgres_server": "postgres", "postgres_url": "postgres"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in TIER_MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tiers = set(_MODULE_TIERS.get(item.module.__name__, ()) if item.module else ())
+        tiers.update(tier for fixture, tier in _FIXTURE_TIERS.items() if fixture in item.fixturenames)
+        tiers.update(marker.name for marker in item.iter_markers() if marker.name in TIER_MARKERS)
+        for tier in tiers - {marker.name for marker in item.iter_markers()}:
+            item.add_marker(tier)
+        if not tiers:
+            item.add_marker("fast")
 
 
 @pytest.fixture(scope="session")

@@ -115,8 +115,9 @@ def test_every_documented_field_with_hostile_values_never_answers_5xx(server: An
         if concrete.startswith("/api/latest/"):
             continue  # the same handlers as /api/v1
         base = dict(GENERATE_ROUTES.get(concrete, {}))
-        if "generate" in concrete:
-            base = {"prompt": "Hi", "max_length": 2}
+        if "generate" in concrete:  # Ollama's route counts its tokens in options.num_predict
+            base = {"prompt": "Hi", "options": {"num_predict": 2}} if concrete == "/api/generate" else \
+                {"prompt": "Hi", "max_length": 2}
         if "chat" in concrete and concrete.startswith("/api/v1/chat"):
             base = {"user_input": "Hi", "max_new_tokens": 2}
         values = rng.sample(HOSTILE_VALUES, 6)
