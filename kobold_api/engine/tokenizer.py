@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from tokenizers import Tokenizer as FastTokenizer
 
@@ -97,7 +98,7 @@ class IncrementalDecoder:
     #: Prompt tokens decoded before the first new one (see ``context``).
     CONTEXT_TOKENS = 4
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: list[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: Sequence[int] = ()) -> None:
         """``context``: the tokens before the first one added (the prompt's end). Decoders that
         drop the leading space of a text (SentencePiece's, a GGUF conversion's ``Strip``) would
         drop it from the first new token too, and a continued story would read "timethere"."""
