@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,7 +85,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys = ON")
             # Persistent in the file; a no-op ('memory') for in-memory databases.
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _switch_to_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
         finally:
             cursor.close()
@@ -95,6 +97,25 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         # busy timeout when another writer got there first.
         immediate = conn.get_execution_options().get("kobold_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another connection switches too.
+
+    On a new file the switch needs the exclusive lock while this connection already reads: two
+    connections doing it at once (replicas starting together) deadlock, and SQLite answers one
+    of them "database is locked" at once instead of waiting out the busy timeout. Once the other
+    one has switched the file, the switch is a no-op.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class ConnectionLost(DatabaseUnavailable):
