@@ -12,6 +12,7 @@ from .base import (
     LogitsProcessor, NEG_INF, SamplerId, SamplingParams, SettingError, _locate_mass, _mirostat_mode,
     _request_rng, _require_at_least, _require_between, _require_int, _string_list, _unmasked,
 )
+from .candidates import Candidates, cut_index, cut_holds, only_lowers
 from .penalties import (
     DryPenaltySampler, LogitBiasSampler, PresenceFrequencyPenaltySampler, RepetitionPenaltySampler, TokenBanSampler,
 )
@@ -204,6 +205,7 @@ class TokenSampler:
             (p for p in self._processors if isinstance(p, MirostatSampler)), None
         )
         self._adaptive = next((p for p in self._processors if isinstance(p, AdaptivePSampler)), None)
+        self._greedy_lowers = all(only_lowers(processor) for processor in self._greedy_processors)
 
     @property
     def greedy(self) -> bool:
@@ -228,6 +230,38 @@ class TokenSampler:
             return choice
         for processor in self._processors:
             scores = processor(scores, token_ids)
+        return self._finish(scores)
+
+    def claims_top(self, k: int) -> bool:
+        """Whether :meth:`sample_top` can serve this request from ``k`` candidates per step (it
+        may still answer None on a step where they do not settle the token)."""
+        return self._greedy_lowers if self._greedy else cut_index(self._processors, k) is not None
+
+    def sample_top(self, candidates: Candidates, context: np.ndarray) -> int | None:
+        """The token the whole row would give (same seed, same token), picked from the row's
+        top ``candidates``; None when they cannot prove it: the caller samples the whole row
+        then (this sampler's state is untouched). See :mod:`.candidates`."""
+        token_ids = np.asarray(context, dtype=np.int64).reshape(-1)
+        scores = candidates.row()
+        if self._greedy:
+            if not self._greedy_lowers:
+                return None
+            for processor in self._greedy_processors:
+                scores = processor(scores, token_ids)
+            choice = int(np.argmax(scores))
+            return choice if scores[choice] > candidates.floor else None
+        cut = cut_index(self._processors, candidates.ids.size)
+        if cut is None:
+            return None
+        for processor in self._processors[:cut]:
+            scores = processor(scores, token_ids)
+        if not cut_holds(self._processors[cut], scores, candidates):
+            return None
+        for processor in self._processors[cut:]:
+            scores = processor(scores, token_ids)
+        return self._finish(scores)
+
+    def _finish(self, scores: np.ndarray) -> int:
         choice, log_p = self._draw(scores)
         if self._mirostat is not None:
             self._mirostat.observe(log_p)
