@@ -90,6 +90,10 @@ class Settings:
     #: long. A request with one result is held only by the context.
     max_request_tokens: int = 16384
     prefix_cache_mb: int = 256
+    #: Memory for the batch's key/value slots (rows x ``context_size`` positions); 0: no limit
+    #: (on the CPU a slot's pages are only used as its row fills them). Too small: fewer rows,
+    #: then a shorter context. Sized for a GPU, where the slots are allocated whole.
+    kv_cache_mb: int = 0
     #: Reuse a cached chat whose oldest turns were dropped by moving the rest into place
     #: (KoboldCpp's ContextShift); off: only a shared prefix is reused (see README, "Long chats").
     context_shift: bool = True
@@ -213,6 +217,8 @@ def _validate(settings: Settings) -> Settings:
     for name in ("threads", "queue_size", "max_batch_size", "context_size", "max_request_choices"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{name} must be at least 1")
+    if settings.kv_cache_mb < 0:
+        raise SettingsError("kv_cache_mb must be 0 (no limit) or more")
     if settings.max_request_tokens < 16 * settings.max_request_choices:
         raise SettingsError("max_request_tokens must be at least 16 tokens for each of max_request_choices")
     if settings.turn_lease_seconds < 0.5:

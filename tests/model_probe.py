@@ -39,9 +39,9 @@ class ModelProbe:
 
     def _wrap(self, original: Any, ids_at: int) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
-            input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[ids_at]
+            rows = args[ids_at]  # run_shared: a row count; run_concat: the input ids
             with self._guard:
-                self.rows.append(len(input_ids))
+                self.rows.append(rows if isinstance(rows, int) else len(rows))
                 stop = not self._open.is_set() and self._passes == 0
                 if not stop and self._passes:
                     self._passes -= 1

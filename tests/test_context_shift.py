@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kobold_api.engine.context_shift import MIN_RUN, ContextShifter, Segment, plan_shift
-from kobold_api.engine.decode_batch import ConcatBatch, SharedBufferBatch
+from kobold_api.engine.decode_batch import ConcatBatch, SlotBatch
 from kobold_api.engine.engine import Engine
 from kobold_api.engine.generation import GenerationRequest
 from kobold_api.engine.onnx_model import OnnxCausalLM
@@ -219,13 +219,13 @@ def test_concat_layout_shifts_a_pooled_copy(one_layer_model: Path) -> None:
     fresh_logits = fresh_batch.admit(prompt, None, 0)
     assert np.abs(shifted_logits - fresh_logits).max() / np.abs(fresh_logits).max() < 1e-5
     # The shared-buffer layout adopts a shifted arena in place.
-    shared = SharedBufferBatch(model)
+    shared = SlotBatch(model)
     shared.admit(CARD + OLD + KEPT, None, 0)
     pool.clear()
     pool.put(shared.release(0))
     cached, reuse = pool.take(prompt)
     assert cached is not None and cached.arena is not None and len(pool) == 0
-    logits = SharedBufferBatch(model).admit(prompt, cached, reuse)
+    logits = SlotBatch(model).admit(prompt, cached, reuse)
     assert np.abs(logits - fresh_logits).max() / np.abs(fresh_logits).max() < 1e-5
 
 

@@ -310,7 +310,7 @@ def test_batching_with_prefix_cache_matches_plain_path(tiny_model_dir: Path) -> 
         engine.shutdown()
 
 
-@pytest.mark.parametrize("layout", ["SharedBufferBatch", "ConcatBatch"])
+@pytest.mark.parametrize("layout", ["SlotBatch", "ConcatBatch"])
 def test_decode_batch_layouts_match_single_sequence(tiny_model_dir: Path, layout: str) -> None:
     """Both KV layouts (in-place shared buffers on CPU; concatenation, the CUDA path) give the
     same logits as running each sequence alone, as rows join, grow and leave."""
@@ -319,7 +319,7 @@ def test_decode_batch_layouts_match_single_sequence(tiny_model_dir: Path, layout
     from kobold_api.engine import decode_batch
 
     model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
-    batch = getattr(decode_batch, layout)(model)
+    batch = decode_batch.SlotBatch(model, 4) if layout == "SlotBatch" else decode_batch.ConcatBatch(model)
     prompts = [list(range(40, 75)), list(range(80, 90)), list(range(100, 160))]
     references = []
     for prompt in prompts:
@@ -328,7 +328,7 @@ def test_decode_batch_layouts_match_single_sequence(tiny_model_dir: Path, layout
         logits = batch.admit(prompt, None, 0)
         np.testing.assert_allclose(logits, references[-1][1], atol=1e-4)
     alive = [0, 1, 2]
-    for step in range(300):  # long enough for the shared buffers to grow past 256 tokens
+    for step in range(300):
         tokens = [int(np.argmax(references[i][1])) for i in alive]
         logits = batch.step(tokens)
         for row, index in enumerate(alive):
@@ -370,11 +370,11 @@ def test_a_chat_branch_takes_a_whole_buffer_over_and_matches_a_fresh_prefill(tin
     branch is overwritten or never read: prefill and decode give a fresh prefill's logits."""
     import numpy as np
 
-    from kobold_api.engine.decode_batch import SharedBufferBatch
+    from kobold_api.engine.decode_batch import SlotBatch
 
     model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
     pool = PrefixCache(256 * 2**20)
-    batch = SharedBufferBatch(model, max_rows=4)
+    batch = SlotBatch(model, max_rows=4)
     history = [(7 * i) % 200 + 3 for i in range(150)]
     first = history + [(5 * i) % 90 + 3 for i in range(40)]
     batch.admit(first, None, 0)
@@ -393,65 +393,68 @@ def test_a_chat_branch_takes_a_whole_buffer_over_and_matches_a_fresh_prefill(tin
 
 
 def test_follow_up_longer_than_the_adopted_buffer_keeps_its_history(tiny_model_dir: Path) -> None:
-    """A chat follow-up that outgrows the previous turn's buffer (256 positions) must keep the
-    cached keys while the buffer grows, and give the same logits as a fresh prefill."""
+    """A chat follow-up much longer than the previous turn takes its parked slot back (the
+    pages past the old turn were given back) and gives the same logits as a fresh prefill."""
     import numpy as np
 
-    from kobold_api.engine.decode_batch import SharedBufferBatch
+    from kobold_api.engine.decode_batch import SlotBatch
 
     model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
     history = [(7 * i) % 200 + 3 for i in range(200)]
-    batch = SharedBufferBatch(model, max_rows=4)
+    batch = SlotBatch(model, max_rows=4)
     batch.admit(history, None, 0)
     released = batch.release(0)
-    assert released.arena is not None  # a one-row buffer is handed over whole
-    follow_up = history + [(11 * i) % 200 + 3 for i in range(110)]  # 310 tokens > 256
+    assert released.arena is not None  # the slot itself is handed over
+    follow_up = history + [(11 * i) % 200 + 3 for i in range(110)]
     logits = batch.admit(follow_up, released, len(history))
     fresh = model.forward(follow_up, model.new_cache())
     np.testing.assert_allclose(logits, fresh, atol=1e-3)
 
 
-def test_rows_leaving_a_multi_row_buffer_are_copied_out_and_the_last_resets_it(tiny_model_dir: Path) -> None:
-    """Rows that leave are copied out at their exact size; when the last one leaves, the wide
-    buffers are dropped, so a lone chat after a burst of requests is back on one-row buffers
-    (the copy-free path for its next turn)."""
+def test_rows_leaving_are_copied_out_and_the_last_stays_parked_in_its_slot(tiny_model_dir: Path) -> None:
+    """Rows that leave are copied out at their exact size; the last one to leave stays parked in
+    slot 0 (the copy-free path for a chat's next turn), which the follow-up takes back."""
     import numpy as np
 
-    from kobold_api.engine.decode_batch import SharedBufferBatch
+    from kobold_api.engine.decode_batch import SlotBatch
 
     model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
-    batch = SharedBufferBatch(model, max_rows=4)
+    batch = SlotBatch(model, max_rows=4)
     prompts = [list(range(10 + offset, 60 + offset)) for offset in range(3)]
     for prompt in prompts:
         batch.admit(prompt, None, 0)
-    assert batch.row_capacity >= 3
     caches = [batch.release(row) for row in (2, 1)]
     assert all(cache.arena is None and cache.tensors[0].shape()[2] == cache.length for cache in caches)
     last = batch.release(0)
-    assert last.arena is not None and last.arena[0].shape[0] == 1 and last.token_ids == prompts[0]
-    assert last.nbytes == sum(buffer.nbytes for buffer in last.arena) == caches[0].nbytes
-    assert batch.size == 0 and batch.row_capacity == 0
+    assert last.home is batch.slots and last.arena is not None and last.token_ids == prompts[0]
+    assert batch.slots.is_parked(last) and batch.size == 0
     follow_up = prompts[0] + [5, 6, 7]
     logits = batch.admit(follow_up, last, len(prompts[0]))
-    assert batch.row_capacity == 1
+    assert not batch.slots.is_parked(last) and last.arena is not None  # taken back, not copied out
     np.testing.assert_array_equal(logits, model.forward(follow_up, model.new_cache()))
     for cache, prompt in zip(caches, (prompts[2], prompts[1])):  # the copies hold the right keys
-        continued = SharedBufferBatch(model).admit(prompt + [9, 9], cache, len(prompt))
+        continued = SlotBatch(model).admit(prompt + [9, 9], cache, len(prompt))
         np.testing.assert_array_equal(continued, model.forward(prompt + [9, 9], model.new_cache()))
 
 
-def test_prefix_pool_counts_the_whole_buffer_it_holds(tiny_model_dir: Path) -> None:
-    """A lone request hands its whole decode buffer (at least 256 positions wide) to the pool:
-    the byte limit must count that width, or short chats overrun the limit many times over."""
+def test_prefix_pool_counts_the_pages_a_parked_slot_holds(tiny_model_dir: Path) -> None:
+    """A lone request's keys stay parked in its slot, which spans the whole context: the pool
+    counts the pages its positions use (the rest of the slot is never touched, or was given
+    back), so the byte limit bounds what the pool really holds."""
+    from kobold_api.engine.kv_slots import _PAGE
+
     model, tokenizer = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir)
     pool = PrefixCache(64 * 2**20)
     generator = TextGenerator(model, tokenizer, pool)
     generator.generate(request(prompt="short", max_new_tokens=3))
     (entry,) = pool._entries.values()
-    assert entry.cache.arena is not None
-    assert pool.total_bytes == sum(buffer.nbytes for buffer in entry.cache.arena)
-    assert entry.cache.arena[0].shape[2] >= 256 > entry.cache.length
-    small = PrefixCache(pool.total_bytes * 3 + 1)  # room for three such buffers, however short
+    cache = entry.cache
+    assert cache.home is not None and cache.arena is not None
+    heads, dim = cache.home.shape[1], cache.home.shape[3]
+    pages = -(-cache.length * dim * cache.home.dtype.itemsize // _PAGE)
+    assert pool.total_bytes == cache.home.held_bytes(cache.length) == model.num_kv_tensors * heads * pages * _PAGE
+    assert pool.total_bytes < model.num_kv_tensors * cache.home.slot_bytes  # not the whole slot
+    small = PrefixCache(pool.total_bytes * 3 + 1)  # room for three such caches
     generator = TextGenerator(model, tokenizer, small)
     for index in range(6):
         generator.generate(request(prompt=f"{index} different", max_new_tokens=3))

@@ -2,13 +2,13 @@
 
 Two layouts, chosen by :func:`new_decode_batch`:
 
-* :class:`SharedBufferBatch` (CPU, builder GQA graphs): one preallocated key/value
-  buffer per layer, bound as both ``past`` and ``present``, so GroupQueryAttention
-  writes each new key in place. Nothing is copied per step (the concatenating layout
-  re-copies the whole cache every token); measured on the 2-core CPU with SmolLM2:
-  302 vs 259 tok/s for one sequence and 844 vs 659 tok/s for eight.
-* :class:`ConcatBatch` (everything else, CUDA included): ``present`` outputs become the
-  next ``past`` inputs as ``OrtValue``s, so on CUDA the cache never leaves the device.
+* :class:`SlotBatch` (CPU, GQA graphs): fixed key/value slots (:mod:`.kv_slots`), one
+  buffer per layer bound as both ``past`` and ``present``, so GroupQueryAttention writes
+  each new key in place; every buffer a step touches is allocated once and bound once per
+  batch size. Nothing is copied or allocated per step (the concatenating layout re-copies
+  the whole cache every token).
+* :class:`ConcatBatch` (everything else, CUDA for now): ``present`` outputs become the next
+  ``past`` inputs as ``OrtValue``s, so on CUDA the cache never leaves the device.
 
 Both accept rows of different lengths: with GQA graphs the attention mask's row sum
 tells the operator where each row's new key goes. Rows are removed by swapping the last
@@ -17,14 +17,14 @@ row into the freed slot, and callers keep their own row lists in the same order.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 
 import numpy as np
 import onnxruntime as ort
 
+from .kv_slots import KVSlots, SlotOverflow
 from .onnx_model import KVCache, OnnxCausalLM, owned_ortvalue
-
-_INITIAL_TOKENS = 256
 
 
 class DecodeBatch(ABC):
@@ -64,9 +64,10 @@ class DecodeBatch(ABC):
         return ids
 
 
-def new_decode_batch(model: OnnxCausalLM, max_rows: int = 1) -> DecodeBatch:
+def new_decode_batch(model: OnnxCausalLM, max_rows: int = 1, capacity: int | None = None) -> DecodeBatch:
+    """A batch of up to ``max_rows`` rows of at most ``capacity`` positions (default: the model's context)."""
     if model.provider == "cpu" and model.supports_batching:
-        return SharedBufferBatch(model, max_rows)
+        return SlotBatch(model, max_rows, capacity)
     return ConcatBatch(model)
 
 
@@ -78,113 +79,121 @@ def _decode_mask(lengths: list[int], width: int) -> np.ndarray:
     return mask
 
 
-class SharedBufferBatch(DecodeBatch):
-    """Keys/values in numpy buffers [rows, kv_heads, tokens, head_dim] that grow by doubling."""
+class SlotBatch(DecodeBatch):
+    """Rows in fixed slots of a :class:`KVSlots` (row ``r`` is slot ``r``), bound once.
 
-    def __init__(self, model: OnnxCausalLM, max_rows: int = 1) -> None:
+    Every input and output of a decode step lives in a buffer allocated with the batch: the
+    token ids [rows, 1], the attention mask [rows, capacity] (as wide as a slot: GQA reads each
+    row's length from its sum, so the width costs nothing and never changes) and the logits.
+    A step writes the new tokens and one mask element per row in place and runs the binding of
+    its bucket, made once per bucket: after warm-up a step creates no binding and no OrtValue.
+    A step of ``n`` rows runs the smallest bucket of at least ``n`` rows; the rows past ``n``
+    are free slots fed a dummy token at position 0, whose outputs are ignored (on the CPU every
+    size is a bucket, so nothing is padded; captured CUDA graphs need a few fixed sizes).
+    """
+
+    def __init__(self, model: OnnxCausalLM, max_rows: int = 1, capacity: int | None = None,
+                 buckets: list[int] | None = None) -> None:
         super().__init__(model)
         self.max_rows = max_rows
-        self._buffers: list[np.ndarray] = []
-        # (start, stop, OrtValues over those rows, their IO binding, its logits buffer)
-        self._views: tuple[int, int, list[ort.OrtValue], ort.IOBinding, np.ndarray] | None = None
+        self.capacity = capacity or model.info.context_length
+        self.buckets = sorted({size for size in (buckets or range(1, max_rows + 1)) if size < max_rows} | {max_rows})
+        heads, dim, dtype = model.kv_shape
+        self.slots = KVSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype)
+        self.slots.owner = weakref.ref(self)
+        self._ids = np.zeros((max_rows, 1), dtype=np.int64)
+        self._mask = np.zeros((max_rows, self.capacity), dtype=np.int64)
+        self._mask[:, 0] = 1  # a free slot: one position (its dummy token's)
+        self._logits = np.zeros((max_rows, 1, model.vocab_size), dtype=np.float32)
+        self._step_bindings: dict[int, ort.IOBinding] = {}
+        self._prefill_bindings: dict[int, ort.IOBinding] = {}
 
-    @property
-    def row_capacity(self) -> int:
-        return self._buffers[0].shape[0] if self._buffers else 0
+    def _step_binding(self, bucket: int) -> ort.IOBinding:
+        """Slots [0, bucket) with the token buffer as their input: made once per bucket."""
+        if bucket not in self._step_bindings:
+            self._step_bindings[bucket] = self.model.bind_slots(self.slots, 0, bucket, self._mask, self._logits,
+                                                                self._ids)
+        return self._step_bindings[bucket]
 
-    @property
-    def token_capacity(self) -> int:
-        return self._buffers[0].shape[2] if self._buffers else 0
+    def _prefill_binding(self, slot: int) -> ort.IOBinding:
+        """Slot ``slot`` alone; its prompt is bound anew by each prefill."""
+        if slot not in self._prefill_bindings:
+            self._prefill_bindings[slot] = self.model.bind_slots(self.slots, slot, 1, self._mask, self._logits)
+        return self._prefill_bindings[slot]
 
-    def _ensure_capacity(self, rows: int, tokens: int, keep: list[int] | None = None) -> None:
-        """Grow to hold ``rows`` rows of ``tokens`` positions, doubling the token capacity.
-
-        Rows double too (up to ``max_rows``): a lone chat keeps a one-row buffer, whose
-        pages are all used, and a growing batch reallocates only a few times. Only the used
-        part of each row is copied: ``keep[row]`` positions (default: the row's tokens).
-        """
-        if rows <= self.row_capacity and tokens <= self.token_capacity:
-            return
-        new_rows = max(rows, self.row_capacity)
-        if rows > self.row_capacity:
-            new_rows = min(max(rows, 2 * self.row_capacity), max(self.max_rows, rows))
-        new_tokens = max(self.token_capacity, _INITIAL_TOKENS)
-        while new_tokens < tokens:
-            new_tokens *= 2
-        heads, dim, dtype = self.model.kv_shape
-        grown = [np.zeros((new_rows, heads, new_tokens, dim), dtype=dtype) for _ in range(self.model.num_kv_tensors)]
-        for row, length in enumerate(keep if keep is not None else [len(ids) for ids in self.token_ids]):
-            for old, new in zip(self._buffers, grown):
-                new[row, :, :length] = old[row, :, :length]
-        self._buffers = grown
-        self._views = None
-
-    def _bind(self, start: int, stop: int) -> tuple[ort.IOBinding, np.ndarray]:
-        """A binding whose keys/values share memory with rows [start, stop) (a contiguous
-        block), with the buffer its logits are written to (reused: read before the next run)."""
-        if self._views is None or self._views[:2] != (start, stop):
-            values = [ort.OrtValue.ortvalue_from_numpy(buffer[start:stop]) for buffer in self._buffers]
-            logits = np.empty((stop - start, 1, self.model.vocab_size), dtype=np.float32)
-            self._views = (start, stop, values, self.model.bind_shared(values, logits), logits)
-        return self._views[3], self._views[4]
-
-    def _run(self, start: int, stop: int, input_ids: list[list[int]], attention_mask: np.ndarray) -> np.ndarray:
-        binding, logits = self._bind(start, stop)
-        self.model.run_shared(binding, input_ids, attention_mask)
-        return logits[:, 0]
+    def _adopt(self, slots: KVSlots) -> None:
+        """Take over the slots of a batch that is gone (the same shape): the bindings pointed at
+        the old ones."""
+        self.slots = slots
+        slots.owner = weakref.ref(self)
+        self._step_bindings.clear()
+        self._prefill_bindings.clear()
 
     def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
-        row = self.size
-        if row == 0 and cached is not None and cached.arena is not None and reuse:
-            # A chat follow-up on an idle server: take the previous turn's buffers back as they
-            # are; if the prompt outgrows them, the growth keeps the reused positions.
-            self._buffers, self._views = cached.arena, None
-            self._ensure_capacity(1, len(prompt_ids) + 1, keep=[reuse])
+        slot = self.size
+        if slot >= self.max_rows:
+            raise SlotOverflow(f"all {self.max_rows} slots are in use")
+        if len(prompt_ids) > self.capacity:
+            raise SlotOverflow(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of {self.capacity}")
+        home = cached.home if cached is not None and cached.arena is not None and reuse else None
+        if slot == 0 and home is not None and home.shape == self.slots.shape and home.is_parked(cached) \
+                and home.free_to_adopt(self):
+            # A chat's next turn on an idle batch: its keys are still parked in slot 0.
+            if home is not self.slots:
+                self._adopt(home)
+            self.slots.claim(0, adopter=cached)
         else:
-            self._ensure_capacity(row + 1, len(prompt_ids) + 1)
+            self.slots.claim(slot)
             if cached is not None and reuse:
-                for buffer, tensor in zip(self._buffers, cached.tensors):
-                    buffer[row, :, :reuse] = tensor.numpy()[0, :, :reuse]
-        logits = self._run(row, row + 1, [prompt_ids[reuse:]], np.ones((1, len(prompt_ids)), dtype=np.int64))[0]
+                self.slots.write(slot, [tensor.numpy() for tensor in cached.tensors], reuse)
+        self._mask[slot] = 0
+        self._mask[slot, :len(prompt_ids)] = 1
+        binding = self._prefill_binding(slot)
+        binding.bind_cpu_input("input_ids", np.asarray([prompt_ids[reuse:]], dtype=np.int64))
+        self.model.run_shared(binding, 1)
         self.token_ids.append(list(prompt_ids))
-        return logits
+        return self._logits[slot, 0].copy()
 
     def step(self, tokens: list[int]) -> np.ndarray:
-        lengths = [len(ids) for ids in self.token_ids]
-        self._ensure_capacity(self.size, max(lengths) + 1)
-        logits = self._run(0, self.size, [[token] for token in tokens], _decode_mask(lengths, max(lengths) + 1))
+        rows = self.size
+        for ids in self.token_ids:
+            if len(ids) >= self.capacity:
+                raise SlotOverflow(f"a row of {len(ids)} tokens is at its slot's capacity ({self.capacity})")
+        bucket = next(size for size in self.buckets if size >= rows)
+        self._ids[:rows, 0] = tokens
+        self._ids[rows:bucket, 0] = 0
+        for row, ids in enumerate(self.token_ids):
+            self._mask[row, len(ids)] = 1
+        self.model.run_shared(self._step_binding(bucket), bucket)
         for ids, token in zip(self.token_ids, tokens):
             ids.append(token)
-        return logits
+        return self._logits[:rows, 0]
+
+    def truncate(self, row: int, length: int) -> None:
+        self._mask[row, max(length, 1):len(self.token_ids[row])] = 0
+        super().truncate(row, length)
 
     def release(self, row: int) -> KVCache:
         length = len(self.token_ids[row])
-        if self.size == 1:
-            # The last row leaves: its keys go to the prefix pool as one-row buffers (the buffers
-            # themselves when they hold only this row: no copy, and a chat follow-up adopts them
-            # back), and the batch starts afresh: a lone request after a burst gets one-row
-            # buffers again, and the burst's wide buffers are freed.
-            arena = self._buffers if self.row_capacity == 1 else self._copy_row(row, length, length)
-            self._buffers, self._views = [], None
-            tensors = [ort.OrtValue.ortvalue_from_numpy(buffer[0:1]) for buffer in arena]
-            return KVCache(tensors, self._swap_remove_ids(row), arena=arena)
-        tensors = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in self._copy_row(row, length, length)]
         last = self.size - 1
-        if row != last:
-            last_length = len(self.token_ids[last])
-            for buffer in self._buffers:
-                buffer[row, :, :last_length] = buffer[last, :, :last_length]
-        return KVCache(tensors, self._swap_remove_ids(row))
-
-    def _copy_row(self, row: int, length: int, capacity: int) -> list[np.ndarray]:
-        """``row``'s first ``length`` positions of every layer, as [1, heads, capacity, dim] arrays
-        in one new block (one allocation instead of one per layer: 0.15 vs 0.8 ms for 60 layers).
-        Copies are made at their exact length: the pool pays for every position it holds."""
-        heads, dim, dtype = self.model.kv_shape
-        block = np.zeros((len(self._buffers), 1, heads, capacity, dim), dtype=dtype)
-        for layer, buffer in zip(block, self._buffers):
-            layer[0, :, :length] = buffer[row, :, :length]
-        return list(block)
+        if last == 0:
+            # The last row leaves: its keys stay where they are, parked for the prefix pool (a
+            # chat's next turn takes them back without a copy); the pages past them are freed.
+            self.slots.forget(0, keep=length)
+            arena = self.slots.view(0)
+            cache = KVCache([ort.OrtValue.ortvalue_from_numpy(view) for view in arena], self._swap_remove_ids(row),
+                            arena=arena, home=self.slots)
+            self.slots.park(cache)
+        else:
+            cache = KVCache([ort.OrtValue.ortvalue_from_numpy(array) for array in self.slots.read(row, length)],
+                            self._swap_remove_ids(row))
+            if row != last:
+                self.slots.move(last, row, len(self.token_ids[row]))
+                self._mask[row] = self._mask[last]
+            self.slots.forget(last)
+        self._mask[last] = 0
+        self._mask[last, 0] = 1
+        return cache
 
 
 class ConcatBatch(DecodeBatch):

@@ -19,10 +19,11 @@ from typing import Callable, Iterator
 
 from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, Sequence, TextGenerator
 from .decode_batch import DecodeBatch, new_decode_batch
-from .onnx_model import OnnxCausalLM, resolved_device
+from .kv_slots import plan_slots
+from .onnx_model import OnnxCausalLM, WrongDevice, resolved_device
 from .context_shift import ContextShifter
 from .prefix_cache import PrefixCache
-from .prepare import prepare_model
+from .prepare import PrepareError, prepare_model
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -256,16 +257,36 @@ class Engine:
         progress: Callable[[str], None] | None = None,
         quant: str = "auto",
         context_shift: bool = True,
+        context_size: int = 0,
+        kv_cache_mb: int = 0,
     ) -> "Engine":
-        """Prepare (or find in the cache) the model, then open it."""
+        """Prepare (or find in the cache) the model, then open it.
+
+        Each batch row gets a key/value slot of ``context_size`` positions (the model's context
+        at most); ``kv_cache_mb`` (0: no limit) bounds rows x slot: fewer rows first, then a
+        shorter context if even one row does not fit."""
         model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress, quant)
-        onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
+        try:
+            onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
+        except WrongDevice as exc:  # CUDA is listed but failed to start: a CPU graph, not a CUDA one on the CPU
+            log.warning("%s; preparing the model for the CPU", exc)
+            try:
+                model_dir = prepare_model(model, "cpu", cache_dir, progress, quant)
+            except PrepareError:  # a precision only CUDA runs (fp16): the CPU's own choice
+                model_dir = prepare_model(model, "cpu", cache_dir, progress, "auto")
+            onnx_model = OnnxCausalLM(model_dir, "cpu", cpu_threads)
         tokenizer = Tokenizer(model_dir)
         shifter = ContextShifter(onnx_model.rotary, onnx_model.device) \
             if context_shift and onnx_model.rotary is not None else None
         prefix_cache = PrefixCache(prefix_cache_mb * 2**20, shifter=shifter) if prefix_cache_mb > 0 else None
         name = _display_name(model, model_dir)
-        return cls(TextGenerator(onnx_model, tokenizer, prefix_cache), name, queue_size, max_batch_size)
+        context = min(context_size or onnx_model.info.context_length, onnx_model.info.context_length)
+        if kv_cache_mb > 0:
+            max_batch_size, context = plan_slots(onnx_model.kv_bytes_per_token, max_batch_size, context,
+                                                 kv_cache_mb * 2**20)
+            log.info("key/value slots: %d rows of %d positions in %d MB", max_batch_size, context, kv_cache_mb)
+        generator = TextGenerator(onnx_model, tokenizer, prefix_cache, context)
+        return cls(generator, name, queue_size, max_batch_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -273,7 +294,7 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.generator.model.info.context_length
+        return self.generator.context_length
 
     @property
     def busy(self) -> bool:
@@ -369,7 +390,7 @@ class Engine:
 
     # --- the worker -------------------------------------------------------------------
     def _run(self) -> None:
-        batch = new_decode_batch(self.generator.model, self.max_batch_size)
+        batch = self._new_batch()
         rows: list[tuple[Job, Sequence]] = []  # in the batch's row order
         pending: list[int] = []
         while True:
@@ -382,8 +403,11 @@ class Engine:
                 log.exception("generation step failed")
                 self._fail_all(rows, exc)
                 rows, pending = [], []
-                batch = new_decode_batch(self.generator.model, self.max_batch_size)
+                batch = self._new_batch()
         self._fail_all(rows, RuntimeError("server is shutting down"))
+
+    def _new_batch(self) -> DecodeBatch:
+        return new_decode_batch(self.generator.model, self.max_batch_size, self.generator.context_length)
 
     def _admit(self, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> bool:
         """Between steps: end waiting jobs that were cancelled, then take queued jobs into free

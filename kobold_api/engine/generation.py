@@ -128,8 +128,12 @@ class CancelToken:
 class TextGenerator:
     """Runs one request at a time on a model; the scheduler decides which and when."""
 
-    def __init__(self, model: OnnxCausalLM, tokenizer: Tokenizer, prefix_cache: PrefixCache | None = None) -> None:
+    def __init__(self, model: OnnxCausalLM, tokenizer: Tokenizer, prefix_cache: PrefixCache | None = None,
+                 context_length: int = 0) -> None:
         self.model = model
+        #: The longest sequence (prompt and reply) a request may hold: the model's context, or
+        #: less where the server caps it (a decode slot is this long).
+        self.context_length = min(context_length or model.info.context_length, model.info.context_length)
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.grammar_vocabulary = GrammarVocabulary(tokenizer, model.vocab_size, model.info.eos_token_ids)
@@ -143,7 +147,7 @@ class TextGenerator:
         up to all but the last ``MIN_PROMPT_TOKENS`` of the room (it and the prompt are then
         tokenized apart), as KoboldCpp keeps a few prompt tokens after even the longest memory.
         """
-        context = min(request.max_context_length, self.model.info.context_length)
+        context = min(request.max_context_length, self.context_length)
         _, budget = token_budget(request.max_new_tokens, context)
         bos = self.model.info.bos_token_id
         if request.prompt_ids is not None:
@@ -172,7 +176,7 @@ class TextGenerator:
         negative = request.sampling.negative_prompt
         ids = self._encode(negative, request.add_special_tokens) if negative else []
         ids = keep_tail(ids, max(1, budget), self.model.info.bos_token_id)[0] if ids else prompt_ids[-1:]
-        return Guidance(self.model, ids, scale)
+        return Guidance(self.model, ids, scale, self.context_length)
 
     def think_limit_for(self, request: GenerationRequest, prompt_ids: list[int], max_new: int) -> ThinkLimit | None:
         """The reasoning budget of a request that sets one (None otherwise, and under a grammar,
@@ -192,7 +196,7 @@ class TextGenerator:
 
     def stream(self, request: GenerationRequest, cancel: CancelToken | None = None) -> Iterator[GenerationChunk]:
         """Run one request alone (a batch of one): prefill, then one step per token."""
-        batch = new_decode_batch(self.model)
+        batch = new_decode_batch(self.model, capacity=self.context_length)
         sequence = Sequence(self, request, cancel or CancelToken())
         logits = sequence.prefill(batch)
         while True:
@@ -251,7 +255,7 @@ class Sequence:
         self.sampler = TokenSampler(
             self.sampling, tokenize=lambda text: generator.tokenizer.encode(text, add_special_tokens=False))
         self.prompt_ids, self.truncated = generator.prompt_ids(request)
-        context_length = min(request.max_context_length, info.context_length)
+        context_length = min(request.max_context_length, generator.context_length)
         self.max_new = max(0, min(request.max_new_tokens, context_length - len(self.prompt_ids)))
         self.eos_ids = set(info.eos_token_ids)
         self.bans = PhraseBanGuard(request.banned_phrases)

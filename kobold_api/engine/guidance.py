@@ -58,12 +58,12 @@ class Guidance:
     """The negative context of one request: its ids, its own one-row decode batch, and the logits
     after them."""
 
-    def __init__(self, model: OnnxCausalLM, negative_ids: list[int], scale: float) -> None:
+    def __init__(self, model: OnnxCausalLM, negative_ids: list[int], scale: float, capacity: int = 0) -> None:
         if not negative_ids:
             raise ValueError("the negative context needs at least one token")
         self.negative_ids = list(negative_ids)
         self.scale = check_guidance_scale(scale)
-        self._batch = new_decode_batch(model, 1)
+        self._batch = new_decode_batch(model, 1, capacity or None)
         self._logits: np.ndarray | None = None
 
     def apply(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:

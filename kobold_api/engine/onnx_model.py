@@ -17,12 +17,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from .prepare import read_manifest
 from .rotary import RotaryLayout
+
+if TYPE_CHECKING:
+    from .kv_slots import KVSlots
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,11 @@ class KVCache:
 
     tensors: list[ort.OrtValue] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    #: When set, the whole shared buffers this sequence was decoded in (row 0 holds it):
-    #: an empty SharedBufferBatch adopts them instead of copying the keys back in.
+    #: When set, the views of slot 0 of ``home`` where this sequence's keys were left parked:
+    #: an empty batch on those slots takes them back instead of copying the keys in, and any
+    #: other row that needs slot 0 first copies them out into ``tensors``.
     arena: list[np.ndarray] | None = None
+    home: KVSlots | None = None
 
     @property
     def length(self) -> int:
@@ -60,8 +66,10 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Memory the cache holds: the tensors' whole width, not just the cached positions (a
-        pooled decode buffer is wider than its sequence, and its pages are really in use: the
-        allocator clears reused memory, touching every page)."""
+        concatenated cache may be wider than its sequence); for keys parked in a slot, the
+        pages its positions use (the rest of the slot is never touched or was given back)."""
+        if self.home is not None:
+            return self.home.held_bytes(self.length)
         if not self.tensors:
             return 0
         shape = self.tensors[0].shape()
@@ -96,6 +104,10 @@ def resolved_device(requested: str) -> str:
     return "cuda" if choose_providers(requested)[0] == "CUDAExecutionProvider" else "cpu"
 
 
+class WrongDevice(RuntimeError):
+    """The folder holds a graph built for CUDA, and the session could only open on the CPU."""
+
+
 class OnnxCausalLM:
     """Runs prefill and decode steps; knows nothing about sampling or text."""
 
@@ -126,6 +138,10 @@ class OnnxCausalLM:
             )
         log.info("ONNX Runtime session on %s (%s)", self.provider, ", ".join(self.session.get_providers()))
         manifest = read_manifest(self.model_dir)
+        if manifest.get("device") == "cuda" and self.provider != "cuda":
+            # Our CUDA graphs (fp16 GroupQueryAttention) are refused by the importer for the CPU:
+            # running one there would be slow at best. The caller prepares a CPU graph instead.
+            raise WrongDevice(f"{self.model_dir.name} was built for CUDA, which is not usable here")
         self.info = _read_model_info(self.model_dir, manifest)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._uses_position_ids = "position_ids" in inputs
@@ -163,6 +179,11 @@ class OnnxCausalLM:
         return self._kv_heads, self._head_dim, self._kv_dtype
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Key/value memory one position takes over all layers."""
+        return self.num_kv_tensors * self._kv_heads * self._head_dim * np.dtype(self._kv_dtype).itemsize
+
+    @property
     def num_kv_tensors(self) -> int:
         return len(self._past_names)
 
@@ -189,21 +210,27 @@ class OnnxCausalLM:
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1].astype(np.float32, copy=False), list(outputs[1:])
 
-    def bind_shared(self, kv: list[ort.OrtValue], logits: np.ndarray) -> ort.IOBinding:
-        """An IO binding with each layer's past and present bound to the same buffer (GQA
-        then writes the new keys in place) and the logits written into ``logits``
-        ([rows, 1, vocab]). Reused for every step while the rows stay the same."""
+    def bind_slots(self, slots: KVSlots, first: int, rows: int, mask: np.ndarray, logits: np.ndarray,
+                   ids: np.ndarray | None = None) -> ort.IOBinding:
+        """An IO binding of slots [first, first + rows): each layer's past and present bound to the
+        same slot memory (GQA writes the new keys in place), the mask's and logits' rows of
+        those slots, and ``ids``' first rows as the tokens (None: bound by each run). Everything
+        is bound by address, so the binding stays valid while these buffers live."""
         binding = self.session.io_binding()
-        for past_name, present_name, value in zip(self._past_names, self._present_names, kv):
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_ortvalue_output(present_name, value)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        shape = [rows, *slots.shape[1:]]
+        for tensor, (past_name, present_name) in enumerate(zip(self._past_names, self._present_names)):
+            address = slots.pointer(tensor, first)
+            binding.bind_input(past_name, "cpu", 0, slots.dtype.type, shape, address)
+            binding.bind_output(present_name, "cpu", 0, slots.dtype.type, shape, address)
+        _bind_rows(binding.bind_input, "attention_mask", mask, first, rows)
+        _bind_rows(binding.bind_output, "logits", logits, first, rows)
+        if ids is not None:
+            _bind_rows(binding.bind_input, "input_ids", ids, first, rows)
         return binding
 
-    def run_shared(self, binding: ort.IOBinding, input_ids: list[list[int]], attention_mask: np.ndarray) -> None:
-        """One run on a :meth:`bind_shared` binding; the logits land in its buffer."""
-        binding.bind_cpu_input("input_ids", np.asarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", attention_mask)
+    def run_shared(self, binding: ort.IOBinding, rows: int) -> None:
+        """One run on a :meth:`bind_slots` binding of ``rows`` rows (every session run of a slot
+        batch goes through here; tests watch it)."""
         self.session.run_with_iobinding(binding)
 
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
@@ -213,6 +240,11 @@ class OnnxCausalLM:
                                                 cache.tensors, positions=[[cache.length]])
         cache.token_ids.extend(new_token_ids)
         return logits[0]
+
+
+def _bind_rows(bind: Callable, name: str, array: np.ndarray, first: int, rows: int) -> None:
+    """Bind rows [first, first + rows) of a C-contiguous ``array`` by address."""
+    bind(name, "cpu", 0, array.dtype.type, [rows, *array.shape[1:]], int(array.ctypes.data) + first * array.strides[0])
 
 
 def owned_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:

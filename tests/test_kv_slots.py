@@ -1,0 +1,316 @@
+"""Fixed key/value slots (the batch layout the GPU needs, checked here on the CPU provider).
+
+Logits must be bit-identical to the concatenating layout (the CUDA path today) through joins,
+leaves, cuts and context shifts; a step after warm-up must create no IO binding and no OrtValue;
+padding a step up to a bucket must leave the live rows' logits unchanged; a row is refused
+before it writes past its slot; and a slot never holds a live row and a pooled cache at once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from kobold_api.engine.context_shift import ContextShifter
+from kobold_api.engine.decode_batch import ConcatBatch, SlotBatch
+from kobold_api.engine.kv_slots import _PAGE, MIN_SLOT_TOKENS, KVSlots, SlotOverflow, plan_slots
+from kobold_api.engine.onnx_model import OnnxCausalLM
+from kobold_api.engine.prefix_cache import PrefixCache
+
+pytestmark = pytest.mark.fast
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> OnnxCausalLM:
+    return OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+
+
+def _prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(3, 250) for _ in range(length)]
+
+
+def test_slots_match_the_concatenating_layout_bit_for_bit(model: OnnxCausalLM) -> None:
+    """Random joins (fresh and from a released row's cache), leaves, cuts (a phrase ban's
+    rewind) and steps, on both layouts side by side: every logit is the same float."""
+    rng = random.Random(29)
+    slots, concat = SlotBatch(model, 4), ConcatBatch(model)
+    released = []
+    for _ in range(3):
+        prompt = _prompt(rng, rng.randrange(2, 90))
+        np.testing.assert_array_equal(slots.admit(prompt, None, 0), concat.admit(prompt, None, 0))
+    joins = leaves = cuts = 0
+    for step in range(120):
+        action = rng.random()
+        if action < 0.08 and slots.size < 4:
+            if released and rng.random() < 0.5:  # a follow-up that continues a cache that left
+                one, other = released.pop()
+                prompt = one.token_ids + _prompt(rng, rng.randrange(1, 6))
+                got, want = slots.admit(prompt, one, one.length), concat.admit(prompt, other, other.length)
+            else:
+                prompt = _prompt(rng, rng.randrange(2, 70))
+                got, want = slots.admit(prompt, None, 0), concat.admit(prompt, None, 0)
+            np.testing.assert_array_equal(got, want)
+            joins += 1
+        elif action < 0.14 and slots.size > 1:
+            row = rng.randrange(slots.size)
+            one, other = slots.release(row), concat.release(row)
+            assert one.token_ids == other.token_ids
+            np.testing.assert_array_equal(one.tensors[0].numpy()[:, :, :one.length],
+                                          other.tensors[0].numpy())
+            released.append((one, other))
+            leaves += 1
+        elif action < 0.2:
+            row = rng.randrange(slots.size)
+            keep = max(1, len(slots.token_ids[row]) - rng.randrange(1, 4))
+            slots.truncate(row, keep)
+            concat.truncate(row, keep)
+            cuts += 1
+        tokens = [rng.randrange(3, 250) for _ in range(slots.size)]
+        np.testing.assert_array_equal(slots.step(tokens), concat.step(tokens))
+        assert slots.token_ids == concat.token_ids
+    assert joins and leaves and cuts
+
+
+def test_a_shifted_follow_up_matches_the_concatenating_layout(model: OnnxCausalLM) -> None:
+    """Context shift: the slot layout shifts the parked slot in place, the concatenating layout
+    a pooled copy; the follow-up's logits are the same floats either way."""
+    rng = random.Random(5)
+    card, old, kept, new = (_prompt(rng, n) for n in (40, 60, 80, 12))
+    logits = []
+    for batch in (SlotBatch(model, 2), ConcatBatch(model)):
+        assert model.rotary is not None
+        pool = PrefixCache(2**28, shifter=ContextShifter(model.rotary, model.device))
+        batch.admit(card + old + kept, None, 0)
+        pool.put(batch.release(0))
+        cached, reuse = pool.take(card + kept + new)
+        assert cached is not None and reuse == len(card + kept)
+        logits.append(batch.admit(card + kept + new, cached, reuse))
+        logits.append(batch.step([7])[0].copy())
+    np.testing.assert_array_equal(logits[0], logits[2])
+    np.testing.assert_array_equal(logits[1], logits[3])
+
+
+class _Counts:
+    """Counts every OrtValue and IO binding made, and everything bound, through ORT's Python API."""
+
+    NAMES = {
+        ort.OrtValue: ("ortvalue_from_numpy", "ortvalue_from_shape_and_type"),
+        ort.InferenceSession: ("io_binding",),
+        ort.IOBinding: ("bind_cpu_input", "bind_input", "bind_output", "bind_ortvalue_input",
+                        "bind_ortvalue_output"),
+    }
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[str] = Counter()
+        for owner, names in self.NAMES.items():
+            for name in names:
+                original = getattr(owner, name)
+                static = isinstance(owner.__dict__.get(name), staticmethod)
+                monkeypatch.setattr(owner, name, self._wrap(name, original, static))
+
+    def _wrap(self, name: str, original: Any, static: bool) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return original(*args, **kwargs)
+
+        return staticmethod(counted) if static else counted
+
+
+def test_steps_after_warm_up_create_no_binding_and_no_ortvalue(model: OnnxCausalLM,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(3)
+    batch = SlotBatch(model, 4)
+    for length in (30, 5, 61):
+        batch.admit(_prompt(rng, length), None, 0)
+    batch.step([9, 9, 9])  # warm-up: the three-row bucket is bound
+    counts = _Counts(monkeypatch)
+    seen = []
+    for _ in range(40):
+        seen.append(batch.step([rng.randrange(3, 250) for _ in range(3)]).copy())
+    assert not counts.calls, counts.calls
+    assert len({row.tobytes() for step in seen for row in step}) == 120  # the steps really ran
+    # The counter sees what the concatenating layout does per step (it would catch a regression).
+    concat = ConcatBatch(model)
+    concat.admit(_prompt(rng, 10), None, 0)
+    concat.step([5])
+    assert counts.calls["io_binding"] == 2 and counts.calls["bind_output"] >= 2  # its prefill and step
+
+
+def test_rows_padded_up_to_a_bucket_leave_live_rows_unchanged(model: OnnxCausalLM,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 3 and 5 rows run as buckets of 4 and 8 (free slots fed a dummy token): the live
+    rows' logits are those of unpadded steps, bit for bit."""
+    rng = random.Random(11)
+    padded, exact = SlotBatch(model, 8, buckets=[1, 2, 4, 8]), SlotBatch(model, 8)
+    assert padded.buckets == [1, 2, 4, 8] and exact.buckets == list(range(1, 9))
+    rows_run: list[int] = []
+    original = model.run_shared
+    monkeypatch.setattr(model, "run_shared", lambda binding, rows: (rows_run.append(rows), original(binding, rows)))
+    for joined in (3, 2):
+        for _ in range(joined):
+            prompt = _prompt(rng, rng.randrange(2, 50))
+            np.testing.assert_array_equal(padded.admit(prompt, None, 0), exact.admit(prompt, None, 0))
+        for _ in range(6):
+            tokens = [rng.randrange(3, 250) for _ in range(padded.size)]
+            np.testing.assert_array_equal(padded.step(tokens), exact.step(tokens))
+    assert 4 in rows_run and 8 in rows_run  # the padded batch really ran 4- and 8-row buckets
+    assert 3 in rows_run and 5 in rows_run
+
+
+def test_a_row_is_refused_before_it_writes_past_its_slot(model: OnnxCausalLM) -> None:
+    rng = random.Random(2)
+    batch = SlotBatch(model, 2, capacity=64)
+    with pytest.raises(SlotOverflow):
+        batch.admit(_prompt(rng, 65), None, 0)
+    batch.admit(_prompt(rng, 62), None, 0)
+    batch.admit(_prompt(rng, 10), None, 0)
+    batch.step([5, 6])
+    batch.step([5, 6])  # row 0 now holds 64 positions: its slot is full
+    before = [buffer.copy() for buffer in batch.slots.buffers]
+    ids_before = [list(ids) for ids in batch.token_ids]
+    with pytest.raises(SlotOverflow):
+        batch.step([7, 8])
+    assert batch.token_ids == ids_before
+    assert all(np.array_equal(old, new) for old, new in zip(before, batch.slots.buffers))
+
+
+def test_a_parked_slot_is_copied_out_before_another_row_writes_it(model: OnnxCausalLM) -> None:
+    """The last row's keys stay parked in slot 0 for the pool; a different prompt that needs the
+    slot first copies them out, so the pooled cache still continues its own sequence exactly."""
+    rng = random.Random(8)
+    pool = PrefixCache(2**28)
+    batch = SlotBatch(model, 2)
+    first = _prompt(rng, 70)
+    batch.admit(first, None, 0)
+    parked = batch.release(0)
+    pool.put(parked)
+    assert batch.slots.is_parked(parked) and np.shares_memory(parked.arena[0], batch.slots.buffers[0])
+    batch.admit(_prompt(rng, 40), None, 0)  # another chat takes slot 0
+    assert parked.arena is None and parked.home is None
+    assert not any(np.shares_memory(tensor.numpy(), buffer)
+                   for tensor in parked.tensors for buffer in batch.slots.buffers)
+    batch.step([4])
+    cached, reuse = pool.take(first + [5, 6])
+    assert cached is parked and reuse == len(first)
+    continued = batch.admit(first + [5, 6], cached, reuse)
+    np.testing.assert_array_equal(continued, SlotBatch(model).admit(first + [5, 6], None, 0))
+
+
+def _live_or_pooled(batches: list[SlotBatch], pool: PrefixCache) -> Iterator[tuple[KVSlots, int]]:
+    for batch in batches:
+        for slot in range(batch.size):
+            yield batch.slots, slot
+    for entry in pool._entries.values():
+        if entry.cache.home is not None:
+            yield entry.cache.home, 0
+
+
+def test_no_slot_is_both_live_and_pooled_while_an_engine_serves(model: OnnxCausalLM) -> None:
+    """Random admissions (reusing pooled prefixes when they match) and releases on two batches
+    sharing one pool: after every operation each slot is held by one owner at most."""
+    rng = random.Random(13)
+    pool = PrefixCache(2**28)
+    batches = [SlotBatch(model, 3), SlotBatch(model, 3)]
+    histories = [_prompt(rng, 40) for _ in range(3)]
+    for _ in range(80):
+        batch = rng.choice(batches)
+        if batch.size and (batch.size == 3 or rng.random() < 0.45):
+            pool.put(batch.release(rng.randrange(batch.size)))
+        else:
+            prompt = rng.choice(histories) + _prompt(rng, rng.randrange(3, 12))
+            cached, reuse = pool.take(prompt)
+            batch.admit(prompt, cached, reuse)
+        owners = list(_live_or_pooled(batches, pool))
+        assert len(owners) == len({(id(slots), slot) for slots, slot in owners})
+
+
+def test_forgotten_pages_are_zero_and_the_kept_positions_stay() -> None:
+    slots = KVSlots(tensors=2, slots=2, heads=2, capacity=4096, dim=16, dtype=np.float32)
+    for buffer in slots.buffers:
+        buffer[:] = 1.0
+    slots.forget(1, keep=100)
+    for buffer in slots.buffers:
+        assert (buffer[0] == 1).all() and (buffer[1, :, :100] == 1).all()
+        first_free_page = -(-100 * 16 * 4 // _PAGE) * _PAGE // (16 * 4)
+        assert (buffer[1, :, first_free_page:] == 0).all()
+    assert slots.held_bytes(100) == 2 * 2 * -(-100 * 16 * 4 // _PAGE) * _PAGE
+
+
+def test_slot_plan_fits_the_budget() -> None:
+    per_token = 1000
+    assert plan_slots(per_token, 8, 2048, 0 + 8 * 2048 * per_token) == (8, 2048)
+    assert plan_slots(per_token, 8, 2048, 3 * 2048 * per_token + 5) == (3, 2048)  # fewer rows first
+    assert plan_slots(per_token, 8, 2048, 1024 * per_token) == (1, 1024)  # then a shorter context
+    assert plan_slots(per_token, 8, 2048, 10 * per_token) == (1, MIN_SLOT_TOKENS)
+
+
+def test_the_kv_budget_sets_the_engine_rows_and_context(tiny_model_dir: Path) -> None:
+    from conftest import make_engine
+
+    probe = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    slot = probe.kv_bytes_per_token * 512
+    engine = make_engine(tiny_model_dir, max_batch_size=8, context_size=512,
+                         kv_cache_mb=-(-3 * slot // 2**20))
+    try:
+        rows = min(8, (-(-3 * slot // 2**20) * 2**20) // slot)
+        assert engine.context_length == 512 and engine.max_batch_size == rows < 8
+    finally:
+        engine.shutdown()
+
+
+def test_a_cuda_graph_is_never_run_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA is listed but unusable (a broken install): the graph built for CUDA is refused on the
+    CPU provider, and the engine prepares and opens a CPU graph instead."""
+    from tiny_model import build_tiny_hf_model
+
+    from kobold_api.engine import engine as engine_module
+    from kobold_api.engine.onnx_model import WrongDevice
+    from kobold_api.engine.prepare import prepare_model, read_manifest
+
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", layers=1)
+    cuda_dir = prepare_model(str(hf_dir), "cuda", tmp_path / "cache", progress=lambda _: None, quant="fp16")
+    assert read_manifest(cuda_dir)["device"] == "cuda"
+    with pytest.raises(WrongDevice):
+        OnnxCausalLM(cuda_dir, "cpu", cpu_threads=2)
+    monkeypatch.setattr(engine_module, "resolved_device", lambda requested: "cuda")
+    engine = engine_module.Engine.load(str(hf_dir), "cuda", tmp_path / "cache", cpu_threads=2, quant="fp16",
+                                       max_batch_size=1)
+    try:
+        model = engine.generator.model
+        assert model.provider == "cpu" and read_manifest(model.model_dir)["device"] == "cpu"
+        assert model.model_dir != cuda_dir
+    finally:
+        engine.shutdown()
+
+
+def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxCausalLM) -> None:
+    """Batch A parks a row; batch B (same shape, A still alive) continues that cache: B copies
+    the keys instead of taking A's slots over, so A's next row cannot overwrite B's."""
+    rng = random.Random(21)
+    pool = PrefixCache(2**28)
+    first, second = SlotBatch(model, 2), SlotBatch(model, 2)
+    history = _prompt(rng, 50)
+    first.admit(history, None, 0)
+    pool.put(first.release(0))
+    cached, reuse = pool.take(history + [6, 7])
+    assert cached is not None and cached.home is first.slots
+    got = second.admit(history + [6, 7], cached, reuse)
+    assert second.slots is not first.slots
+    first.admit(_prompt(rng, 60), None, 0)  # writes A's slot 0
+    reference = SlotBatch(model)
+    np.testing.assert_array_equal(got, reference.admit(history + [6, 7], None, 0))
+    np.testing.assert_array_equal(second.step([9])[0], reference.step([9])[0])
+    # Once A is gone, a batch of its shape may take its parked slots over (a one-off batch per
+    # request: TextGenerator.stream).
+    parked = first.release(0)
+    slots = first.slots
+    del first
+    third = SlotBatch(model, 2)
+    third.admit(parked.token_ids + [3, 4], parked, parked.length)
+    assert third.slots is slots
