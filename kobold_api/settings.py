@@ -94,6 +94,9 @@ class Settings:
     #: (on the CPU a slot's pages are only used as its row fills them). Too small: fewer rows,
     #: then a shorter context. Sized for a GPU, where the slots are allocated whole.
     kv_cache_mb: int = 0
+    #: Prompt tokens a request joining running streams prefills between two of their steps, so
+    #: a long prompt does not stall them for its whole prefill (0: the whole prompt at once).
+    prefill_chunk_tokens: int = 256
     #: Reuse a cached chat whose oldest turns were dropped by moving the rest into place
     #: (KoboldCpp's ContextShift); off: only a shared prefix is reused (see README, "Long chats").
     context_shift: bool = True
@@ -219,6 +222,8 @@ def _validate(settings: Settings) -> Settings:
             raise SettingsError(f"{name} must be at least 1")
     if settings.kv_cache_mb < 0:
         raise SettingsError("kv_cache_mb must be 0 (no limit) or more")
+    if settings.prefill_chunk_tokens < 0 or 0 < settings.prefill_chunk_tokens < 16:
+        raise SettingsError("prefill_chunk_tokens must be 0 (whole prompts) or at least 16")
     if settings.max_request_tokens < 16 * settings.max_request_choices:
         raise SettingsError("max_request_tokens must be at least 16 tokens for each of max_request_choices")
     if settings.turn_lease_seconds < 0.5:

@@ -23,6 +23,8 @@ class ModelProbe:
         self.engine = engine
         self.model = engine.generator.model
         self.rows: list[int] = []
+        #: (rows, new tokens per row) of every run: a decode step feeds one token per row.
+        self.runs: list[tuple[int, int]] = []
         self._guard = threading.Lock()
         self._open = threading.Event()
         self._open.set()
@@ -39,9 +41,11 @@ class ModelProbe:
 
     def _wrap(self, original: Any, ids_at: int) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
-            rows = args[ids_at]  # run_shared: a row count; run_concat: the input ids
+            rows = args[ids_at]  # run_shared: a row count (then the tokens); run_concat: the input ids
+            shape = (rows, args[ids_at + 1]) if isinstance(rows, int) else (len(rows), len(rows[0]))
             with self._guard:
-                self.rows.append(rows if isinstance(rows, int) else len(rows))
+                self.rows.append(shape[0])
+                self.runs.append(shape)
                 stop = not self._open.is_set() and self._passes == 0
                 if not stop and self._passes:
                     self._passes -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -576,3 +577,56 @@ def test_stop_string_inside_withheld_text_ends_like_without_bans(generator: Text
     assert without.stop_reason == held.stop_reason == STOP_STRING
     assert held.text == without.text == plain[:at]
     assert held.completion_tokens == without.completion_tokens
+
+
+def test_a_long_prompt_joins_running_streams_part_by_part(tiny_model_dir: Path) -> None:
+    """While a stream decodes, a long prompt that joins runs 32 tokens at a time between its
+    steps instead of holding it up for the whole prefill; both answer as they do alone. A
+    request cancelled part-way through its prompt ends without a row, and the stream goes on."""
+    from conftest import make_engine
+    from kobold_api.engine.generation import STOP_ABORT
+
+    stream = request(prompt="Once upon a time", max_new_tokens=60, ban_eos=True)
+    joining = request(prompt_ids=[(7 * i) % 200 + 3 for i in range(300)], max_new_tokens=8, ban_eos=True)
+    single = TextGenerator(OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir))
+    expected = [single.generate(stream).text, single.generate(joining).text]
+
+    engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0, prefill_chunk=32)
+    try:
+        with ModelProbe(engine) as probe:
+            jobs: list = []
+            submit_together(probe, lambda: jobs.append(engine.submit(stream)), [lambda: jobs.append(engine.submit(joining))])
+            assert [job.wait().text for job in jobs] == expected
+            runs = list(probe.runs)
+        parts = [index for index, (rows, tokens) in enumerate(runs) if tokens > 1 and index > 0]
+        assert len(parts) == 10  # 300 tokens: nine parts of 32 and the last 12
+        between = [runs[index] for index in range(parts[0] + 1, parts[-1]) if index not in parts]
+        assert len(between) >= 9 and all(shape == (1, 1) for shape in between)  # the stream's steps
+
+        model = engine.generator.model
+        started, go = threading.Event(), threading.Event()
+        original = model.run_shared
+
+        def gate(binding, rows, tokens):  # stops the worker inside the long prompt's first part
+            if tokens == 32 and not started.is_set():
+                started.set()
+                go.wait(60)
+            return original(binding, rows, tokens)
+
+        model.run_shared = gate  # type: ignore[method-assign]
+        try:
+            with ModelProbe(engine) as probe:
+                jobs = []
+                submit_together(probe, lambda: jobs.append(engine.submit(stream)),
+                                [lambda: jobs.append(engine.submit(joining))])
+                assert started.wait(60)
+                jobs[1].cancel()
+                go.set()
+                assert jobs[1].wait().stop_reason == STOP_ABORT
+                assert jobs[0].wait().text == expected[0]
+                assert sum(tokens > 1 for _, tokens in probe.runs[1:]) == 1  # no part ran after the cancel
+        finally:
+            del model.run_shared
+        assert not engine.busy
+    finally:
+        engine.shutdown()

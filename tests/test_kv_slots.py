@@ -151,7 +151,8 @@ def test_rows_padded_up_to_a_bucket_leave_live_rows_unchanged(model: OnnxCausalL
     assert padded.buckets == [1, 2, 4, 8] and exact.buckets == list(range(1, 9))
     rows_run: list[int] = []
     original = model.run_shared
-    monkeypatch.setattr(model, "run_shared", lambda binding, rows: (rows_run.append(rows), original(binding, rows)))
+    monkeypatch.setattr(model, "run_shared",
+                        lambda binding, rows, tokens: (rows_run.append(rows), original(binding, rows, tokens)))
     for joined in (3, 2):
         for _ in range(joined):
             prompt = _prompt(rng, rng.randrange(2, 50))
@@ -314,3 +315,59 @@ def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxC
     third = SlotBatch(model, 2)
     third.admit(parked.token_ids + [3, 4], parked, parked.length)
     assert third.slots is slots
+
+
+def _fill(batch: SlotBatch, prompt: list[int], chunk: int, cached: Any = None, reuse: int = 0) -> tuple[np.ndarray, int]:
+    batch.begin(prompt, cached, reuse)
+    runs = 1
+    while (logits := batch.fill(chunk)) is None:
+        runs += 1
+    return logits, runs
+
+
+def test_a_prompt_filled_in_parts_between_padded_steps_matches_a_whole_prefill(model: OnnxCausalLM) -> None:
+    """A prompt run part by part (from a reused prefix too), with padded decode steps of the other
+    rows between the parts and a row leaving meanwhile: the same logits as a whole prefill, and
+    the other rows' logits are those of steps without it."""
+    rng = random.Random(17)
+    prompt = _prompt(rng, 230)
+    whole = SlotBatch(model, 4).admit(prompt, None, 0)
+    logits, runs = _fill(SlotBatch(model, 4), prompt, 50)
+    assert runs == 5
+    np.testing.assert_array_equal(logits, whole)
+    donor = SlotBatch(model, 2)
+    donor.admit(prompt[:90], None, 0)
+    cached = donor.release(0)
+    donor.admit(_prompt(rng, 10), None, 0)  # copies the parked keys out: a plain cache
+    np.testing.assert_array_equal(_fill(SlotBatch(model, 4), prompt, 64, cached, 90)[0], whole)
+
+    padded, plain = SlotBatch(model, 4, buckets=[1, 2, 4]), SlotBatch(model, 4)
+    others = [_prompt(rng, n) for n in (20, 33)]
+    for other in others:
+        padded.admit(other, None, 0)
+        plain.admit(other, None, 0)
+    padded.begin(prompt, None, 0)
+    parts = 0
+    while (logits := padded.fill(40)) is None:
+        parts += 1
+        tokens = [rng.randrange(3, 250) for _ in range(padded.size)]
+        np.testing.assert_array_equal(padded.step(tokens), plain.step(tokens))  # a 4-row bucket: slots 2, 3 padded
+        if parts == 2:  # a row leaves: the filling row moves down a slot
+            padded.release(0)
+            plain.release(0)
+    np.testing.assert_array_equal(logits, whole)
+    assert padded.size == 2 and padded.token_ids[-1] == prompt
+    reference = SlotBatch(model)
+    reference.admit(prompt, None, 0)
+    np.testing.assert_array_equal(padded.step([5, 6])[1], reference.step([6])[0])
+
+
+def test_an_abandoned_prompt_frees_its_slot(model: OnnxCausalLM) -> None:
+    rng = random.Random(4)
+    batch = SlotBatch(model, 2)
+    batch.begin(_prompt(rng, 100), None, 0)
+    assert batch.fill(30) is None
+    batch.abandon()
+    assert batch.size == 0
+    prompt = _prompt(rng, 40)
+    np.testing.assert_array_equal(batch.admit(prompt, None, 0), SlotBatch(model).admit(prompt, None, 0))

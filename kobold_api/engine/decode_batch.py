@@ -38,10 +38,29 @@ class DecodeBatch(ABC):
     def size(self) -> int:
         return len(self.token_ids)
 
-    @abstractmethod
     def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
         """Add a row for ``prompt_ids`` (its first ``reuse`` tokens' keys are in ``cached``);
         run the rest of the prompt and return the logits of its next position."""
+        self.begin(prompt_ids, cached, reuse)
+        logits = self.fill()
+        assert logits is not None
+        return logits
+
+    @abstractmethod
+    def begin(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> None:
+        """Reserve the next row for ``prompt_ids`` (its first ``reuse`` tokens' keys are in
+        ``cached``); :meth:`fill` runs the rest of the prompt. One row fills at a time; until
+        it is full, steps leave it alone and it is not counted in :attr:`size`."""
+
+    @abstractmethod
+    def fill(self, max_tokens: int = 0) -> np.ndarray | None:
+        """Run the filling row's next ``max_tokens`` prompt tokens (0: all the rest; where
+        the layout cannot stop part-way, all the rest anyway). Returns the logits of its next
+        position once its prompt is done (the row then joins), else None."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Drop the filling row (its request was cancelled part-way)."""
 
     @abstractmethod
     def step(self, tokens: list[int]) -> np.ndarray:
@@ -107,6 +126,8 @@ class SlotBatch(DecodeBatch):
         self._logits = np.zeros((max_rows, 1, model.vocab_size), dtype=np.float32)
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._prefill_bindings: dict[int, ort.IOBinding] = {}
+        #: The row being filled (slot ``size``): its prompt and how much of it is written.
+        self._filling: tuple[list[int], int] | None = None
 
     def _step_binding(self, bucket: int) -> ort.IOBinding:
         """Slots [0, bucket) with the token buffer as their input: made once per bucket."""
@@ -121,6 +142,10 @@ class SlotBatch(DecodeBatch):
             self._prefill_bindings[slot] = self.model.bind_slots(self.slots, slot, 1, self._mask, self._logits)
         return self._prefill_bindings[slot]
 
+    #: A filling prompt's last run takes at least this many tokens: one token alone takes the
+    #: decode kernels, whose rounding differs from the prompt kernels' (see prefix_cache).
+    MIN_LAST_CHUNK = 2
+
     def _adopt(self, slots: KVSlots) -> None:
         """Take over the slots of a batch that is gone (the same shape): the bindings pointed at
         the old ones."""
@@ -129,7 +154,8 @@ class SlotBatch(DecodeBatch):
         self._step_bindings.clear()
         self._prefill_bindings.clear()
 
-    def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
+    def begin(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> None:
+        assert self._filling is None, "one row fills at a time"
         slot = self.size
         if slot >= self.max_rows:
             raise SlotOverflow(f"all {self.max_rows} slots are in use")
@@ -146,13 +172,43 @@ class SlotBatch(DecodeBatch):
             self.slots.claim(slot)
             if cached is not None and reuse:
                 self.slots.write(slot, [tensor.numpy() for tensor in cached.tensors], reuse)
+        self._filling = (list(prompt_ids), reuse)
+        self._set_filled(slot, reuse)
+
+    def _set_filled(self, slot: int, done: int) -> None:
+        """The mask of a slot whose first ``done`` prompt positions are written: one more
+        position open, so a padded step's dummy token lands where the next part goes."""
         self._mask[slot] = 0
-        self._mask[slot, :len(prompt_ids)] = 1
+        self._mask[slot, :done + 1] = 1
+
+    def fill(self, max_tokens: int = 0) -> np.ndarray | None:
+        assert self._filling is not None, "no row is filling"
+        prompt, done = self._filling
+        slot = self.size
+        end = len(prompt) if not max_tokens or len(prompt) - done - max_tokens < self.MIN_LAST_CHUNK \
+            else done + max_tokens
+        self._mask[slot] = 0
+        self._mask[slot, :end] = 1
         binding = self._prefill_binding(slot)
-        binding.bind_cpu_input("input_ids", np.asarray([prompt_ids[reuse:]], dtype=np.int64))
-        self.model.run_shared(binding, 1)
-        self.token_ids.append(list(prompt_ids))
+        binding.bind_cpu_input("input_ids", np.asarray([prompt[done:end]], dtype=np.int64))
+        self.model.run_shared(binding, 1, end - done)
+        if end < len(prompt):
+            self._filling = (prompt, end)
+            self._set_filled(slot, end)
+            return None
+        self._filling = None
+        self.token_ids.append(prompt)
         return self._logits[slot, 0].copy()
+
+    def abandon(self) -> None:
+        if self._filling is not None:
+            self._filling = None
+            self._free(self.size)
+
+    def _free(self, slot: int) -> None:
+        self.slots.forget(slot)
+        self._mask[slot] = 0
+        self._mask[slot, 0] = 1
 
     def step(self, tokens: list[int]) -> np.ndarray:
         rows = self.size
@@ -164,7 +220,7 @@ class SlotBatch(DecodeBatch):
         self._ids[rows:bucket, 0] = 0
         for row, ids in enumerate(self.token_ids):
             self._mask[row, len(ids)] = 1
-        self.model.run_shared(self._step_binding(bucket), bucket)
+        self.model.run_shared(self._step_binding(bucket), bucket, 1)
         for ids, token in zip(self.token_ids, tokens):
             ids.append(token)
         return self._logits[:rows, 0]
@@ -176,7 +232,7 @@ class SlotBatch(DecodeBatch):
     def release(self, row: int) -> KVCache:
         length = len(self.token_ids[row])
         last = self.size - 1
-        if last == 0:
+        if last == 0 and self._filling is None:
             # The last row leaves: its keys stay where they are, parked for the prefix pool (a
             # chat's next turn takes them back without a copy); the pages past them are freed.
             self.slots.forget(0, keep=length)
@@ -184,15 +240,19 @@ class SlotBatch(DecodeBatch):
             cache = KVCache([ort.OrtValue.ortvalue_from_numpy(view) for view in arena], self._swap_remove_ids(row),
                             arena=arena, home=self.slots)
             self.slots.park(cache)
+            self._mask[0] = 0
+            self._mask[0, 0] = 1
         else:
             cache = KVCache([ort.OrtValue.ortvalue_from_numpy(array) for array in self.slots.read(row, length)],
                             self._swap_remove_ids(row))
             if row != last:
                 self.slots.move(last, row, len(self.token_ids[row]))
                 self._mask[row] = self._mask[last]
-            self.slots.forget(last)
-        self._mask[last] = 0
-        self._mask[last, 0] = 1
+            self._free(last)
+            if self._filling is not None:  # the filling row moves down: it stays at slot ``size``
+                self.slots.move(last + 1, last, self._filling[1])
+                self._mask[last] = self._mask[last + 1]
+                self._free(last + 1)
         return cache
 
 
@@ -209,17 +269,28 @@ class ConcatBatch(DecodeBatch):
     def __init__(self, model: OnnxCausalLM) -> None:
         super().__init__(model)
         self._tensors: list[ort.OrtValue] = []
+        self._filling: tuple[list[int], KVCache] | None = None
 
     @property
     def _width(self) -> int:
         return int(self._tensors[0].shape()[2]) if self._tensors else 0
 
-    def admit(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> np.ndarray:
+    def begin(self, prompt_ids: list[int], cached: KVCache | None, reuse: int) -> None:
         cache = cached if cached is not None and reuse else self.model.new_cache()
         truncate(cache, reuse if cached is not None else 0, self.model)
+        self._filling = (list(prompt_ids), cache)
+
+    def fill(self, max_tokens: int = 0) -> np.ndarray | None:
+        """The whole rest of the prompt: rows join by concatenation, which cannot pause."""
+        assert self._filling is not None, "no row is filling"
+        prompt_ids, cache = self._filling
+        self._filling = None
         logits = self.model.forward(prompt_ids[cache.length:], cache)
         self._join(cache)
         return logits
+
+    def abandon(self) -> None:
+        self._filling = None
 
     def _join(self, cache: KVCache) -> None:
         device = self.model.device

@@ -267,6 +267,8 @@ class Sequence:
         self.text_parts: list[str] = []
         self.reused = 0
         self.started = self.prefill_done = time.perf_counter()
+        #: The prompt is in the batch part-way (see :meth:`prefill`).
+        self.filling = False
         self.result: GenerationResult | None = None
         self.top_logprobs = request.logprobs
         self.token_logprobs: list[TokenLogprob] = []
@@ -283,10 +285,12 @@ class Sequence:
         self.guidance = generator.guidance_for(request, self.prompt_ids, context_length - self.max_new)
         self.think_limit = generator.think_limit_for(request, self.prompt_ids, self.max_new)
 
-    def prefill(self, batch: DecodeBatch) -> np.ndarray | None:
+    def prefill(self, batch: DecodeBatch, chunk: int = 0) -> np.ndarray | None:
         """Add this sequence to ``batch`` (reusing a cached prefix); return its first logits.
 
-        ``None`` when it was aborted while queued: no row is added and no prefill spent.
+        ``None`` when it was aborted while queued: no row is added and no prefill spent. With
+        ``chunk``, at most that many prompt tokens run: while :attr:`filling`, the logits are
+        None and :meth:`fill` runs the rest.
         """
         self.started = time.perf_counter()
         if self.cancel.cancelled:
@@ -299,8 +303,18 @@ class Sequence:
             if self.score_prompt:
                 self.prompt_logprobs = [None]
             cached, self.reused = self.generator.cache_for(self.prompt_ids)
-            logits = batch.admit(self.prompt_ids, cached, self.reused)
+            batch.begin(self.prompt_ids, cached, self.reused)
+            self.filling = True
+            return self.fill(batch, chunk)
         self.prefill_done = time.perf_counter()
+        return logits
+
+    def fill(self, batch: DecodeBatch, chunk: int = 0) -> np.ndarray | None:
+        """Run the next ``chunk`` prompt tokens (0: the rest); the logits once the prompt is done."""
+        logits = batch.fill(chunk)
+        if logits is not None:
+            self.filling = False
+            self.prefill_done = time.perf_counter()
         return logits
 
     def step(self, logits: np.ndarray | None) -> tuple[list[GenerationChunk], int | None]:

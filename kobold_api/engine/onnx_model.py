@@ -228,9 +228,9 @@ class OnnxCausalLM:
             _bind_rows(binding.bind_input, "input_ids", ids, first, rows)
         return binding
 
-    def run_shared(self, binding: ort.IOBinding, rows: int) -> None:
-        """One run on a :meth:`bind_slots` binding of ``rows`` rows (every session run of a slot
-        batch goes through here; tests watch it)."""
+    def run_shared(self, binding: ort.IOBinding, rows: int, tokens: int) -> None:
+        """One run on a :meth:`bind_slots` binding of ``rows`` rows of ``tokens`` new tokens each
+        (every session run of a slot batch goes through here; tests watch it)."""
         self.session.run_with_iobinding(binding)
 
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
