@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from kobold_api.benchmark import run_benchmark  # noqa: E402
 from kobold_api.engine.prepare import prepare_model  # noqa: E402
+from kobold_api.engine.profile import profile_steps  # noqa: E402
 
 SHAPES = {
     # name: hidden, layers, heads, kv heads, ffn, vocab, tied
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--big-quants", default="fp16,int4", help="precisions for the 1B model")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="ONNX Runtime's per-node profile of raw steps")
     args = parser.parse_args()
     work = Path(args.work)
     rows = []
@@ -102,6 +104,9 @@ def main() -> None:
                 row["prepare_s"] = round(time.perf_counter() - started, 1)
                 row["size_mb"] = round(sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6)
                 row.update(run_benchmark(str(model_dir), args.device, work / "cache", args.tokens, args.repeats))
+                if args.profile:  # where a step's time goes, at 1 and 8 rows (engine/profile.py)
+                    for rows in (1, 8):
+                        row[f"profile_{rows}_rows"] = profile_steps(model_dir, args.device, rows)
             except Exception as exc:  # report and go on: one broken precision must not hide the rest
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -45,6 +45,7 @@ echo "== tests that use CUDA"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
-"$PY" benchmarks/gpu_bench.py --device cuda --out "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+"$PY" benchmarks/gpu_bench.py --device cuda --profile --out "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} 2>&1 \
+  | tee "$OUT/bench.log"
 echo "== tests exit code: $tests_rc"
 exit "$tests_rc"

@@ -111,9 +111,13 @@ class WrongDevice(RuntimeError):
 class OnnxCausalLM:
     """Runs prefill and decode steps; knows nothing about sampling or text."""
 
-    def __init__(self, model_dir: Path, provider: str = "auto", cpu_threads: int = 0) -> None:
+    def __init__(self, model_dir: Path, provider: str = "auto", cpu_threads: int = 0,
+                 profile_prefix: str = "") -> None:
         self.model_dir = Path(model_dir)
         options = ort.SessionOptions()
+        if profile_prefix:  # ONNX Runtime's per-node trace (engine/profile.py)
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = cpu_threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
