@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--gguf", help="the default model's GGUF, if at hand")
     parser.add_argument("--work", default="/tmp/gpu_bench")
     parser.add_argument("--out", default="gpu_bench.json")
-    parser.add_argument("--quants", default="fp16,int8,int4")
-    parser.add_argument("--big-quants", default="fp16,int4", help="precisions for the 1B model")
+    parser.add_argument("--quants", default="fp16")
+    parser.add_argument("--big-quants", default="int4,fp16", help="precisions for the 1B model")
+    parser.add_argument("--layouts", default="concat,slots", help="kv_layout values to compare (engine/onnx_model.py)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="ONNX Runtime's per-node profile of raw steps")
@@ -96,17 +97,18 @@ def main() -> None:
             started = time.perf_counter()
             source = str(random_hf_model(work / shape.split()[0], *dims))
             print(f"{shape}: random weights written in {time.perf_counter() - started:.1f} s", flush=True)
-        for quant in quants:
-            row = {"model": shape, "quant": quant}
+        for quant, layout in ((quant, layout) for quant in quants for layout in args.layouts.split(",")):
+            row = {"model": shape, "quant": quant, "layout": layout}
             try:
                 started = time.perf_counter()
                 model_dir = prepare_model(source, args.device, work / "cache", progress=lambda m: None, quant=quant)
                 row["prepare_s"] = round(time.perf_counter() - started, 1)
                 row["size_mb"] = round(sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6)
-                row.update(run_benchmark(str(model_dir), args.device, work / "cache", args.tokens, args.repeats))
+                row.update(run_benchmark(str(model_dir), args.device, work / "cache", args.tokens, args.repeats,
+                                         kv_layout=layout))
                 if args.profile:  # where a step's time goes, at 1 and 8 rows (engine/profile.py)
                     for rows in (1, 8):
-                        row[f"profile_{rows}_rows"] = profile_steps(model_dir, args.device, rows)
+                        row[f"profile_{rows}_rows"] = profile_steps(model_dir, args.device, rows, kv_layout=layout)
             except Exception as exc:  # report and go on: one broken precision must not hide the rest
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -122,15 +124,15 @@ def print_table(rows: list[dict]) -> None:
                ("raw_step_1_tok_s", "raw 1 row tok/s"), ("raw_step_8_tok_s", "raw 8 rows tok/s"),
                ("batch_1_tok_s", "1 request tok/s"), ("batch_8_tok_s", "8 requests tok/s"),
                ("prepare_s", "prepare s"), ("size_mb", "size MB")]
-    print("\n| model | quant | " + " | ".join(title for _, title in columns) + " |")
-    print("|---|---|" + "---:|" * len(columns))
+    print("\n| model | quant | layout | " + " | ".join(title for _, title in columns) + " |")
+    print("|---|---|---|" + "---:|" * len(columns))
     for row in rows:
         if "error" in row:
-            print(f"| {row['model']} | {row['quant']} | failed: {row['error']} |")
+            print(f"| {row['model']} | {row['quant']} | {row.get('layout', '')} | failed: {row['error']} |")
             continue
         cells = [f"{row[key]:.3f}" if key.endswith("_s") and row[key] < 10 else f"{row[key]:.0f}"
                  for key, _ in columns]
-        print(f"| {row['model']} | {row['quant']} | " + " | ".join(cells) + " |")
+        print(f"| {row['model']} | {row['quant']} | {row.get('layout', '')} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

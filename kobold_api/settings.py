@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .engine.layouts import KV_LAYOUTS
 from .engine.sampling import DEFAULT_SAMPLER_ORDER
 
 ENV_PREFIX = "KOBOLD_API_"
@@ -97,6 +98,10 @@ class Settings:
     #: Prompt tokens a request joining running streams prefills between two of their steps, so
     #: a long prompt does not stall them for its whole prefill (0: the whole prompt at once).
     prefill_chunk_tokens: int = 256
+    #: How a batch keeps its keys: ``slots`` (fixed slots, in device memory on CUDA), ``concat``
+    #: (each step's presents become the next pasts) or ``auto``: slots on the CPU, concat on CUDA
+    #: until a GPU run has measured its slots (README, "On a GPU").
+    kv_layout: str = "auto"
     #: Reuse a cached chat whose oldest turns were dropped by moving the rest into place
     #: (KoboldCpp's ContextShift); off: only a shared prefix is reused (see README, "Long chats").
     context_shift: bool = True
@@ -222,6 +227,8 @@ def _validate(settings: Settings) -> Settings:
             raise SettingsError(f"{name} must be at least 1")
     if settings.kv_cache_mb < 0:
         raise SettingsError("kv_cache_mb must be 0 (no limit) or more")
+    if settings.kv_layout not in KV_LAYOUTS:
+        raise SettingsError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {settings.kv_layout!r}")
     if settings.prefill_chunk_tokens < 0 or 0 < settings.prefill_chunk_tokens < 16:
         raise SettingsError("prefill_chunk_tokens must be 0 (whole prompts) or at least 16")
     if settings.max_request_tokens < 16 * settings.max_request_choices:

@@ -19,11 +19,18 @@ import pytest
 
 from kobold_api.engine.context_shift import ContextShifter
 from kobold_api.engine.decode_batch import ConcatBatch, SlotBatch
-from kobold_api.engine.kv_slots import _PAGE, MIN_SLOT_TOKENS, KVSlots, SlotOverflow, plan_slots
+from kobold_api.engine.kv_slots import _PAGE, MIN_SLOT_TOKENS, HostSlots, KVSlots, SlotOverflow, plan_slots
 from kobold_api.engine.onnx_model import OnnxCausalLM
 from kobold_api.engine.prefix_cache import PrefixCache
 
 pytestmark = pytest.mark.fast
+
+
+@pytest.fixture(params=["host", "device"])
+def memory(request: pytest.FixtureRequest) -> str:
+    """Both kinds of slot memory: host (mmap) and device (ORT-allocated, copies as graphs; the
+    CUDA layout, run here on the CPU provider)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +42,11 @@ def _prompt(rng: random.Random, length: int) -> list[int]:
     return [rng.randrange(3, 250) for _ in range(length)]
 
 
-def test_slots_match_the_concatenating_layout_bit_for_bit(model: OnnxCausalLM) -> None:
+def test_slots_match_the_concatenating_layout_bit_for_bit(model: OnnxCausalLM, memory: str) -> None:
     """Random joins (fresh and from a released row's cache), leaves, cuts (a phrase ban's
     rewind) and steps, on both layouts side by side: every logit is the same float."""
     rng = random.Random(29)
-    slots, concat = SlotBatch(model, 4), ConcatBatch(model)
+    slots, concat = SlotBatch(model, 4, memory=memory), ConcatBatch(model)
     released = []
     for _ in range(3):
         prompt = _prompt(rng, rng.randrange(2, 90))
@@ -77,13 +84,13 @@ def test_slots_match_the_concatenating_layout_bit_for_bit(model: OnnxCausalLM) -
     assert joins and leaves and cuts
 
 
-def test_a_shifted_follow_up_matches_the_concatenating_layout(model: OnnxCausalLM) -> None:
+def test_a_shifted_follow_up_matches_the_concatenating_layout(model: OnnxCausalLM, memory: str) -> None:
     """Context shift: the slot layout shifts the parked slot in place, the concatenating layout
     a pooled copy; the follow-up's logits are the same floats either way."""
     rng = random.Random(5)
     card, old, kept, new = (_prompt(rng, n) for n in (40, 60, 80, 12))
     logits = []
-    for batch in (SlotBatch(model, 2), ConcatBatch(model)):
+    for batch in (SlotBatch(model, 2, memory=memory), ConcatBatch(model)):
         assert model.rotary is not None
         pool = PrefixCache(2**28, shifter=ContextShifter(model.rotary, model.device))
         batch.admit(card + old + kept, None, 0)
@@ -122,10 +129,10 @@ class _Counts:
         return staticmethod(counted) if static else counted
 
 
-def test_steps_after_warm_up_create_no_binding_and_no_ortvalue(model: OnnxCausalLM,
+def test_steps_after_warm_up_create_no_binding_and_no_ortvalue(model: OnnxCausalLM, memory: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(3)
-    batch = SlotBatch(model, 4)
+    batch = SlotBatch(model, 4, memory=memory)
     for length in (30, 5, 61):
         batch.admit(_prompt(rng, length), None, 0)
     batch.step([9, 9, 9])  # warm-up: the three-row bucket is bound
@@ -142,12 +149,12 @@ def test_steps_after_warm_up_create_no_binding_and_no_ortvalue(model: OnnxCausal
     assert counts.calls["io_binding"] == 2 and counts.calls["bind_output"] >= 2  # its prefill and step
 
 
-def test_rows_padded_up_to_a_bucket_leave_live_rows_unchanged(model: OnnxCausalLM,
+def test_rows_padded_up_to_a_bucket_leave_live_rows_unchanged(model: OnnxCausalLM, memory: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps of 3 and 5 rows run as buckets of 4 and 8 (free slots fed a dummy token): the live
     rows' logits are those of unpadded steps, bit for bit."""
     rng = random.Random(11)
-    padded, exact = SlotBatch(model, 8, buckets=[1, 2, 4, 8]), SlotBatch(model, 8)
+    padded, exact = SlotBatch(model, 8, buckets=[1, 2, 4, 8], memory=memory), SlotBatch(model, 8, memory=memory)
     assert padded.buckets == [1, 2, 4, 8] and exact.buckets == list(range(1, 9))
     rows_run: list[int] = []
     original = model.run_shared
@@ -164,21 +171,24 @@ def test_rows_padded_up_to_a_bucket_leave_live_rows_unchanged(model: OnnxCausalL
     assert 3 in rows_run and 5 in rows_run
 
 
-def test_a_row_is_refused_before_it_writes_past_its_slot(model: OnnxCausalLM) -> None:
+def test_a_row_is_refused_before_it_writes_past_its_slot(model: OnnxCausalLM, memory: str) -> None:
     rng = random.Random(2)
-    batch = SlotBatch(model, 2, capacity=64)
+    batch = SlotBatch(model, 2, capacity=64, memory=memory)
     with pytest.raises(SlotOverflow):
         batch.admit(_prompt(rng, 65), None, 0)
     batch.admit(_prompt(rng, 62), None, 0)
     batch.admit(_prompt(rng, 10), None, 0)
     batch.step([5, 6])
     batch.step([5, 6])  # row 0 now holds 64 positions: its slot is full
-    before = [buffer.copy() for buffer in batch.slots.buffers]
+    def contents() -> list[np.ndarray]:
+        return [value.numpy().copy() for slot, length in ((0, 64), (1, 13)) for value in batch.slots.read(slot, length)]
+
+    before = contents()
     ids_before = [list(ids) for ids in batch.token_ids]
     with pytest.raises(SlotOverflow):
         batch.step([7, 8])
     assert batch.token_ids == ids_before
-    assert all(np.array_equal(old, new) for old, new in zip(before, batch.slots.buffers))
+    assert all(np.array_equal(old, new) for old, new in zip(before, contents()))
 
 
 def test_a_parked_slot_is_copied_out_before_another_row_writes_it(model: OnnxCausalLM) -> None:
@@ -212,12 +222,12 @@ def _live_or_pooled(batches: list[SlotBatch], pool: PrefixCache) -> Iterator[tup
             yield entry.cache.home, 0
 
 
-def test_no_slot_is_both_live_and_pooled_while_an_engine_serves(model: OnnxCausalLM) -> None:
+def test_no_slot_is_both_live_and_pooled_while_an_engine_serves(model: OnnxCausalLM, memory: str) -> None:
     """Random admissions (reusing pooled prefixes when they match) and releases on two batches
     sharing one pool: after every operation each slot is held by one owner at most."""
     rng = random.Random(13)
     pool = PrefixCache(2**28)
-    batches = [SlotBatch(model, 3), SlotBatch(model, 3)]
+    batches = [SlotBatch(model, 3, memory=memory), SlotBatch(model, 3, memory=memory)]
     histories = [_prompt(rng, 40) for _ in range(3)]
     for _ in range(80):
         batch = rng.choice(batches)
@@ -232,7 +242,7 @@ def test_no_slot_is_both_live_and_pooled_while_an_engine_serves(model: OnnxCausa
 
 
 def test_forgotten_pages_are_zero_and_the_kept_positions_stay() -> None:
-    slots = KVSlots(tensors=2, slots=2, heads=2, capacity=4096, dim=16, dtype=np.float32)
+    slots = HostSlots(tensors=2, slots=2, heads=2, capacity=4096, dim=16, dtype=np.float32)
     for buffer in slots.buffers:
         buffer[:] = 1.0
     slots.forget(1, keep=100)
@@ -290,12 +300,12 @@ def test_a_cuda_graph_is_never_run_on_the_cpu(tmp_path: Path, monkeypatch: pytes
         engine.shutdown()
 
 
-def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxCausalLM) -> None:
+def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxCausalLM, memory: str) -> None:
     """Batch A parks a row; batch B (same shape, A still alive) continues that cache: B copies
     the keys instead of taking A's slots over, so A's next row cannot overwrite B's."""
     rng = random.Random(21)
     pool = PrefixCache(2**28)
-    first, second = SlotBatch(model, 2), SlotBatch(model, 2)
+    first, second = SlotBatch(model, 2, memory=memory), SlotBatch(model, 2, memory=memory)
     history = _prompt(rng, 50)
     first.admit(history, None, 0)
     pool.put(first.release(0))
@@ -304,7 +314,7 @@ def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxC
     got = second.admit(history + [6, 7], cached, reuse)
     assert second.slots is not first.slots
     first.admit(_prompt(rng, 60), None, 0)  # writes A's slot 0
-    reference = SlotBatch(model)
+    reference = SlotBatch(model, memory=memory)
     np.testing.assert_array_equal(got, reference.admit(history + [6, 7], None, 0))
     np.testing.assert_array_equal(second.step([9])[0], reference.step([9])[0])
     # Once A is gone, a batch of its shape may take its parked slots over (a one-off batch per
@@ -312,7 +322,7 @@ def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxC
     parked = first.release(0)
     slots = first.slots
     del first
-    third = SlotBatch(model, 2)
+    third = SlotBatch(model, 2, memory=memory)
     third.admit(parked.token_ids + [3, 4], parked, parked.length)
     assert third.slots is slots
 
@@ -325,23 +335,23 @@ def _fill(batch: SlotBatch, prompt: list[int], chunk: int, cached: Any = None, r
     return logits, runs
 
 
-def test_a_prompt_filled_in_parts_between_padded_steps_matches_a_whole_prefill(model: OnnxCausalLM) -> None:
+def test_a_prompt_filled_in_parts_between_padded_steps_matches_a_whole_prefill(model: OnnxCausalLM, memory: str) -> None:
     """A prompt run part by part (from a reused prefix too), with padded decode steps of the other
     rows between the parts and a row leaving meanwhile: the same logits as a whole prefill, and
     the other rows' logits are those of steps without it."""
     rng = random.Random(17)
     prompt = _prompt(rng, 230)
-    whole = SlotBatch(model, 4).admit(prompt, None, 0)
-    logits, runs = _fill(SlotBatch(model, 4), prompt, 50)
+    whole = SlotBatch(model, 4, memory=memory).admit(prompt, None, 0)
+    logits, runs = _fill(SlotBatch(model, 4, memory=memory), prompt, 50)
     assert runs == 5
     np.testing.assert_array_equal(logits, whole)
-    donor = SlotBatch(model, 2)
+    donor = SlotBatch(model, 2, memory=memory)
     donor.admit(prompt[:90], None, 0)
     cached = donor.release(0)
     donor.admit(_prompt(rng, 10), None, 0)  # copies the parked keys out: a plain cache
-    np.testing.assert_array_equal(_fill(SlotBatch(model, 4), prompt, 64, cached, 90)[0], whole)
+    np.testing.assert_array_equal(_fill(SlotBatch(model, 4, memory=memory), prompt, 64, cached, 90)[0], whole)
 
-    padded, plain = SlotBatch(model, 4, buckets=[1, 2, 4]), SlotBatch(model, 4)
+    padded, plain = SlotBatch(model, 4, buckets=[1, 2, 4], memory=memory), SlotBatch(model, 4, memory=memory)
     others = [_prompt(rng, n) for n in (20, 33)]
     for other in others:
         padded.admit(other, None, 0)
@@ -357,17 +367,86 @@ def test_a_prompt_filled_in_parts_between_padded_steps_matches_a_whole_prefill(m
             plain.release(0)
     np.testing.assert_array_equal(logits, whole)
     assert padded.size == 2 and padded.token_ids[-1] == prompt
-    reference = SlotBatch(model)
+    reference = SlotBatch(model, memory=memory)
     reference.admit(prompt, None, 0)
     np.testing.assert_array_equal(padded.step([5, 6])[1], reference.step([6])[0])
 
 
-def test_an_abandoned_prompt_frees_its_slot(model: OnnxCausalLM) -> None:
+def test_an_abandoned_prompt_frees_its_slot(model: OnnxCausalLM, memory: str) -> None:
     rng = random.Random(4)
-    batch = SlotBatch(model, 2)
+    batch = SlotBatch(model, 2, memory=memory)
     batch.begin(_prompt(rng, 100), None, 0)
     assert batch.fill(30) is None
     batch.abandon()
     assert batch.size == 0
     prompt = _prompt(rng, 40)
-    np.testing.assert_array_equal(batch.admit(prompt, None, 0), SlotBatch(model).admit(prompt, None, 0))
+    np.testing.assert_array_equal(batch.admit(prompt, None, 0), SlotBatch(model, memory=memory).admit(prompt, None, 0))
+
+
+def test_device_slots_park_a_copy_and_the_next_turn_takes_the_slot_back(model: OnnxCausalLM,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device memory has no host views: a parked row leaves a device copy of its positions in
+    its cache (what other batches and the pool read), and the chat's next turn takes the slot
+    itself back without copying anything in."""
+    from kobold_api.engine.kv_slots import DeviceSlots, _SlotCopies
+
+    rng = random.Random(31)
+    batch = SlotBatch(model, 2, memory="device")
+    assert isinstance(batch.slots, DeviceSlots)
+    first = _prompt(rng, 70)
+    batch.admit(first, None, 0)
+    parked = batch.release(0)
+    heads, dim, _ = model.kv_shape
+    assert parked.home is batch.slots and parked.arena is None and batch.slots.is_parked(parked)
+    assert parked.tensors[0].shape() == [1, heads, 70, dim]
+    assert parked.nbytes == model.num_kv_tensors * heads * 70 * dim * 4
+    copies: list[str] = []
+    for name in ("place", "place_from", "take"):
+        original = getattr(_SlotCopies, name)
+        monkeypatch.setattr(_SlotCopies, name, lambda self, *a, _o=original, _n=name: (copies.append(_n), _o(self, *a))[1])
+    follow_up = first + [5, 6]
+    logits = batch.admit(follow_up, parked, len(first))
+    assert copies == [] and not batch.slots.is_parked(parked)
+    np.testing.assert_array_equal(logits, SlotBatch(model).admit(follow_up, None, 0))
+    # Another prompt in slot 0 detaches a parked cache; its copy still continues its own sequence.
+    again = batch.release(0)
+    batch.admit(_prompt(rng, 30), None, 0)
+    assert again.home is None
+    continued = SlotBatch(model, memory="device").admit(follow_up + [8, 9], again, len(follow_up))
+    np.testing.assert_array_equal(continued, SlotBatch(model).admit(follow_up + [8, 9], None, 0))
+
+
+def test_an_engine_on_device_slots_answers_as_on_host_slots(tiny_model_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole engine (batching, a part-by-part prompt, the prefix pool, follow-ups) on the
+    device layout, run on the CPU provider: the same texts as the host layout."""
+    from conftest import make_engine
+
+    from kobold_api.engine.generation import GenerationRequest
+    from kobold_api.engine.sampling import SamplingParams
+
+    history = [(5 * i) % 200 + 3 for i in range(120)]
+    requests = [GenerationRequest(prompt_ids=history + [7, i + 3], max_new_tokens=12, ban_eos=True,
+                                  sampling=SamplingParams(temperature=0.8, seed=i)) for i in range(4)]
+    follow_up = GenerationRequest(prompt_ids=history + [7, 3, 9, 9], max_new_tokens=6, ban_eos=True,
+                                  sampling=SamplingParams(temperature=0))
+
+    def serve() -> tuple[list[str], int]:
+        engine = make_engine(tiny_model_dir, max_batch_size=3, prefix_cache_mb=64, prefill_chunk=32)
+        try:
+            texts = [job.wait().text for job in [engine.submit(r) for r in requests]]
+            result = engine.submit(follow_up).wait()
+            return texts + [result.text], result.reused_tokens
+        finally:
+            engine.shutdown()
+
+    from kobold_api.engine.kv_slots import DeviceSlots
+
+    made: list[DeviceSlots] = []
+    original = DeviceSlots.__init__
+    monkeypatch.setattr(DeviceSlots, "__init__", lambda self, *args: (made.append(self), original(self, *args))[1])
+    host = serve()
+    assert not made
+    monkeypatch.setattr(OnnxCausalLM, "decode_layout", property(lambda self: "device-slots"))
+    device = serve()
+    assert device == host and host[1] > 0 and made  # the device layout really served

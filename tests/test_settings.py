@@ -48,6 +48,9 @@ def test_environment_names_the_settings_file(tmp_path: Path) -> None:
     ({"quant": "int3"}, "quant must be one of"),
     ({"generation": {"temperature": "hot"}}, "temperature"),
     ({"open_probes": "maybe"}, "open_probes"),
+    ({"kv_layout": "paged"}, "kv_layout must be one of"),
+    ({"kv_cache_mb": -1}, "kv_cache_mb"),
+    ({"prefill_chunk_tokens": 4}, "prefill_chunk_tokens"),
 ])
 def test_bad_values_are_clear_errors(tmp_path: Path, values: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=message):

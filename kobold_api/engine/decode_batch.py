@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import onnxruntime as ort
 
-from .kv_slots import KVSlots, SlotOverflow
+from .kv_slots import DeviceSlots, HostSlots, KVSlots, SlotOverflow, StepBuffers
 from .onnx_model import KVCache, OnnxCausalLM, owned_ortvalue
 
 
@@ -85,9 +85,10 @@ class DecodeBatch(ABC):
 
 def new_decode_batch(model: OnnxCausalLM, max_rows: int = 1, capacity: int | None = None) -> DecodeBatch:
     """A batch of up to ``max_rows`` rows of at most ``capacity`` positions (default: the model's context)."""
-    if model.provider == "cpu" and model.supports_batching:
-        return SlotBatch(model, max_rows, capacity)
-    return ConcatBatch(model)
+    layout = model.decode_layout
+    if layout == "concat":
+        return ConcatBatch(model)
+    return SlotBatch(model, max_rows, capacity, memory="host" if layout == "slots" else "device")
 
 
 def _decode_mask(lengths: list[int], width: int) -> np.ndarray:
@@ -109,21 +110,27 @@ class SlotBatch(DecodeBatch):
     A step of ``n`` rows runs the smallest bucket of at least ``n`` rows; the rows past ``n``
     are free slots fed a dummy token at position 0, whose outputs are ignored (on the CPU every
     size is a bucket, so nothing is padded; captured CUDA graphs need a few fixed sizes).
+
+    ``memory``: ``host`` (:class:`HostSlots`, the CPU provider's) or ``device``
+    (:class:`DeviceSlots`: buffers on the session's device, the CUDA layout; on the CPU
+    provider it runs the same code in host memory, which is how the tests check it).
     """
 
     def __init__(self, model: OnnxCausalLM, max_rows: int = 1, capacity: int | None = None,
-                 buckets: list[int] | None = None) -> None:
+                 buckets: list[int] | None = None, memory: str = "host") -> None:
         super().__init__(model)
         self.max_rows = max_rows
         self.capacity = capacity or model.info.context_length
         self.buckets = sorted({size for size in (buckets or range(1, max_rows + 1)) if size < max_rows} | {max_rows})
         heads, dim, dtype = model.kv_shape
-        self.slots = KVSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype)
+        if memory == "host":
+            self.slots: KVSlots = HostSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype)
+        else:
+            self.slots = DeviceSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype,
+                                     model.device, model.session.get_providers())
         self.slots.owner = weakref.ref(self)
-        self._ids = np.zeros((max_rows, 1), dtype=np.int64)
-        self._mask = np.zeros((max_rows, self.capacity), dtype=np.int64)
-        self._mask[:, 0] = 1  # a free slot: one position (its dummy token's)
-        self._logits = np.zeros((max_rows, 1, model.vocab_size), dtype=np.float32)
+        self._io = StepBuffers(max_rows, self.capacity, model.vocab_size, None if memory == "host" else model.device)
+        self._ids, self._mask = self._io.ids, self._io.mask
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._prefill_bindings: dict[int, ort.IOBinding] = {}
         #: The row being filled (slot ``size``): its prompt and how much of it is written.
@@ -132,14 +139,13 @@ class SlotBatch(DecodeBatch):
     def _step_binding(self, bucket: int) -> ort.IOBinding:
         """Slots [0, bucket) with the token buffer as their input: made once per bucket."""
         if bucket not in self._step_bindings:
-            self._step_bindings[bucket] = self.model.bind_slots(self.slots, 0, bucket, self._mask, self._logits,
-                                                                self._ids)
+            self._step_bindings[bucket] = self.model.bind_slots(self.slots, 0, bucket, self._io, ids=True)
         return self._step_bindings[bucket]
 
     def _prefill_binding(self, slot: int) -> ort.IOBinding:
         """Slot ``slot`` alone; its prompt is bound anew by each prefill."""
         if slot not in self._prefill_bindings:
-            self._prefill_bindings[slot] = self.model.bind_slots(self.slots, slot, 1, self._mask, self._logits)
+            self._prefill_bindings[slot] = self.model.bind_slots(self.slots, slot, 1, self._io, ids=False)
         return self._prefill_bindings[slot]
 
     #: A filling prompt's last run takes at least this many tokens: one token alone takes the
@@ -161,7 +167,7 @@ class SlotBatch(DecodeBatch):
             raise SlotOverflow(f"all {self.max_rows} slots are in use")
         if len(prompt_ids) > self.capacity:
             raise SlotOverflow(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of {self.capacity}")
-        home = cached.home if cached is not None and cached.arena is not None and reuse else None
+        home = cached.home if cached is not None and reuse else None
         if slot == 0 and home is not None and home.shape == self.slots.shape and home.is_parked(cached) \
                 and home.free_to_adopt(self):
             # A chat's next turn on an idle batch: its keys are still parked in slot 0.
@@ -171,7 +177,7 @@ class SlotBatch(DecodeBatch):
         else:
             self.slots.claim(slot)
             if cached is not None and reuse:
-                self.slots.write(slot, [tensor.numpy() for tensor in cached.tensors], reuse)
+                self.slots.write(slot, cached.tensors, reuse)
         self._filling = (list(prompt_ids), reuse)
         self._set_filled(slot, reuse)
 
@@ -191,6 +197,7 @@ class SlotBatch(DecodeBatch):
         self._mask[slot, :end] = 1
         binding = self._prefill_binding(slot)
         binding.bind_cpu_input("input_ids", np.asarray([prompt[done:end]], dtype=np.int64))
+        self._io.upload()
         self.model.run_shared(binding, 1, end - done)
         if end < len(prompt):
             self._filling = (prompt, end)
@@ -198,7 +205,7 @@ class SlotBatch(DecodeBatch):
             return None
         self._filling = None
         self.token_ids.append(prompt)
-        return self._logits[slot, 0].copy()
+        return self._io.logits(slot, 1)[0].copy()
 
     def abandon(self) -> None:
         if self._filling is not None:
@@ -220,10 +227,11 @@ class SlotBatch(DecodeBatch):
         self._ids[rows:bucket, 0] = 0
         for row, ids in enumerate(self.token_ids):
             self._mask[row, len(ids)] = 1
+        self._io.upload()
         self.model.run_shared(self._step_binding(bucket), bucket, 1)
         for ids, token in zip(self.token_ids, tokens):
             ids.append(token)
-        return self._logits[:rows, 0]
+        return self._io.logits(0, rows)
 
     def truncate(self, row: int, length: int) -> None:
         self._mask[row, max(length, 1):len(self.token_ids[row])] = 0
@@ -234,17 +242,13 @@ class SlotBatch(DecodeBatch):
         last = self.size - 1
         if last == 0 and self._filling is None:
             # The last row leaves: its keys stay where they are, parked for the prefix pool (a
-            # chat's next turn takes them back without a copy); the pages past them are freed.
-            self.slots.forget(0, keep=length)
-            arena = self.slots.view(0)
-            cache = KVCache([ort.OrtValue.ortvalue_from_numpy(view) for view in arena], self._swap_remove_ids(row),
-                            arena=arena, home=self.slots)
+            # chat's next turn takes them back without a copy).
+            cache = self.slots.parked_cache(self._swap_remove_ids(row))
             self.slots.park(cache)
             self._mask[0] = 0
             self._mask[0, 0] = 1
         else:
-            cache = KVCache([ort.OrtValue.ortvalue_from_numpy(array) for array in self.slots.read(row, length)],
-                            self._swap_remove_ids(row))
+            cache = KVCache(self.slots.read(row, length), self._swap_remove_ids(row))
             if row != last:
                 self.slots.move(last, row, len(self.token_ids[row]))
                 self._mask[row] = self._mask[last]

@@ -271,6 +271,7 @@ class Engine:
         context_size: int = 0,
         kv_cache_mb: int = 0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_layout: str = "auto",
     ) -> "Engine":
         """Prepare (or find in the cache) the model, then open it.
 
@@ -279,14 +280,14 @@ class Engine:
         shorter context if even one row does not fit."""
         model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress, quant)
         try:
-            onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads)
+            onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads, kv_layout=kv_layout)
         except WrongDevice as exc:  # CUDA is listed but failed to start: a CPU graph, not a CUDA one on the CPU
             log.warning("%s; preparing the model for the CPU", exc)
             try:
                 model_dir = prepare_model(model, "cpu", cache_dir, progress, quant)
             except PrepareError:  # a precision only CUDA runs (fp16): the CPU's own choice
                 model_dir = prepare_model(model, "cpu", cache_dir, progress, "auto")
-            onnx_model = OnnxCausalLM(model_dir, "cpu", cpu_threads)
+            onnx_model = OnnxCausalLM(model_dir, "cpu", cpu_threads, kv_layout=kv_layout)
         tokenizer = Tokenizer(model_dir)
         shifter = ContextShifter(onnx_model.rotary, onnx_model.device) \
             if context_shift and onnx_model.rotary is not None else None

@@ -17,16 +17,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
+from .layouts import KV_LAYOUTS
 from .prepare import read_manifest
 from .rotary import RotaryLayout
 
 if TYPE_CHECKING:
-    from .kv_slots import KVSlots
+    from .kv_slots import KVSlots, StepBuffers
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ class OnnxCausalLM:
     """Runs prefill and decode steps; knows nothing about sampling or text."""
 
     def __init__(self, model_dir: Path, provider: str = "auto", cpu_threads: int = 0,
-                 profile_prefix: str = "") -> None:
+                 profile_prefix: str = "", kv_layout: str = "auto") -> None:
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {kv_layout!r}")
+        self.kv_layout = kv_layout
         self.model_dir = Path(model_dir)
         options = ort.SessionOptions()
         if profile_prefix:  # ONNX Runtime's per-node trace (engine/profile.py)
@@ -173,6 +177,17 @@ class OnnxCausalLM:
         return KVCache([ort.OrtValue.ortvalue_from_numpy(empty, self.device) for _ in self._past_names])
 
     @property
+    def decode_layout(self) -> str:
+        """How batches keep the keys: ``slots`` (host memory, the CPU's), ``device-slots`` (fixed
+        slots in device memory) or ``concat`` (presents become the next pasts). On CUDA ``auto``
+        stays on ``concat`` until a GPU run has measured the device slots (README, "On a GPU")."""
+        if not self.supports_batching or self.kv_layout == "concat":
+            return "concat"
+        if self.provider == "cpu":
+            return "slots"
+        return "device-slots" if self.kv_layout == "slots" else "concat"
+
+    @property
     def supports_batching(self) -> bool:
         """Only the builder's GQA graphs compact each row's keys; optimum graphs would leave holes."""
         return not self._uses_position_ids
@@ -214,22 +229,21 @@ class OnnxCausalLM:
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1].astype(np.float32, copy=False), list(outputs[1:])
 
-    def bind_slots(self, slots: KVSlots, first: int, rows: int, mask: np.ndarray, logits: np.ndarray,
-                   ids: np.ndarray | None = None) -> ort.IOBinding:
+    def bind_slots(self, slots: KVSlots, first: int, rows: int, buffers: StepBuffers, ids: bool) -> ort.IOBinding:
         """An IO binding of slots [first, first + rows): each layer's past and present bound to the
-        same slot memory (GQA writes the new keys in place), the mask's and logits' rows of
-        those slots, and ``ids``' first rows as the tokens (None: bound by each run). Everything
-        is bound by address, so the binding stays valid while these buffers live."""
+        same slot memory (GQA writes the new keys in place), and those rows of the mask, the
+        logits and (``ids``; else each run binds its own) the token ids. Everything is bound by
+        address, so the binding stays valid while these buffers live."""
         binding = self.session.io_binding()
         shape = [rows, *slots.shape[1:]]
         for tensor, (past_name, present_name) in enumerate(zip(self._past_names, self._present_names)):
             address = slots.pointer(tensor, first)
-            binding.bind_input(past_name, "cpu", 0, slots.dtype.type, shape, address)
-            binding.bind_output(present_name, "cpu", 0, slots.dtype.type, shape, address)
-        _bind_rows(binding.bind_input, "attention_mask", mask, first, rows)
-        _bind_rows(binding.bind_output, "logits", logits, first, rows)
-        if ids is not None:
-            _bind_rows(binding.bind_input, "input_ids", ids, first, rows)
+            binding.bind_input(past_name, slots.device, 0, slots.dtype.type, shape, address)
+            binding.bind_output(present_name, slots.device, 0, slots.dtype.type, shape, address)
+        buffers.bind(binding.bind_input, "attention_mask", first, rows)
+        buffers.bind(binding.bind_output, "logits", first, rows)
+        if ids:
+            buffers.bind(binding.bind_input, "input_ids", first, rows)
         return binding
 
     def run_shared(self, binding: ort.IOBinding, rows: int, tokens: int) -> None:
@@ -244,11 +258,6 @@ class OnnxCausalLM:
                                                 cache.tensors, positions=[[cache.length]])
         cache.token_ids.extend(new_token_ids)
         return logits[0]
-
-
-def _bind_rows(bind: Callable, name: str, array: np.ndarray, first: int, rows: int) -> None:
-    """Bind rows [first, first + rows) of a C-contiguous ``array`` by address."""
-    bind(name, "cpu", 0, array.dtype.type, [rows, *array.shape[1:]], int(array.ctypes.data) + first * array.strides[0])
 
 
 def owned_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:

@@ -20,9 +20,10 @@ from .onnx_model import OnnxCausalLM
 
 
 def profile_steps(model_dir: Path, provider: str = "auto", rows: int = 1, steps: int = 16,
-                  prompt_tokens: int = 128, cpu_threads: int = 0) -> dict:
+                  prompt_tokens: int = 128, cpu_threads: int = 0, kv_layout: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as work:
-        model = OnnxCausalLM(model_dir, provider, cpu_threads, profile_prefix=str(Path(work) / "trace"))
+        model = OnnxCausalLM(model_dir, provider, cpu_threads, profile_prefix=str(Path(work) / "trace"),
+                             kv_layout=kv_layout)
         batch = new_decode_batch(model, rows)
         for row in range(rows):
             batch.admit([(11 * i + row) % 1000 + 5 for i in range(prompt_tokens)], None, 0)
@@ -33,7 +34,9 @@ def profile_steps(model_dir: Path, provider: str = "auto", rows: int = 1, steps:
         wall_s = time.perf_counter() - began
         trace = Path(model.session.end_profiling())
         events = json.loads(trace.read_text())
-    return summarize(events, rows, steps, wall_s, model.provider)
+    report = summarize(events, rows, steps, wall_s, model.provider)
+    report["layout"] = model.decode_layout
+    return report
 
 
 def summarize(events: list[dict], rows: int, steps: int, wall_s: float, provider: str) -> dict:
