@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_bench.json")
     parser.add_argument("--quants", default="fp16")
     parser.add_argument("--big-quants", default="int4,fp16", help="precisions for the 1B model")
-    parser.add_argument("--layouts", default="concat,slots", help="kv_layout values to compare (engine/onnx_model.py)")
+    parser.add_argument("--layouts", default="concat,slots,graphs",
+                        help="kv_layout values to compare (engine/onnx_model.py); graphs: slots with cuda_graphs")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="ONNX Runtime's per-node profile of raw steps")
@@ -104,11 +105,12 @@ def main() -> None:
                 model_dir = prepare_model(source, args.device, work / "cache", progress=lambda m: None, quant=quant)
                 row["prepare_s"] = round(time.perf_counter() - started, 1)
                 row["size_mb"] = round(sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6)
+                kv_layout, graphs = ("slots", True) if layout == "graphs" else (layout, False)
                 row.update(run_benchmark(str(model_dir), args.device, work / "cache", args.tokens, args.repeats,
-                                         kv_layout=layout))
-                if args.profile:  # where a step's time goes, at 1 and 8 rows (engine/profile.py)
+                                         kv_layout=kv_layout, cuda_graphs=graphs))
+                if args.profile and not graphs:  # where a step's time goes, at 1 and 8 rows (engine/profile.py)
                     for rows in (1, 8):
-                        row[f"profile_{rows}_rows"] = profile_steps(model_dir, args.device, rows, kv_layout=layout)
+                        row[f"profile_{rows}_rows"] = profile_steps(model_dir, args.device, rows, kv_layout=kv_layout)
             except Exception as exc:  # report and go on: one broken precision must not hide the rest
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -37,7 +37,7 @@ def load_engine(settings: Settings, progress: Callable[[str], None] | None = Non
         max_batch_size=settings.max_batch_size, progress=progress, quant=settings.quant,
         context_shift=settings.context_shift, context_size=settings.context_size,
         kv_cache_mb=settings.kv_cache_mb, prefill_chunk=settings.prefill_chunk_tokens,
-        kv_layout=settings.kv_layout,
+        kv_layout=settings.kv_layout, cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -27,9 +27,10 @@ CHAT_PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.
 
 
 def run_benchmark(model: str, provider: str, cache_dir: Path, new_tokens: int = 200, repeats: int = 3,
-                  cpu_threads: int = 0, quant: str = "auto", kv_layout: str = "auto") -> dict[str, float]:
+                  cpu_threads: int = 0, quant: str = "auto", kv_layout: str = "auto",
+                  cuda_graphs: bool = False) -> dict[str, float]:
     model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress=print, quant=quant)
-    onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads, kv_layout=kv_layout)
+    onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads, kv_layout=kv_layout, cuda_graphs=cuda_graphs)
     generator = TextGenerator(onnx_model, Tokenizer(model_dir))
     results: dict[str, float] = {}
 

@@ -102,6 +102,9 @@ class Settings:
     #: (each step's presents become the next pasts) or ``auto``: slots on the CPU, concat on CUDA
     #: until a GPU run has measured its slots (README, "On a GPU").
     kv_layout: str = "auto"
+    #: Decode steps replay CUDA graphs captured per batch size (with ``kv_layout`` ``slots`` on
+    #: CUDA only). Off until a GPU run has checked and measured it (README, "On a GPU").
+    cuda_graphs: bool = False
     #: Reuse a cached chat whose oldest turns were dropped by moving the rest into place
     #: (KoboldCpp's ContextShift); off: only a shared prefix is reused (see README, "Long chats").
     context_shift: bool = True

@@ -184,8 +184,10 @@ def test_cuda_device_slots_match_the_concatenating_layout(hf_dir: Path, tmp_path
 def test_cuda_engine_on_device_slots_answers_as_the_concatenating_layout(hf_dir: Path, tmp_path: Path) -> None:
     model_dir = prepare_model(str(hf_dir), "cuda", tmp_path / "cache", quant="fp16")
     texts = {}
-    for layout in ("concat", "slots"):
-        model = OnnxCausalLM(model_dir, "cuda", kv_layout=layout)
+    for layout in ("concat", "slots", "graphs"):  # graphs: slots with captured CUDA graphs
+        model = OnnxCausalLM(model_dir, "cuda", kv_layout="slots" if layout == "graphs" else layout,
+                             cuda_graphs=layout == "graphs")
+        assert model.cuda_graphs == (layout == "graphs")
         engine = Engine(TextGenerator(model, Tokenizer(model_dir)), "cuda-test", queue_size=8, max_batch_size=4)
         try:
             jobs = [engine.submit(GenerationRequest(prompt=f"Story {i}:", max_new_tokens=24, ban_eos=True,
@@ -195,4 +197,5 @@ def test_cuda_engine_on_device_slots_answers_as_the_concatenating_layout(hf_dir:
         finally:
             engine.shutdown()
     # fp16 kernels may round a near-tie differently: the first tokens agree.
-    assert [text[:8] for text in texts["slots"]] == [text[:8] for text in texts["concat"]]
+    for layout in ("slots", "graphs"):
+        assert [text[:8] for text in texts[layout]] == [text[:8] for text in texts["concat"]], layout

@@ -607,11 +607,11 @@ def test_a_long_prompt_joins_running_streams_part_by_part(tiny_model_dir: Path) 
         started, go = threading.Event(), threading.Event()
         original = model.run_shared
 
-        def gate(binding, rows, tokens):  # stops the worker inside the long prompt's first part
+        def gate(binding, rows, tokens, **options):  # stops the worker inside the long prompt's first part
             if tokens == 32 and not started.is_set():
                 started.set()
                 go.wait(60)
-            return original(binding, rows, tokens)
+            return original(binding, rows, tokens, **options)
 
         model.run_shared = gate  # type: ignore[method-assign]
         try:

@@ -159,7 +159,8 @@ def test_rows_padded_up_to_a_bucket_leave_live_rows_unchanged(model: OnnxCausalL
     rows_run: list[int] = []
     original = model.run_shared
     monkeypatch.setattr(model, "run_shared",
-                        lambda binding, rows, tokens: (rows_run.append(rows), original(binding, rows, tokens)))
+                        lambda binding, rows, tokens, **options: (rows_run.append(rows),
+                                                                  original(binding, rows, tokens, **options)))
     for joined in (3, 2):
         for _ in range(joined):
             prompt = _prompt(rng, rng.randrange(2, 50))
@@ -450,3 +451,28 @@ def test_an_engine_on_device_slots_answers_as_on_host_slots(tiny_model_dir: Path
     monkeypatch.setattr(OnnxCausalLM, "decode_layout", property(lambda self: "device-slots"))
     device = serve()
     assert device == host and host[1] > 0 and made  # the device layout really served
+
+
+def test_captured_graphs_get_one_id_per_bucket_and_prompts_run_eagerly(tiny_model_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA graph plumbing, run on the CPU provider (which ignores the run option): with
+    graphs on, batches pad to power-of-two buckets, each bucket's steps replay one graph id, and
+    prompt runs never capture (-1)."""
+    model = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2)
+    model.cuda_graphs = True  # as a CUDA session with enable_cuda_graph would have it
+    runs: list[tuple[int, int, int]] = []
+    original = model.run_shared
+    monkeypatch.setattr(model, "run_shared", lambda binding, rows, tokens, graph=-1: (
+        runs.append((rows, tokens, graph)), original(binding, rows, tokens, graph=graph))[1])
+    from kobold_api.engine.decode_batch import new_decode_batch
+
+    batch = new_decode_batch(model, 8, 256)
+    assert isinstance(batch, SlotBatch) and batch.buckets == [1, 2, 4, 8]
+    rng = random.Random(1)
+    for joined in range(5):
+        batch.admit(_prompt(rng, 6 + joined), None, 0)
+        batch.step([rng.randrange(3, 250) for _ in range(batch.size)])
+    prompts = [graph for rows, tokens, graph in runs if tokens > 1]
+    steps = {(rows, graph) for rows, tokens, graph in runs if tokens == 1}
+    assert prompts == [-1] * 5
+    assert steps == {(1, 0), (2, 1), (4, 2), (8, 3)}  # 3 rows ran as 4, 5 as 8

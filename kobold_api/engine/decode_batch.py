@@ -88,7 +88,9 @@ def new_decode_batch(model: OnnxCausalLM, max_rows: int = 1, capacity: int | Non
     layout = model.decode_layout
     if layout == "concat":
         return ConcatBatch(model)
-    return SlotBatch(model, max_rows, capacity, memory="host" if layout == "slots" else "device")
+    # Captured graphs: a few batch sizes (1, 2, 4, ...), the rows padded up to the next one.
+    buckets = [1 << power for power in range(max_rows.bit_length())] if model.cuda_graphs else None
+    return SlotBatch(model, max_rows, capacity, buckets, memory="host" if layout == "slots" else "device")
 
 
 def _decode_mask(lengths: list[int], width: int) -> np.ndarray:
@@ -228,7 +230,7 @@ class SlotBatch(DecodeBatch):
         for row, ids in enumerate(self.token_ids):
             self._mask[row, len(ids)] = 1
         self._io.upload()
-        self.model.run_shared(self._step_binding(bucket), bucket, 1)
+        self.model.run_shared(self._step_binding(bucket), bucket, 1, graph=self.buckets.index(bucket))
         for ids, token in zip(self.token_ids, tokens):
             ids.append(token)
         return self._io.logits(0, rows)

@@ -272,6 +272,7 @@ class Engine:
         kv_cache_mb: int = 0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         kv_layout: str = "auto",
+        cuda_graphs: bool = False,
     ) -> "Engine":
         """Prepare (or find in the cache) the model, then open it.
 
@@ -280,7 +281,7 @@ class Engine:
         shorter context if even one row does not fit."""
         model_dir = prepare_model(model, resolved_device(provider), cache_dir, progress, quant)
         try:
-            onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads, kv_layout=kv_layout)
+            onnx_model = OnnxCausalLM(model_dir, provider, cpu_threads, kv_layout=kv_layout, cuda_graphs=cuda_graphs)
         except WrongDevice as exc:  # CUDA is listed but failed to start: a CPU graph, not a CUDA one on the CPU
             log.warning("%s; preparing the model for the CPU", exc)
             try:

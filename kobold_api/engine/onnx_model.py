@@ -113,7 +113,7 @@ class OnnxCausalLM:
     """Runs prefill and decode steps; knows nothing about sampling or text."""
 
     def __init__(self, model_dir: Path, provider: str = "auto", cpu_threads: int = 0,
-                 profile_prefix: str = "", kv_layout: str = "auto") -> None:
+                 profile_prefix: str = "", kv_layout: str = "auto", cuda_graphs: bool = False) -> None:
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {kv_layout!r}")
         self.kv_layout = kv_layout
@@ -126,7 +126,13 @@ class OnnxCausalLM:
         options.intra_op_num_threads = cpu_threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        providers = choose_providers(provider)
+        providers: list = choose_providers(provider)
+        #: Decode steps replay captured CUDA graphs, one per batch-size bucket (device slots only:
+        #: a captured graph needs every buffer at a fixed address).
+        self.cuda_graphs = cuda_graphs and providers[0] == "CUDAExecutionProvider" and kv_layout == "slots"
+        if self.cuda_graphs:
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]]
+        self._eager = _run_options(-1) if self.cuda_graphs else None
         try:
             self.session = ort.InferenceSession(
                 str(self.model_dir / "model.onnx"), sess_options=options, providers=providers
@@ -171,6 +177,8 @@ class OnnxCausalLM:
         self.rotary = RotaryLayout.from_manifest(manifest)
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.device = "cuda" if self.provider == "cuda" else "cpu"
+        self.cuda_graphs = self.cuda_graphs and self.provider == "cuda"
+        self._graph_options: dict[int, ort.RunOptions] = {}
 
     def new_cache(self) -> KVCache:
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
@@ -225,7 +233,7 @@ class OnnxCausalLM:
         binding.bind_output("logits", "cpu")
         for name in self._present_names:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._eager)
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1].astype(np.float32, copy=False), list(outputs[1:])
 
@@ -246,10 +254,14 @@ class OnnxCausalLM:
             buffers.bind(binding.bind_input, "input_ids", first, rows)
         return binding
 
-    def run_shared(self, binding: ort.IOBinding, rows: int, tokens: int) -> None:
+    def run_shared(self, binding: ort.IOBinding, rows: int, tokens: int, graph: int = -1) -> None:
         """One run on a :meth:`bind_slots` binding of ``rows`` rows of ``tokens`` new tokens each
-        (every session run of a slot batch goes through here; tests watch it)."""
-        self.session.run_with_iobinding(binding)
+        (every session run of a slot batch goes through here; tests watch it). With CUDA graphs
+        on, ``graph`` (0 and up) is the captured graph this binding replays; -1 runs eagerly."""
+        options = self._eager
+        if self.cuda_graphs and graph >= 0:
+            options = self._graph_options.setdefault(graph, _run_options(graph))
+        self.session.run_with_iobinding(binding, options)
 
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:
         """Feed ``new_token_ids`` after ``cache``; update the cache in place; return last logits [vocab]."""
@@ -258,6 +270,12 @@ class OnnxCausalLM:
                                                 cache.tensors, positions=[[cache.length]])
         cache.token_ids.extend(new_token_ids)
         return logits[0]
+
+
+def _run_options(graph: int) -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph))
+    return options
 
 
 def owned_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:
