@@ -22,6 +22,7 @@ from kobold_api.engine.decode_batch import ConcatBatch, SlotBatch
 from kobold_api.engine.kv_slots import _PAGE, MIN_SLOT_TOKENS, HostSlots, KVSlots, SlotOverflow, plan_slots
 from kobold_api.engine.onnx_model import OnnxCausalLM
 from kobold_api.engine.prefix_cache import PrefixCache
+from kobold_api.engine.sampling.candidates import Candidates, RowLogits
 
 pytestmark = pytest.mark.fast
 
@@ -136,10 +137,20 @@ def test_steps_after_warm_up_create_no_binding_and_no_ortvalue(model: OnnxCausal
     for length in (30, 5, 61):
         batch.admit(_prompt(rng, length), None, 0)
     batch.step([9, 9, 9])  # warm-up: the three-row bucket is bound
+    batch.step_rows([9, 9, 9])  # and, on the device, its top-candidate reduction
     counts = _Counts(monkeypatch)
     seen = []
-    for _ in range(40):
-        seen.append(batch.step([rng.randrange(3, 250) for _ in range(3)]).copy())
+    for index in range(40):
+        tokens = [rng.randrange(3, 250) for _ in range(3)]
+        if memory == "device" and index % 2:  # the engine's steps: top candidates, whole rows on demand
+            rows = batch.step_rows(tokens)
+            assert all(isinstance(row, RowLogits) for row in rows)
+            for row in rows:
+                want = Candidates.of(row.full(), row.candidates.ids.size)
+                np.testing.assert_array_equal(row.candidates.values, want.values)
+            seen.append(np.stack([row.full() for row in rows]))
+        else:
+            seen.append(batch.step(tokens).copy())
     assert not counts.calls, counts.calls
     assert len({row.tobytes() for step in seen for row in step}) == 120  # the steps really ran
     # The counter sees what the concatenating layout does per step (it would catch a regression).
@@ -427,8 +438,14 @@ def test_an_engine_on_device_slots_answers_as_on_host_slots(tiny_model_dir: Path
     from kobold_api.engine.sampling import SamplingParams
 
     history = [(5 * i) % 200 + 3 for i in range(120)]
+    samplings = [SamplingParams(temperature=0.8, seed=1),  # top-p: the whole row
+                 SamplingParams(temperature=0.8, top_k=40, rep_pen=1.1, seed=2),  # from the candidates
+                 SamplingParams(temperature=0),  # greedy: from the candidates
+                 SamplingParams(temperature=1.2, min_p=0.1, top_p=1.0, seed=4)]  # min-p: from the candidates
     requests = [GenerationRequest(prompt_ids=history + [7, i + 3], max_new_tokens=12, ban_eos=True,
-                                  sampling=SamplingParams(temperature=0.8, seed=i)) for i in range(4)]
+                                  sampling=sampling) for i, sampling in enumerate(samplings)]
+    requests.append(GenerationRequest(prompt_ids=history + [8], max_new_tokens=6, ban_eos=True, logprobs=2,
+                                      sampling=SamplingParams(temperature=0)))  # logprobs: the whole row
     follow_up = GenerationRequest(prompt_ids=history + [7, 3, 9, 9], max_new_tokens=6, ban_eos=True,
                                   sampling=SamplingParams(temperature=0))
 
@@ -442,15 +459,23 @@ def test_an_engine_on_device_slots_answers_as_on_host_slots(tiny_model_dir: Path
             engine.shutdown()
 
     from kobold_api.engine.kv_slots import DeviceSlots
+    from kobold_api.engine.sampling import TokenSampler
 
     made: list[DeviceSlots] = []
     original = DeviceSlots.__init__
     monkeypatch.setattr(DeviceSlots, "__init__", lambda self, *args: (made.append(self), original(self, *args))[1])
+    from_candidates: list[int] = []
+    sample_top = TokenSampler.sample_top
+    monkeypatch.setattr(TokenSampler, "sample_top", lambda self, *args: (
+        lambda token: (from_candidates.append(token) if token is not None else None, token)[1])(sample_top(self, *args)))
     host = serve()
-    assert not made
+    assert not made and not from_candidates
     monkeypatch.setattr(OnnxCausalLM, "decode_layout", property(lambda self: "device-slots"))
     device = serve()
     assert device == host and host[1] > 0 and made  # the device layout really served
+    # Three of the five requests sampled their steps from the top candidates (their first token
+    # comes from the prompt's full row): most of their 36 decode steps.
+    assert len(from_candidates) >= 24
 
 
 def test_captured_graphs_get_one_id_per_bucket_and_prompts_run_eagerly(tiny_model_dir: Path,

@@ -24,6 +24,10 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_slots import DeviceSlots, HostSlots, KVSlots, SlotOverflow, StepBuffers
+from .sampling.candidates import RowLogits
+
+#: Candidates per row a device batch sends to the host instead of the whole row.
+TOP_CANDIDATES = 64
 from .onnx_model import KVCache, OnnxCausalLM, owned_ortvalue
 
 
@@ -65,6 +69,11 @@ class DecodeBatch(ABC):
     @abstractmethod
     def step(self, tokens: list[int]) -> np.ndarray:
         """Feed one token per row; return logits [rows, vocab]."""
+
+    def step_rows(self, tokens: list[int]) -> np.ndarray | list[RowLogits]:
+        """:meth:`step`, whose rows may come as their top candidates with the whole row fetched
+        only on demand (device slots; see :mod:`.sampling.candidates`)."""
+        return self.step(tokens)
 
     def truncate(self, row: int, length: int) -> None:
         """Forget ``row``'s positions from ``length`` on (tokens taken back by a phrase ban):
@@ -131,12 +140,14 @@ class SlotBatch(DecodeBatch):
             self.slots = DeviceSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype,
                                      model.device, model.session.get_providers())
         self.slots.owner = weakref.ref(self)
-        self._io = StepBuffers(max_rows, self.capacity, model.vocab_size, None if memory == "host" else model.device)
+        self._io = StepBuffers(max_rows, self.capacity, model.vocab_size, None if memory == "host" else model.device,
+                               model.session.get_providers(), TOP_CANDIDATES if memory == "device" else 0)
         self._ids, self._mask = self._io.ids, self._io.mask
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._prefill_bindings: dict[int, ort.IOBinding] = {}
         #: The row being filled (slot ``size``): its prompt and how much of it is written.
         self._filling: tuple[list[int], int] | None = None
+        self._last_bucket = 0
 
     def _step_binding(self, bucket: int) -> ort.IOBinding:
         """Slots [0, bucket) with the token buffer as their input: made once per bucket."""
@@ -220,6 +231,10 @@ class SlotBatch(DecodeBatch):
         self._mask[slot, 0] = 1
 
     def step(self, tokens: list[int]) -> np.ndarray:
+        self._run_step(tokens)
+        return self._io.logits(0, len(tokens))
+
+    def _run_step(self, tokens: list[int]) -> None:
         rows = self.size
         for ids in self.token_ids:
             if len(ids) >= self.capacity:
@@ -231,9 +246,14 @@ class SlotBatch(DecodeBatch):
             self._mask[row, len(ids)] = 1
         self._io.upload()
         self.model.run_shared(self._step_binding(bucket), bucket, 1, graph=self.buckets.index(bucket))
+        self._last_bucket = bucket
         for ids, token in zip(self.token_ids, tokens):
             ids.append(token)
-        return self._io.logits(0, rows)
+
+    def step_rows(self, tokens: list[int]) -> np.ndarray | list[RowLogits]:
+        self._run_step(tokens)
+        rows = self._io.top_rows(self._last_bucket, len(tokens))
+        return rows if rows is not None else self._io.logits(0, len(tokens))
 
     def truncate(self, row: int, length: int) -> None:
         self._mask[row, max(length, 1):len(self.token_ids[row])] = 0

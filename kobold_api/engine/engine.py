@@ -439,7 +439,7 @@ class Engine:
 
     def _step(self, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> None:
         """One decode step for every row; finished rows leave the batch."""
-        logits = batch.step(pending)
+        logits = batch.step_rows(pending)
         for row in reversed(range(len(rows))):
             job, sequence = rows[row]
             try:

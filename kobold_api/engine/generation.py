@@ -22,6 +22,7 @@ from .onnx_model import KVCache, OnnxCausalLM
 from .phrase_bans import HeldToken, PhraseBanGuard
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenSampler
+from .sampling.candidates import RowLogits
 from .stopping import StopMatcher
 from .thinking import ThinkFormat, ThinkLimit, think_budget
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -269,6 +270,8 @@ class Sequence:
         self.started = self.prefill_done = time.perf_counter()
         #: The prompt is in the batch part-way (see :meth:`prefill`).
         self.filling = False
+        #: Tokens sampled from a device row's top candidates alone (see :meth:`step`).
+        self.candidate_steps = 0
         self.result: GenerationResult | None = None
         self.top_logprobs = request.logprobs
         self.token_logprobs: list[TokenLogprob] = []
@@ -317,17 +320,24 @@ class Sequence:
             self.prefill_done = time.perf_counter()
         return logits
 
-    def step(self, logits: np.ndarray | None) -> tuple[list[GenerationChunk], int | None]:
+    def step(self, logits: np.ndarray | RowLogits | None) -> tuple[list[GenerationChunk], int | None]:
         """Pick the next token from ``logits``; return the chunks to emit and the token to feed.
 
         The token is ``None`` once the sequence has finished (its last chunk has the result).
         With phrase bans a step may take tokens back (see :mod:`.phrase_bans`); the caller then
-        cuts its cache to :attr:`cache_length` before feeding the token.
+        cuts its cache to :attr:`cache_length` before feeding the token. A :class:`RowLogits`
+        (a device batch's row) is sampled from its top candidates when they settle the token
+        (:meth:`TokenSampler.sample_top`); its whole row is fetched otherwise.
         """
         if self.cancel.cancelled or logits is None:
             return self._finish(STOP_ABORT), None
         if self.generated >= self.max_new:
             return self._finish(STOP_LENGTH), None
+        if isinstance(logits, RowLogits):
+            token = self._from_candidates(logits)
+            if token is not None:
+                return self._take(token, logits)
+            logits = logits.full()
         if self.guidance is not None:
             logits = self.guidance.apply(logits, self.context[len(self.prompt_ids):self.length])
         if self.guide is not None:
@@ -339,6 +349,22 @@ class Sequence:
         forced = None if self.think_limit is None else \
             self.think_limit.forced_token(self.context[len(self.prompt_ids):self.length])
         token = forced if forced is not None else self.sampler(logits, self.context[: self.length])
+        return self._take(token, logits)
+
+    def _from_candidates(self, row: RowLogits) -> int | None:
+        """The token from ``row``'s top candidates, when nothing but the sampler chain decides
+        and the candidates settle it; None: the whole row is needed."""
+        if self.guidance is not None or self.guide is not None or self.think_limit is not None \
+                or self.top_logprobs is not None or self.bans.active or self.bans.held \
+                or not self.sampler.claims_top(row.candidates.ids.size):
+            return None
+        token = self.sampler.sample_top(row.candidates, self.context[: self.length])
+        if token is not None:
+            self.candidate_steps += 1
+        return token
+
+    def _take(self, token: int, logits: np.ndarray | RowLogits) -> tuple[list[GenerationChunk], int | None]:
+        """Append the sampled ``token`` (phrase bans may rewind and sample again)."""
         banned: set[int] = set()
         while True:
             if token in self.eos_ids:

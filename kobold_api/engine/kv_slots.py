@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnxruntime as ort
 
+from .sampling.candidates import RowLogits, step_rows
+
 if TYPE_CHECKING:
     from .onnx_model import KVCache
 
@@ -317,7 +319,8 @@ class StepBuffers:
     The host keeps its own copy of the ids and the mask and edits them in place; with device
     memory they go up before each run (:meth:`upload`) and the logits come back after it."""
 
-    def __init__(self, rows: int, capacity: int, vocab: int, device: str | None) -> None:
+    def __init__(self, rows: int, capacity: int, vocab: int, device: str | None,
+                 providers: list[str] | None = None, top_k: int = 0) -> None:
         self.ids = np.zeros((rows, 1), dtype=np.int64)
         self.mask = np.zeros((rows, capacity), dtype=np.int64)
         self.mask[:, 0] = 1  # a free slot: one position (its dummy token's)
@@ -326,6 +329,10 @@ class StepBuffers:
         self._on_device = None if device is None else {
             name: ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype.type, device, 0)
             for name, array in (("input_ids", self.ids), ("attention_mask", self.mask), ("logits", self._logits))}
+        #: Each row's top ``top_k`` logits, reduced on the device (device memory only).
+        self._top = None if self._on_device is None or not 0 < top_k < vocab else \
+            _TopCandidates(rows, vocab, top_k, self.device, providers or [], self._on_device["logits"])
+        self.vocab = vocab
 
     def bind(self, bind: Callable, name: str, first: int, rows: int) -> None:
         """``bind`` (a binding's ``bind_input`` or ``bind_output``) rows [first, first + rows) of ``name``."""
@@ -338,7 +345,50 @@ class StepBuffers:
             self._on_device["input_ids"].update_inplace(self.ids)
             self._on_device["attention_mask"].update_inplace(self.mask)
 
+    def top_rows(self, bucket: int, rows: int) -> list[RowLogits] | None:
+        """The last step's first ``rows`` rows with their top candidates (None without a
+        reducer): only the candidates cross to the host, the whole rows when a row asks."""
+        if self._top is None:
+            return None
+        values, ids = self._top.run(bucket, rows)
+        return step_rows(values, ids, self.vocab, lambda: self.logits(0, rows))
+
     def logits(self, first: int, rows: int) -> np.ndarray:
         """Rows [first, first + rows) of the last run's logits, [rows, vocab] (read before the next run)."""
         logits = self._logits if self._on_device is None else self._on_device["logits"].numpy()
         return logits[first:first + rows, 0]
+
+
+class _TopCandidates:
+    """TopK over the logits rows on their device, into buffers bound once per bucket."""
+
+    def __init__(self, rows: int, vocab: int, k: int, device: str, providers: list[str],
+                 logits: ort.OrtValue) -> None:
+        from onnx import TensorProto, helper
+
+        self.k, self.device, self._logits = k, device, logits
+        graph = helper.make_graph(
+            [helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=1)], "top_k",
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 1, vocab])],
+            [helper.make_tensor_value_info("values", TensorProto.FLOAT, [None, 1, k]),
+             helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 1, k])],
+            initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers or None)
+        self._values = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.float32, device, 0)
+        self._ids = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.int64, device, 0)
+        self._bindings: dict[int, ort.IOBinding] = {}
+        self.vocab = vocab
+
+    def run(self, bucket: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        if bucket not in self._bindings:
+            binding = self._session.io_binding()
+            binding.bind_input("logits", self.device, 0, np.float32, [bucket, 1, self.vocab], self._logits.data_ptr())
+            binding.bind_output("values", self.device, 0, np.float32, [bucket, 1, self.k], self._values.data_ptr())
+            binding.bind_output("ids", self.device, 0, np.int64, [bucket, 1, self.k], self._ids.data_ptr())
+            self._bindings[bucket] = binding
+        self._session.run_with_iobinding(self._bindings[bucket])
+        return self._values.numpy()[:rows, 0], self._ids.numpy()[:rows, 0]

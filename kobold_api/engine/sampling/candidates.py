@@ -22,6 +22,7 @@ claimed: those requests always take the whole row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,40 @@ class Candidates:
         scores = np.full(self.vocab_size, NEG_INF, dtype=np.float32)
         scores[self.ids] = self.values
         return scores
+
+
+class RowLogits:
+    """One row of a step's output: its top candidates now, the whole row only if asked for
+    (on a GPU that is the copy a claimed request never pays). ``fetch`` returns every row of
+    the step at once; it runs at most once for all rows of the step (``shared``)."""
+
+    def __init__(self, row: int, candidates: Candidates, shared: _Fetched) -> None:
+        self.row = row
+        self.candidates = candidates
+        self._shared = shared
+
+    def full(self) -> np.ndarray:
+        return self._shared.rows()[self.row]
+
+
+class _Fetched:
+    def __init__(self, fetch: Callable[[], np.ndarray]) -> None:
+        self._fetch = fetch
+        self._rows: np.ndarray | None = None
+        self.fetches = 0
+
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = self._fetch()
+            self.fetches += 1
+        return self._rows
+
+
+def step_rows(values: np.ndarray, ids: np.ndarray, vocab_size: int, fetch: Callable[[], np.ndarray]) -> list[RowLogits]:
+    """Lazy rows of a step from its [rows, K] top values and ids (best first)."""
+    shared = _Fetched(fetch)
+    return [RowLogits(row, Candidates(ids[row].astype(np.int64), values[row], vocab_size), shared)
+            for row in range(values.shape[0])]
 
 
 def only_lowers(processor: LogitsProcessor) -> bool:
