@@ -427,11 +427,12 @@ def test_rows_leaving_are_copied_out_and_the_last_stays_parked_in_its_slot(tiny_
     caches = [batch.release(row) for row in (2, 1)]
     assert all(cache.arena is None and cache.tensors[0].shape()[2] == cache.length for cache in caches)
     last = batch.release(0)
-    assert last.home is batch.slots and last.arena is not None and last.token_ids == prompts[0]
-    assert batch.slots.is_parked(last) and batch.size == 0
+    home = last.home
+    assert home is not None and last.arena is not None and last.token_ids == prompts[0]
+    assert home.is_parked(last) and batch.size == 0 and batch.slots is not home  # the batch goes on in fresh slots
     follow_up = prompts[0] + [5, 6, 7]
     logits = batch.admit(follow_up, last, len(prompts[0]))
-    assert not batch.slots.is_parked(last) and last.arena is not None  # taken back, not copied out
+    assert batch.slots is home and not home.is_parked(last) and last.arena is not None  # taken back, not copied
     np.testing.assert_array_equal(logits, model.forward(follow_up, model.new_cache()))
     for cache, prompt in zip(caches, (prompts[2], prompts[1])):  # the copies hold the right keys
         continued = SlotBatch(model).admit(prompt + [9, 9], cache, len(prompt))

@@ -203,9 +203,10 @@ def test_a_row_is_refused_before_it_writes_past_its_slot(model: OnnxCausalLM, me
     assert all(np.array_equal(old, new) for old, new in zip(before, contents()))
 
 
-def test_a_parked_slot_is_copied_out_before_another_row_writes_it(model: OnnxCausalLM) -> None:
-    """The last row's keys stay parked in slot 0 for the pool; a different prompt that needs the
-    slot first copies them out, so the pooled cache still continues its own sequence exactly."""
+def test_another_chat_leaves_parked_host_slots_alone_and_the_next_turn_takes_them_back(model: OnnxCausalLM) -> None:
+    """The last row's keys stay parked in their slot for the pool, and the batch goes on in
+    fresh slots: a different prompt in between copies nothing out, and the chat's next turn
+    takes the parked slots back (no copy either), with a fresh prefill's logits."""
     rng = random.Random(8)
     pool = PrefixCache(2**28)
     batch = SlotBatch(model, 2)
@@ -213,16 +214,20 @@ def test_a_parked_slot_is_copied_out_before_another_row_writes_it(model: OnnxCau
     batch.admit(first, None, 0)
     parked = batch.release(0)
     pool.put(parked)
-    assert batch.slots.is_parked(parked) and np.shares_memory(parked.arena[0], batch.slots.buffers[0])
-    batch.admit(_prompt(rng, 40), None, 0)  # another chat takes slot 0
-    assert parked.arena is None and parked.home is None
-    assert not any(np.shares_memory(tensor.numpy(), buffer)
-                   for tensor in parked.tensors for buffer in batch.slots.buffers)
+    home = parked.home
+    assert home is not None and home is not batch.slots and home.is_parked(parked)
+    assert np.shares_memory(parked.arena[0], home.buffers[0])
+    batch.admit(_prompt(rng, 40), None, 0)  # another chat: in the batch's fresh slots
     batch.step([4])
+    assert parked.home is home and home.is_parked(parked)  # nothing copied out
+    other = batch.release(0)
+    pool.put(other)
     cached, reuse = pool.take(first + [5, 6])
     assert cached is parked and reuse == len(first)
     continued = batch.admit(first + [5, 6], cached, reuse)
+    assert batch.slots is home and not home.is_parked(parked)  # taken back whole
     np.testing.assert_array_equal(continued, SlotBatch(model).admit(first + [5, 6], None, 0))
+    assert other.home is not None and other.home.is_parked(other)  # the other chat's keys stay parked
 
 
 def _live_or_pooled(batches: list[SlotBatch], pool: PrefixCache) -> Iterator[tuple[KVSlots, int]]:
@@ -320,19 +325,21 @@ def test_a_batch_never_takes_over_the_slots_of_a_batch_still_in_use(model: OnnxC
     first, second = SlotBatch(model, 2, memory=memory), SlotBatch(model, 2, memory=memory)
     history = _prompt(rng, 50)
     first.admit(history, None, 0)
+    first_slots = first.slots
     pool.put(first.release(0))
     cached, reuse = pool.take(history + [6, 7])
-    assert cached is not None and cached.home is first.slots
+    assert cached is not None and cached.home is first_slots
     got = second.admit(history + [6, 7], cached, reuse)
-    assert second.slots is not first.slots
-    first.admit(_prompt(rng, 60), None, 0)  # writes A's slot 0
+    assert second.slots is not first_slots
+    first._adopt(first_slots)  # A's slots with the parked row again (as its next turn would take them)
+    first.admit(_prompt(rng, 60), None, 0)  # another prompt writes their slot 0
     reference = SlotBatch(model, memory=memory)
     np.testing.assert_array_equal(got, reference.admit(history + [6, 7], None, 0))
     np.testing.assert_array_equal(second.step([9])[0], reference.step([9])[0])
     # Once A is gone, a batch of its shape may take its parked slots over (a one-off batch per
     # request: TextGenerator.stream).
     parked = first.release(0)
-    slots = first.slots
+    slots = parked.home
     del first
     third = SlotBatch(model, 2, memory=memory)
     third.admit(parked.token_ids + [3, 4], parked, parked.length)

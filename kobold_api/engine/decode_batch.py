@@ -133,12 +133,8 @@ class SlotBatch(DecodeBatch):
         self.max_rows = max_rows
         self.capacity = capacity or model.info.context_length
         self.buckets = sorted({size for size in (buckets or range(1, max_rows + 1)) if size < max_rows} | {max_rows})
-        heads, dim, dtype = model.kv_shape
-        if memory == "host":
-            self.slots: KVSlots = HostSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype)
-        else:
-            self.slots = DeviceSlots(model.num_kv_tensors, max_rows, heads, self.capacity, dim, dtype,
-                                     model.device, model.session.get_providers())
+        self._memory = memory
+        self.slots = self._new_slots()
         self.slots.owner = weakref.ref(self)
         self._io = StepBuffers(max_rows, self.capacity, model.vocab_size, None if memory == "host" else model.device,
                                model.session.get_providers(), TOP_CANDIDATES if memory == "device" else 0)
@@ -165,9 +161,16 @@ class SlotBatch(DecodeBatch):
     #: decode kernels, whose rounding differs from the prompt kernels' (see prefix_cache).
     MIN_LAST_CHUNK = 2
 
+    def _new_slots(self) -> KVSlots:
+        heads, dim, dtype = self.model.kv_shape
+        if self._memory == "host":
+            return HostSlots(self.model.num_kv_tensors, self.max_rows, heads, self.capacity, dim, dtype)
+        return DeviceSlots(self.model.num_kv_tensors, self.max_rows, heads, self.capacity, dim, dtype,
+                           self.model.device, self.model.session.get_providers())
+
     def _adopt(self, slots: KVSlots) -> None:
-        """Take over the slots of a batch that is gone (the same shape): the bindings pointed at
-        the old ones."""
+        """Take over other slots of the same shape (fresh ones, our own parked ones, or those
+        of a batch that is gone): the bindings pointed at the old ones."""
         self.slots = slots
         slots.owner = weakref.ref(self)
         self._step_bindings.clear()
@@ -267,6 +270,12 @@ class SlotBatch(DecodeBatch):
             # chat's next turn takes them back without a copy).
             cache = self.slots.parked_cache(self._swap_remove_ids(row))
             self.slots.park(cache)
+            if isinstance(self.slots, HostSlots):
+                # Host slots go to the pool whole and the batch goes on in fresh ones (mapped, not
+                # yet touched: nearly free), so a request in between never copies the parked
+                # keys out; the next turn takes the parked slots back. On a device the slots
+                # are allocated whole: they stay, and a copy of the keys goes to the pool.
+                self._adopt(self._new_slots())
             self._mask[0] = 0
             self._mask[0, 0] = 1
         else:

@@ -15,10 +15,11 @@ Two kinds of memory, one interface:
   they never visit host memory. The same code runs on the CPU provider, which is how the
   tests check it without a GPU.
 
-A slot holds either a live row or, when it is slot 0 of an idle batch, the last row's keys
-parked for the prefix pool (a chat's next turn takes them back without a copy). Before any
-other row writes there the parked keys are copied out: a slot is never shared between a live
-row and the pool.
+A slot holds either a live row or, in slot 0, the keys of the last row that left, parked for
+the prefix pool (a chat's next turn takes them back without a copy). Host slots then go to the
+pool whole and their batch goes on in fresh ones; device slots stay with their batch, and a
+row that needs slot 0 first detaches (host: copies out) the parked keys: a slot is never shared
+between a live row and the pool.
 """
 
 from __future__ import annotations
