@@ -148,6 +148,7 @@ def test_steps_after_warm_up_create_no_binding_and_no_ortvalue(model: OnnxCausal
             for row in rows:
                 want = Candidates.of(row.full(), row.candidates.ids.size)
                 np.testing.assert_array_equal(row.candidates.values, want.values)
+                assert row.candidates.lse == pytest.approx(want.lse, rel=1e-6)
             seen.append(np.stack([row.full() for row in rows]))
         else:
             seen.append(batch.step(tokens).copy())

@@ -356,7 +356,7 @@ class Sequence:
         and the candidates settle it; None: the whole row is needed."""
         if self.guidance is not None or self.guide is not None or self.think_limit is not None \
                 or self.top_logprobs is not None or self.bans.active or self.bans.held \
-                or not self.sampler.claims_top(row.candidates.ids.size):
+                or not self.sampler.claims_top(row.candidates.ids.size, row.candidates.lse is not None):
             return None
         token = self.sampler.sample_top(row.candidates, self.context[: self.length])
         if token is not None:

@@ -351,8 +351,8 @@ class StepBuffers:
         reducer): only the candidates cross to the host, the whole rows when a row asks."""
         if self._top is None:
             return None
-        values, ids = self._top.run(bucket, rows)
-        return step_rows(values, ids, self.vocab, lambda: self.logits(0, rows))
+        values, ids, lse = self._top.run(bucket, rows)
+        return step_rows(values, ids, lse, self.vocab, lambda: self.logits(0, rows))
 
     def logits(self, first: int, rows: int) -> np.ndarray:
         """Rows [first, first + rows) of the last run's logits, [rows, vocab] (read before the next run)."""
@@ -369,27 +369,32 @@ class _TopCandidates:
 
         self.k, self.device, self._logits = k, device, logits
         graph = helper.make_graph(
-            [helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=1)], "top_k",
+            [helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=1),
+             helper.make_node("ReduceLogSumExp", ["logits", "axes"], ["lse"], keepdims=1)], "top_k",
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 1, vocab])],
             [helper.make_tensor_value_info("values", TensorProto.FLOAT, [None, 1, k]),
-             helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 1, k])],
-            initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+             helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 1, k]),
+             helper.make_tensor_value_info("lse", TensorProto.FLOAT, [None, 1, 1])],
+            initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k]),
+                         helper.make_tensor("axes", TensorProto.INT64, [1], [2])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         model.ir_version = 8
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers or None)
         self._values = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.float32, device, 0)
         self._ids = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.int64, device, 0)
+        self._lse = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, 1], np.float32, device, 0)
         self._bindings: dict[int, ort.IOBinding] = {}
         self.vocab = vocab
 
-    def run(self, bucket: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, bucket: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if bucket not in self._bindings:
             binding = self._session.io_binding()
             binding.bind_input("logits", self.device, 0, np.float32, [bucket, 1, self.vocab], self._logits.data_ptr())
             binding.bind_output("values", self.device, 0, np.float32, [bucket, 1, self.k], self._values.data_ptr())
             binding.bind_output("ids", self.device, 0, np.int64, [bucket, 1, self.k], self._ids.data_ptr())
+            binding.bind_output("lse", self.device, 0, np.float32, [bucket, 1, 1], self._lse.data_ptr())
             self._bindings[bucket] = binding
         self._session.run_with_iobinding(self._bindings[bucket])
-        return self._values.numpy()[:rows, 0], self._ids.numpy()[:rows, 0]
+        return self._values.numpy()[:rows, 0], self._ids.numpy()[:rows, 0], self._lse.numpy()[:rows, 0, 0]

@@ -12,7 +12,7 @@ from .base import (
     LogitsProcessor, NEG_INF, SamplerId, SamplingParams, SettingError, _locate_mass, _mirostat_mode,
     _request_rng, _require_at_least, _require_between, _require_int, _string_list, _unmasked,
 )
-from .candidates import Candidates, cut_index, cut_holds, only_lowers
+from .candidates import Candidates, apply_cut, cut_index, only_lowers
 from .penalties import (
     DryPenaltySampler, LogitBiasSampler, PresenceFrequencyPenaltySampler, RepetitionPenaltySampler, TokenBanSampler,
 )
@@ -232,10 +232,11 @@ class TokenSampler:
             scores = processor(scores, token_ids)
         return self._finish(scores)
 
-    def claims_top(self, k: int) -> bool:
-        """Whether :meth:`sample_top` can serve this request from ``k`` candidates per step (it
-        may still answer None on a step where they do not settle the token)."""
-        return self._greedy_lowers if self._greedy else cut_index(self._processors, k) is not None
+    def claims_top(self, k: int, with_mass: bool = False) -> bool:
+        """Whether :meth:`sample_top` can serve this request from ``k`` candidates per step
+        (``with_mass``: and the row's log-sum-exp); it may still answer None on a step where
+        they do not settle the token."""
+        return self._greedy_lowers if self._greedy else cut_index(self._processors, k, with_mass) is not None
 
     def sample_top(self, candidates: Candidates, context: np.ndarray) -> int | None:
         """The token the whole row would give (same seed, same token), picked from the row's
@@ -250,14 +251,16 @@ class TokenSampler:
                 scores = processor(scores, token_ids)
             choice = int(np.argmax(scores))
             return choice if scores[choice] > candidates.floor else None
-        cut = cut_index(self._processors, candidates.ids.size)
+        cut = cut_index(self._processors, candidates.ids.size, candidates.lse is not None)
         if cut is None:
             return None
         for processor in self._processors[:cut]:
             scores = processor(scores, token_ids)
-        if not cut_holds(self._processors[cut], scores, candidates):
+        settled = apply_cut(self._processors, cut, scores, candidates, token_ids)
+        if settled is None:
             return None
-        for processor in self._processors[cut:]:
+        scores, taken = settled
+        for processor in self._processors[cut + taken:]:
             scores = processor(scores, token_ids)
         return self._finish(scores)
 
