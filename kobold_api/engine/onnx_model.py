@@ -118,15 +118,8 @@ class OnnxCausalLM:
             raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {kv_layout!r}")
         self.kv_layout = kv_layout
         self.model_dir = Path(model_dir)
-        options = ort.SessionOptions()
-        if profile_prefix:  # ONNX Runtime's per-node trace (engine/profile.py)
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = cpu_threads or (os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         providers: list = choose_providers(provider)
+        options = _session_options(cpu_threads, profile_prefix, on_cuda=providers[0] == "CUDAExecutionProvider")
         #: Decode steps replay captured CUDA graphs, one per batch-size bucket (device slots only:
         #: a captured graph needs every buffer at a fixed address).
         self.cuda_graphs = cuda_graphs and providers[0] == "CUDAExecutionProvider" and kv_layout == "slots"
@@ -142,7 +135,8 @@ class OnnxCausalLM:
                 raise
             log.warning("CUDA session failed (%s); falling back to the CPU provider", exc)
             self.session = ort.InferenceSession(
-                str(self.model_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+                str(self.model_dir / "model.onnx"), sess_options=_session_options(cpu_threads, profile_prefix, False),
+                providers=["CPUExecutionProvider"]
             )
         self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         if provider == "cuda" and self.provider != "cuda":
@@ -270,6 +264,21 @@ class OnnxCausalLM:
                                                 cache.tensors, positions=[[cache.length]])
         cache.token_ids.extend(new_token_ids)
         return logits[0]
+
+
+def _session_options(cpu_threads: int, profile_prefix: str, on_cuda: bool) -> ort.SessionOptions:
+    """All optimizations; on the CPU every core (or ``cpu_threads``) spinning between the steps'
+    operators; under CUDA one thread that sleeps (the CPU runs only shape operators there, and
+    spinning threads would take the cores the HTTP threads and the sampler need)."""
+    options = ort.SessionOptions()
+    if profile_prefix:  # ONNX Runtime's per-node trace (engine/profile.py)
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = cpu_threads or (1 if on_cuda else os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if on_cuda else "1")
+    return options
 
 
 def _run_options(graph: int) -> ort.RunOptions:
