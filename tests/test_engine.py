@@ -631,3 +631,44 @@ def test_a_long_prompt_joins_running_streams_part_by_part(tiny_model_dir: Path) 
         assert not engine.busy
     finally:
         engine.shutdown()
+
+
+def test_a_failing_cancelled_job_leaves_the_filling_prompt_alone(tiny_model_dir: Path) -> None:
+    """While a long prompt fills part by part, a queued job that was cancelled ends at once; if
+    its request is broken too (its sampler refuses a setting), its failure must not drop the
+    filling row, which belongs to another request."""
+    from conftest import make_engine
+
+    stream = request(prompt="Once upon a time", max_new_tokens=40, ban_eos=True)
+    joining = request(prompt_ids=[(7 * i) % 200 + 3 for i in range(200)], max_new_tokens=5, ban_eos=True)
+    broken = request(prompt="x", max_new_tokens=5, sampling=SamplingParams(top_k=-3))
+    expected = TextGenerator(OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2),
+                             Tokenizer(tiny_model_dir)).generate(joining).text
+    engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0, prefill_chunk=32)
+    model = engine.generator.model
+    started, go = threading.Event(), threading.Event()
+    original = model.run_shared
+
+    def gate(binding, rows, tokens, **options):  # holds the worker in the long prompt's first part
+        if tokens == 32 and not started.is_set():
+            started.set()
+            go.wait(60)
+        return original(binding, rows, tokens, **options)
+
+    model.run_shared = gate  # type: ignore[method-assign]
+    try:
+        with ModelProbe(engine) as probe:
+            jobs: list = []
+            submit_together(probe, lambda: jobs.append(engine.submit(stream)),
+                            [lambda: jobs.append(engine.submit(joining))])
+            assert started.wait(60)
+            doomed = engine.submit(broken)
+            doomed.cancel()
+            go.set()
+            with pytest.raises(Exception):
+                doomed.wait()
+            assert jobs[1].wait().text == expected
+            jobs[0].wait()
+    finally:
+        del model.run_shared
+        engine.shutdown()

@@ -463,11 +463,12 @@ class Engine:
         long prompt runs ``prefill_chunk`` tokens at a time between their steps (:meth:`_fill`
         goes on with it), so it does not hold every running stream up for its whole prefill."""
         self._running[job.id] = job
+        sequence = None
         try:
             sequence = Sequence(self.generator, job.request, job.cancel_token)
             logits = sequence.prefill(batch, self.prefill_chunk if rows else 0)
-        except BaseException as exc:
-            self._fail_start(job, batch, exc)
+        except BaseException as exc:  # its row, if it got one, goes (not another job's filling row)
+            self._fail_start(job, batch, exc, began=sequence is not None and sequence.filling)
             return
         if sequence.filling:
             self._filling = (job, sequence)
@@ -487,7 +488,7 @@ class Engine:
             logits = sequence.fill(batch, self.prefill_chunk if rows else 0)
         except BaseException as exc:
             self._filling = None
-            self._fail_start(job, batch, exc)
+            self._fail_start(job, batch, exc, began=True)
             return
         if not sequence.filling:
             self._filling = None
@@ -513,9 +514,10 @@ class Engine:
         rows.append((job, sequence))
         pending.append(token)
 
-    def _fail_start(self, job: Job, batch: DecodeBatch, exc: BaseException) -> None:
+    def _fail_start(self, job: Job, batch: DecodeBatch, exc: BaseException, began: bool) -> None:
         log.exception("generation failed")
-        batch.abandon()
+        if began:
+            batch.abandon()
         job.error = exc
         self._end(job)
 
