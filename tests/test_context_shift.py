@@ -311,3 +311,33 @@ def test_stored_chat_drops_turns_in_blocks_and_reuses_its_start(start_server: Ca
     kept_start = [i for i in full[1:] if dropped[i] == dropped[i - 1]]
     assert kept_start and all(reused[i] > 500 for i in kept_start), (dropped, reused)
     engine.shutdown()
+
+
+@pytest.mark.parametrize("interleaved, rotary_dim, dtype", [(False, 64, np.float32), (True, 64, np.float32),
+                                                            (False, 32, np.float16), (True, 48, np.float16)])
+def test_the_device_shift_is_the_host_shift_bit_for_bit(interleaved: bool, rotary_dim: int, dtype: type) -> None:
+    """The gather-and-rotate graphs (device slots' shift, run here on the CPU provider) give the
+    host shift's exact keys and values: every rotary layout (halves or interleaved pairs, partial
+    rotary), fp32 and fp16 caches, layers with their own frequencies."""
+    from kobold_api.engine.onnx_model import KVCache
+    from kobold_api.engine.rotary import RotaryLayout
+    from kobold_api.engine.shift_graph import ShiftGraphs
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(rotary_dim)
+    half = rotary_dim // 2
+    base = 1.0 / (10000.0 ** (np.arange(half) / half))
+    rotary = RotaryLayout(rotary_dim, interleaved, (base, base, base * 0.25))  # the last layer: its own base
+    tokens = [int(t) for t in rng.integers(3, 500, 300)]
+    cache = KVCache([ort.OrtValue.ortvalue_from_numpy(rng.normal(0, 1, (1, 2, 300, 64)).astype(dtype))
+                     for _ in range(6)], tokens)
+    prompt = tokens[:40] + tokens[100:220] + tokens[250:290] + [1, 2, 3]
+    plan = plan_shift(np.array(tokens), np.array(prompt), len(prompt) - 2)
+    assert plan.moves and plan.reused == 200
+    host = ContextShifter(rotary, "cpu").shifted_copy(cache, plan, prompt)
+    graphs = ShiftGraphs(rotary, 64, np.dtype(dtype), "cpu", ["CPUExecutionProvider"])
+    device = ContextShifter(rotary, "cpu", graphs).shifted_copy(cache, plan, prompt)
+    assert device.token_ids == host.token_ids == prompt[:200]
+    for got, want in zip(device.tensors, host.tensors):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())

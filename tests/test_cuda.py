@@ -199,3 +199,26 @@ def test_cuda_engine_on_device_slots_answers_as_the_concatenating_layout(hf_dir:
     # fp16 kernels may round a near-tie differently: the first tokens agree.
     for layout in ("slots", "graphs"):
         assert [text[:8] for text in texts[layout]] == [text[:8] for text in texts["concat"]], layout
+
+
+def test_cuda_device_shift_matches_the_host_shift(tmp_path: Path) -> None:
+    """Context shift of a device cache on the device (gather-and-rotate graphs): the keys and
+    values the host shift computes, without the round trip through host memory."""
+    from kobold_api.engine.context_shift import ContextShifter, plan_shift
+    from kobold_api.engine.shift_graph import ShiftGraphs
+
+    one_layer = build_tiny_hf_model(tmp_path / "hf", family="qwen2", layers=1)
+    model = OnnxCausalLM(prepare_model(str(one_layer), "cuda", tmp_path / "cache", quant="fp16"), "cuda")
+    assert model.rotary is not None
+    cache = model.new_cache()
+    tokens = list(range(3, 203))
+    model.forward(tokens, cache)
+    prompt = tokens[:20] + tokens[80:180] + [5, 6, 7]
+    plan = plan_shift(np.array(tokens), np.array(prompt), len(prompt) - 2)
+    host = ContextShifter(model.rotary, "cuda").shifted_copy(cache, plan, prompt)
+    graphs = ShiftGraphs(model.rotary, model.kv_shape[1], np.dtype(model.kv_shape[2]), "cuda",
+                         model.session.get_providers())
+    device = ContextShifter(model.rotary, "cuda", graphs).shifted_copy(cache, plan, prompt)
+    for got, want in zip(device.tensors, host.tensors):
+        assert got.device_name().lower() == "cuda"
+        np.testing.assert_allclose(got.numpy().astype(np.float32), want.numpy().astype(np.float32), atol=2e-3)

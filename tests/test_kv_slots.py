@@ -86,14 +86,20 @@ def test_slots_match_the_concatenating_layout_bit_for_bit(model: OnnxCausalLM, m
 
 
 def test_a_shifted_follow_up_matches_the_concatenating_layout(model: OnnxCausalLM, memory: str) -> None:
-    """Context shift: the slot layout shifts the parked slot in place, the concatenating layout
-    a pooled copy; the follow-up's logits are the same floats either way."""
+    """Context shift: host slots shift the parked slot in place, device slots a device copy
+    (the gather-and-rotate graphs), the concatenating layout a pooled copy on the host; the
+    follow-up's logits are the same floats every way."""
+    from kobold_api.engine.shift_graph import ShiftGraphs
+
     rng = random.Random(5)
     card, old, kept, new = (_prompt(rng, n) for n in (40, 60, 80, 12))
     logits = []
+    assert model.rotary is not None
+    heads, dim, dtype = model.kv_shape
+    graphs = ShiftGraphs(model.rotary, dim, np.dtype(dtype), model.device, model.session.get_providers())
     for batch in (SlotBatch(model, 2, memory=memory), ConcatBatch(model)):
-        assert model.rotary is not None
-        pool = PrefixCache(2**28, shifter=ContextShifter(model.rotary, model.device))
+        on_device = isinstance(batch, SlotBatch) and memory == "device"
+        pool = PrefixCache(2**28, shifter=ContextShifter(model.rotary, model.device, graphs if on_device else None))
         batch.admit(card + old + kept, None, 0)
         pool.put(batch.release(0))
         cached, reuse = pool.take(card + kept + new)
@@ -509,3 +515,13 @@ def test_captured_graphs_get_one_id_per_bucket_and_prompts_run_eagerly(tiny_mode
     steps = {(rows, graph) for rows, tokens, graph in runs if tokens == 1}
     assert prompts == [-1] * 5
     assert steps == {(1, 0), (2, 1), (4, 2), (8, 3)}  # 3 rows ran as 4, 5 as 8
+
+
+def test_device_slots_start_cleared() -> None:
+    """A fresh device allocation holds whatever bytes were there (NaNs too): the slots are
+    cleared once, so nothing past a row's keys can poison a kernel that reads a whole slot."""
+    from kobold_api.engine.kv_slots import DeviceSlots
+
+    slots = DeviceSlots(2, 3, 2, 128, 16, np.float32, "cpu", ["CPUExecutionProvider"])
+    for slot in range(3):
+        assert all(not value.numpy().any() for value in slots.read(slot, 128))

@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .onnx_model import KVCache, owned_ortvalue
 from .rotary import RotaryLayout
+from .shift_graph import ShiftGraphs
 
 #: A kept run shorter than this is not worth a shift (and short matches are often chance).
 MIN_RUN = 16
@@ -123,9 +124,11 @@ def apply_shift(layers: list[np.ndarray], plan: ShiftPlan, rotary: RotaryLayout,
 class ContextShifter:
     """Applies plans to pooled caches of one model (its rotary layout and device)."""
 
-    def __init__(self, rotary: RotaryLayout, device: str) -> None:
+    def __init__(self, rotary: RotaryLayout, device: str, graphs: ShiftGraphs | None = None) -> None:
         self.rotary = rotary
         self.device = device
+        #: Shifts pooled copies where they live (device slots); without them, through host memory.
+        self.graphs = graphs
         self.shifts = 0
         self.moved_tokens = 0
 
@@ -140,12 +143,33 @@ class ContextShifter:
 
     def shifted_copy(self, cache: KVCache, plan: ShiftPlan, prompt: list[int]) -> KVCache:
         """A new cache of ``plan.reused`` positions built from ``cache`` (left as it was: it may
-        stay pooled for other prompts). On CUDA this is a round trip through host memory."""
+        stay pooled for other prompts). With :attr:`graphs` on the cache's device; otherwise on
+        the host (for a device cache, a round trip through host memory)."""
+        if self.graphs is not None:
+            return self._shifted_on_device(cache, plan, prompt)
         copies = [np.array(tensor.numpy()[:, :, :cache.length], copy=True) for tensor in cache.tensors]
         apply_shift(copies, plan, self.rotary)
         self._count(plan)
         return KVCache([owned_ortvalue(array[:, :, :plan.reused], self.device) for array in copies],
                        list(prompt[:plan.reused]))
+
+    def _shifted_on_device(self, cache: KVCache, plan: ShiftPlan, prompt: list[int]) -> KVCache:
+        assert self.graphs is not None
+        index = np.concatenate([np.arange(s.source, s.source + s.length, dtype=np.int64) for s in plan.segments])
+        distances = np.concatenate([np.full(s.length, s.distance, dtype=np.int64) for s in plan.segments])
+        tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layers usually share their frequencies
+        tensors = []
+        for number, tensor in enumerate(cache.tensors):
+            if number % 2:  # values: position-free
+                tensors.append(self.graphs.gather(tensor, index))
+                continue
+            layer = number // 2
+            key = id(self.rotary.layer_freqs[layer])
+            if key not in tables:
+                tables[key] = self.graphs.tables(layer, distances)
+            tensors.append(self.graphs.rotate(tensor, index, tables[key]))
+        self._count(plan)
+        return KVCache(tensors, list(prompt[:plan.reused]))
 
     def _count(self, plan: ShiftPlan) -> None:
         self.shifts += 1

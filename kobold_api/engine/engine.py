@@ -24,6 +24,7 @@ from .decode_batch import DecodeBatch, new_decode_batch
 from .kv_slots import plan_slots
 from .onnx_model import OnnxCausalLM, WrongDevice, resolved_device
 from .context_shift import ContextShifter
+from .shift_graph import ShiftGraphs
 from .prefix_cache import PrefixCache
 from .prepare import PrepareError, prepare_model
 from .tokenizer import Tokenizer
@@ -290,7 +291,10 @@ class Engine:
                 model_dir = prepare_model(model, "cpu", cache_dir, progress, "auto")
             onnx_model = OnnxCausalLM(model_dir, "cpu", cpu_threads, kv_layout=kv_layout)
         tokenizer = Tokenizer(model_dir)
-        shifter = ContextShifter(onnx_model.rotary, onnx_model.device) \
+        graphs = ShiftGraphs(onnx_model.rotary, onnx_model.kv_shape[1], np.dtype(onnx_model.kv_shape[2]),
+                             onnx_model.device, onnx_model.session.get_providers()) \
+            if context_shift and onnx_model.rotary is not None and onnx_model.decode_layout == "device-slots" else None
+        shifter = ContextShifter(onnx_model.rotary, onnx_model.device, graphs) \
             if context_shift and onnx_model.rotary is not None else None
         prefix_cache = PrefixCache(prefix_cache_mb * 2**20, shifter=shifter) if prefix_cache_mb > 0 else None
         name = _display_name(model, model_dir)

@@ -221,6 +221,10 @@ class DeviceSlots(KVSlots):
         self._values = [ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype.type, device, 0)
                         for _ in range(tensors)]
         self._copies = _SlotCopies(self.dtype, heads, capacity, dim, providers)
+        for tensor in range(tensors):  # cleared once (a fresh allocation holds any bytes, NaNs too)
+            for slot in range(slots):
+                self._copies.place_from(self.pointer(tensor, slot), self._slot_shape(), 0, device,
+                                        self.pointer(tensor, slot))
 
     def _base(self, tensor: int) -> int:
         return int(self._values[tensor].data_ptr())
