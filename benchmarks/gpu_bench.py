@@ -116,8 +116,41 @@ def main() -> None:
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if not (args.gguf and not big):
+            peer = transformers_peer(Path(source), args.tokens)
+            if peer is not None:
+                rows.append({"model": shape, "quant": "fp16", "layout": "transformers", **peer})
+                print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print_table(rows)
+
+
+def transformers_peer(hf_dir: Path, tokens: int) -> dict | None:
+    """The same weights in fp16 through transformers on the GPU, greedy decode tok/s (the peer the
+    GPU issue asks for); None where PyTorch with CUDA is not installed (a GPU machine without
+    network cannot carry it)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("transformers peer: PyTorch or transformers not installed here", flush=True)
+        return None
+    if not torch.cuda.is_available():
+        print("transformers peer: PyTorch sees no CUDA device", flush=True)
+        return None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float16).to("cuda").eval()
+        prompt = torch.arange(5, 105, device="cuda")[None, :]
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            torch.cuda.synchronize()
+        new = int(out.shape[1] - prompt.shape[1])
+        return {"decode_tok_s_greedy": round(new / (time.perf_counter() - started), 1)}
+    except Exception as exc:  # report, never hide the rows above
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -132,8 +165,8 @@ def print_table(rows: list[dict]) -> None:
         if "error" in row:
             print(f"| {row['model']} | {row['quant']} | {row.get('layout', '')} | failed: {row['error']} |")
             continue
-        cells = [f"{row[key]:.3f}" if key.endswith("_s") and row[key] < 10 else f"{row[key]:.0f}"
-                 for key, _ in columns]
+        cells = ["" if key not in row else f"{row[key]:.3f}" if key.endswith("_s") and row[key] < 10
+                 else f"{row[key]:.0f}" for key, _ in columns]
         print(f"| {row['model']} | {row['quant']} | {row.get('layout', '')} | " + " | ".join(cells) + " |")
 
 
