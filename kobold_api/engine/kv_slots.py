@@ -152,8 +152,9 @@ class HostSlots(KVSlots):
         super().__init__(tensors, slots, heads, capacity, dim, dtype)
         size = int(np.prod(self.shape)) * self.dtype.itemsize
         # Private: pages given back read as zeros and are really freed (shared ones would persist).
-        self._maps = [mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                      for _ in range(tensors)]
+        # No swap is reserved for the whole map: only the pages rows write are ever used.
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self._maps = [mmap.mmap(-1, max(size, 1), flags=flags) for _ in range(tensors)]
         self.buffers = [np.frombuffer(memory, dtype=self.dtype, count=int(np.prod(self.shape))).reshape(self.shape)
                         for memory in self._maps]
 
