@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -580,6 +582,28 @@ def test_stop_string_inside_withheld_text_ends_like_without_bans(generator: Text
     assert held.completion_tokens == without.completion_tokens
 
 
+@contextlib.contextmanager
+def held_in_first_part(engine: Engine, part: int) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Stops the engine's worker inside the first prompt part of ``part`` tokens: ``started`` is
+    set once it is there, and it goes on when the test sets ``go``."""
+    model = engine.generator.model
+    started, go = threading.Event(), threading.Event()
+    original = model.run_shared
+
+    def gate(binding, rows, tokens, **options):
+        if tokens == part and not started.is_set():
+            started.set()
+            go.wait(60)
+        return original(binding, rows, tokens, **options)
+
+    model.run_shared = gate  # type: ignore[method-assign]
+    try:
+        yield started, go
+    finally:
+        go.set()
+        del model.run_shared
+
+
 def test_a_long_prompt_joins_running_streams_part_by_part(tiny_model_dir: Path) -> None:
     """While a stream decodes, a long prompt that joins runs 32 tokens at a time between its
     steps instead of holding it up for the whole prefill; both answer as they do alone. A
@@ -604,30 +628,16 @@ def test_a_long_prompt_joins_running_streams_part_by_part(tiny_model_dir: Path) 
         between = [runs[index] for index in range(parts[0] + 1, parts[-1]) if index not in parts]
         assert len(between) >= 9 and all(shape == (1, 1) for shape in between)  # the stream's steps
 
-        model = engine.generator.model
-        started, go = threading.Event(), threading.Event()
-        original = model.run_shared
-
-        def gate(binding, rows, tokens, **options):  # stops the worker inside the long prompt's first part
-            if tokens == 32 and not started.is_set():
-                started.set()
-                go.wait(60)
-            return original(binding, rows, tokens, **options)
-
-        model.run_shared = gate  # type: ignore[method-assign]
-        try:
-            with ModelProbe(engine) as probe:
-                jobs = []
-                submit_together(probe, lambda: jobs.append(engine.submit(stream)),
-                                [lambda: jobs.append(engine.submit(joining))])
-                assert started.wait(60)
-                jobs[1].cancel()
-                go.set()
-                assert jobs[1].wait().stop_reason == STOP_ABORT
-                assert jobs[0].wait().text == expected[0]
-                assert sum(tokens > 1 for _, tokens in probe.runs[1:]) == 1  # no part ran after the cancel
-        finally:
-            del model.run_shared
+        with held_in_first_part(engine, 32) as (started, go), ModelProbe(engine) as probe:
+            jobs = []
+            submit_together(probe, lambda: jobs.append(engine.submit(stream)),
+                            [lambda: jobs.append(engine.submit(joining))])
+            assert started.wait(60)
+            jobs[1].cancel()
+            go.set()
+            assert jobs[1].wait().stop_reason == STOP_ABORT
+            assert jobs[0].wait().text == expected[0]
+            assert sum(tokens > 1 for _, tokens in probe.runs[1:]) == 1  # no part ran after the cancel
         assert not engine.busy
     finally:
         engine.shutdown()
@@ -645,19 +655,8 @@ def test_a_failing_cancelled_job_leaves_the_filling_prompt_alone(tiny_model_dir:
     expected = TextGenerator(OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2),
                              Tokenizer(tiny_model_dir)).generate(joining).text
     engine: Engine = make_engine(tiny_model_dir, max_batch_size=4, prefix_cache_mb=0, prefill_chunk=32)
-    model = engine.generator.model
-    started, go = threading.Event(), threading.Event()
-    original = model.run_shared
-
-    def gate(binding, rows, tokens, **options):  # holds the worker in the long prompt's first part
-        if tokens == 32 and not started.is_set():
-            started.set()
-            go.wait(60)
-        return original(binding, rows, tokens, **options)
-
-    model.run_shared = gate  # type: ignore[method-assign]
     try:
-        with ModelProbe(engine) as probe:
+        with held_in_first_part(engine, 32) as (started, go), ModelProbe(engine) as probe:
             jobs: list = []
             submit_together(probe, lambda: jobs.append(engine.submit(stream)),
                             [lambda: jobs.append(engine.submit(joining))])
@@ -670,5 +669,4 @@ def test_a_failing_cancelled_job_leaves_the_filling_prompt_alone(tiny_model_dir:
             assert jobs[1].wait().text == expected
             jobs[0].wait()
     finally:
-        del model.run_shared
         engine.shutdown()
