@@ -33,6 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .sampling.candidates import RowLogits, step_rows
+from .small_graphs import small_session
 
 if TYPE_CHECKING:
     from .onnx_model import KVCache
@@ -270,15 +271,10 @@ class _SlotCopies:
         self.dtype, self.capacity = dtype, capacity
         length = helper.make_tensor_value_info("length", TensorProto.INT64, [1])
         source = helper.make_tensor_value_info("source", element, [1, heads, None, dim])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
 
         def session(nodes: list, inputs: list, output_shape: list, extra: list) -> ort.InferenceSession:
             output = helper.make_tensor_value_info("out", element, output_shape)
-            graph = helper.make_graph(nodes, "slot_copy", inputs, [output], initializer=extra)
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return small_session("slot_copy", nodes, inputs, [output], providers, extra)
 
         zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
@@ -373,20 +369,17 @@ class _TopCandidates:
         from onnx import TensorProto, helper
 
         self.k, self.device, self._logits = k, device, logits
-        graph = helper.make_graph(
+        self._session = small_session(
+            "top_k",
             [helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=1),
-             helper.make_node("ReduceLogSumExp", ["logits", "axes"], ["lse"], keepdims=1)], "top_k",
+             helper.make_node("ReduceLogSumExp", ["logits", "axes"], ["lse"], keepdims=1)],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 1, vocab])],
             [helper.make_tensor_value_info("values", TensorProto.FLOAT, [None, 1, k]),
              helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 1, k]),
              helper.make_tensor_value_info("lse", TensorProto.FLOAT, [None, 1, 1])],
-            initializer=[helper.make_tensor("k", TensorProto.INT64, [1], [k]),
-                         helper.make_tensor("axes", TensorProto.INT64, [1], [2])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        model.ir_version = 8
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers or None)
+            providers,
+            [helper.make_tensor("k", TensorProto.INT64, [1], [k]), helper.make_tensor("axes", TensorProto.INT64, [1], [2])],
+            opset=18)
         self._values = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.float32, device, 0)
         self._ids = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.int64, device, 0)
         self._lse = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, 1], np.float32, device, 0)

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .rotary import RotaryLayout
+from .small_graphs import small_session
 
 
 class ShiftGraphs:
@@ -31,14 +32,9 @@ class ShiftGraphs:
         source = helper.make_tensor_value_info("source", element, [1, None, None, head_dim])
         index = helper.make_tensor_value_info("index", TensorProto.INT64, [None])
         out = helper.make_tensor_value_info("out", element, [1, None, None, head_dim])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
 
         def session(nodes: list, inputs: list) -> ort.InferenceSession:
-            graph = helper.make_graph(nodes, "shift", inputs, [out])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return small_session("shift", nodes, inputs, [out], providers)
 
         self._values = session([helper.make_node("Gather", ["source", "index"], ["out"], axis=2)], [source, index])
         nodes = [helper.make_node("Gather", ["source", "index"], ["moved"], axis=2)]

@@ -206,6 +206,7 @@ class TokenSampler:
         )
         self._adaptive = next((p for p in self._processors if isinstance(p, AdaptivePSampler)), None)
         self._greedy_lowers = all(only_lowers(processor) for processor in self._greedy_processors)
+        self._cuts: dict[tuple[int, bool], int | None] = {}  # the chain is fixed: found once per K
 
     @property
     def greedy(self) -> bool:
@@ -236,7 +237,12 @@ class TokenSampler:
         """Whether :meth:`sample_top` can serve this request from ``k`` candidates per step
         (``with_mass``: and the row's log-sum-exp); it may still answer None on a step where
         they do not settle the token."""
-        return self._greedy_lowers if self._greedy else cut_index(self._processors, k, with_mass) is not None
+        return self._greedy_lowers if self._greedy else self._cut(k, with_mass) is not None
+
+    def _cut(self, k: int, with_mass: bool) -> int | None:
+        if (k, with_mass) not in self._cuts:
+            self._cuts[k, with_mass] = cut_index(self._processors, k, with_mass)
+        return self._cuts[k, with_mass]
 
     def sample_top(self, candidates: Candidates, context: np.ndarray) -> int | None:
         """The token the whole row would give (same seed, same token), picked from the row's
@@ -251,7 +257,7 @@ class TokenSampler:
                 scores = processor(scores, token_ids)
             choice = int(np.argmax(scores))
             return choice if scores[choice] > candidates.floor else None
-        cut = cut_index(self._processors, candidates.ids.size, candidates.lse is not None)
+        cut = self._cut(candidates.ids.size, candidates.lse is not None)
         if cut is None:
             return None
         for processor in self._processors[:cut]:
