@@ -525,3 +525,27 @@ def test_device_slots_start_cleared() -> None:
     slots = DeviceSlots(2, 3, 2, 128, 16, np.float32, "cpu", ["CPUExecutionProvider"])
     for slot in range(3):
         assert all(not value.numpy().any() for value in slots.read(slot, 128))
+
+
+def test_a_process_on_device_slots_exits_cleanly_after_shutdown(tiny_model_dir: Path) -> None:
+    """Shutdown waits for the worker, so the device buffers and helper sessions it holds are
+    released before the interpreter exits (it aborted before: "terminate called without an
+    active exception")."""
+    import subprocess
+    import sys
+
+    script = f"""
+from pathlib import Path
+from kobold_api.engine.engine import Engine
+from kobold_api.engine.generation import GenerationRequest
+from kobold_api.engine.onnx_model import OnnxCausalLM
+from kobold_api.engine.sampling import SamplingParams
+OnnxCausalLM.decode_layout = property(lambda self: "device-slots")
+engine = Engine.load({str(tiny_model_dir)!r}, "cpu", Path({str(tiny_model_dir.parent)!r}), cpu_threads=2,
+                     max_batch_size=2, prefix_cache_mb=16)
+print(engine.submit(GenerationRequest(prompt="hi", max_new_tokens=3, sampling=SamplingParams(temperature=0))).wait().completion_tokens)
+engine.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]
+    assert "terminate called" not in done.stderr

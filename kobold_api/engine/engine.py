@@ -39,6 +39,9 @@ _RECENT_JOBS = 64
 #: at once), and the prompt itself is done sooner (7.9 vs 9.0 s): benchmarks/prefill_stall.py.
 DEFAULT_PREFILL_CHUNK = 256
 
+#: How long shutdown waits for the worker to finish its current step.
+SHUTDOWN_WAIT_SECONDS = 30.0
+
 #: Minimum seconds between a stream's events while several generations share the batch.
 _BUSY_STREAM_INTERVAL = 0.02
 
@@ -405,6 +408,12 @@ class Engine:
         for job in waiting:  # never started: ended here, the worker never sees them
             job.error = RuntimeError("server is shutting down")
             self._end(job)
+        # The worker ends after its current step: wait for it, so the model's buffers and helper
+        # sessions are released on it before the interpreter goes (a process exiting with the
+        # worker still tearing down device buffers aborts: "terminate called without an active
+        # exception").
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout=SHUTDOWN_WAIT_SECONDS)
 
     # --- the worker -------------------------------------------------------------------
     def _run(self) -> None:

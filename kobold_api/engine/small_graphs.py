@@ -16,4 +16,8 @@ def small_session(name: str, nodes: list, inputs: list, outputs: list, providers
     model.ir_version = 8
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # One thread, no pool: these graphs are tiny, and a pool's threads still running when the
+    # interpreter exits abort it ("terminate called without an active exception").
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers or None)
