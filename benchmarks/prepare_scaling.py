@@ -11,6 +11,8 @@ model's GGUF), in Q4_1 like the default model, then for each one:
   (llama-cpp-python in the bench venv, in process), 2 threads each.
 
     .venv/bin/python benchmarks/prepare_scaling.py [--llama-python .bench/bin/python] [--sizes 135M,0.5B,1B]
+    # 3B/8B shapes in K-quants made by llama.cpp from a random F16 file written a tensor at a time:
+    .venv/bin/python benchmarks/prepare_scaling.py --sizes 3B --types Q4_K_M,Q8_0 --out benchmarks/results/prepare_3b.json
 
 With ``--precisions int4,int8,fp32`` it measures the default model (the real SmolLM2 GGUF)
 instead, once per precision, adding perplexity on the team's ``chat_and_cards.md`` (as
@@ -38,8 +40,22 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn (vocab 49,152, tied embedding
     "135M": (576, 30, 9, 3, 1536),
     "0.5B": (1536, 16, 12, 4, 4096),
     "1B": (2048, 16, 32, 8, 8192),
+    "3B": (3072, 28, 24, 8, 8192),  # Llama 3.2 3B's dimensions
+    "8B": (4096, 32, 32, 8, 14336),  # Llama 3.1 8B's (with SmolLM2's smaller vocabulary)
 }
 VOCAB = 49152
+#: llama.cpp's ``llama_ftype`` numbers for the types made here.
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+MAKE_TYPE = r"""
+import sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(sys.argv[3])
+params.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
 PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
 
 LLAMA_DECODE = r"""
@@ -60,13 +76,12 @@ print(json.dumps({"tok_s": max(rates)}))
 """
 
 
-def write_random_gguf(path: Path, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
-                      tokenizer_from: Path) -> None:
-    """Random Q4_1 weights, norms of one, and the tokenizer fields of ``tokenizer_from``."""
+def _llama_writer(path: Path, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+                  tokenizer_from: Path, file_type: int):
+    """A GGUF writer with a llama header of these dimensions and ``tokenizer_from``'s tokenizer."""
     import gguf
-    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from gguf import GGUFReader
 
-    rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(layers)
     writer.add_context_length(8192)
@@ -77,12 +92,21 @@ def write_random_gguf(path: Path, hidden: int, layers: int, heads: int, kv_heads
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(100000.0)
     writer.add_vocab_size(VOCAB)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    writer.add_file_type(file_type)
     for key, field in GGUFReader(str(tokenizer_from)).fields.items():
         if key.startswith("tokenizer."):
-            vtype = field.types[0]
-            sub = field.types[1] if len(field.types) > 1 else None
-            writer.add_key_value(key, field.contents(), vtype, sub)
+            writer.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    return writer
+
+
+def write_random_gguf(path: Path, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+                      tokenizer_from: Path) -> None:
+    """Random Q4_1 weights, norms of one, and the tokenizer fields of ``tokenizer_from``."""
+    import gguf
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(0)
+    writer = _llama_writer(path, hidden, layers, heads, kv_heads, ffn, tokenizer_from, gguf.LlamaFileType.MOSTLY_Q4_1)
 
     def matrix(name: str, rows: int, cols: int, kind: GGMLQuantizationType) -> None:
         values = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
@@ -102,6 +126,42 @@ def write_random_gguf(path: Path, hidden: int, layers: int, heads: int, kv_heads
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_random_f16_gguf(path: Path, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+                          tokenizer_from: Path) -> None:
+    """Random F16 weights written a tensor at a time (an 8B file is ~15 GB: never all in memory),
+    for llama.cpp's quantizer to turn into each type."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    writer = _llama_writer(path, hidden, layers, heads, kv_heads, ffn, tokenizer_from, gguf.LlamaFileType.MOSTLY_F16)
+    head_dim = hidden // heads
+    tensors = [("token_embd.weight", (VOCAB, hidden)), ("output_norm.weight", (hidden,))]
+    for i in range(layers):
+        tensors += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.ffn_norm.weight", (hidden,))]
+        tensors += [(f"blk.{i}.{name}.weight", shape) for name, shape in (
+            ("attn_q", (heads * head_dim, hidden)), ("attn_k", (kv_heads * head_dim, hidden)),
+            ("attn_v", (kv_heads * head_dim, hidden)), ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)))]
+    for name, shape in tensors:
+        dtype = np.float32 if len(shape) == 1 else np.float16
+        writer.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, shape in tensors:
+        if len(shape) == 1:
+            writer.write_tensor_data(np.ones(shape, np.float32))
+        else:
+            writer.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16))
+    writer.close()
+
+
+def llama_quantize(python: str, source: Path, out: Path, kind: str) -> None:
+    """llama.cpp's own quantizer (llama-cpp-python in the bench venv) makes ``kind`` from ``source``."""
+    subprocess.run([python, "-c", MAKE_TYPE, str(source), str(out), str(FTYPES[kind])], check=True,
+                   capture_output=True)
 
 
 def timed_prepare(gguf_path: Path, cache: Path, quant: str) -> dict:
@@ -181,7 +241,9 @@ def precision_table(args: argparse.Namespace, default_gguf: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="135M,0.5B,1B")
-    parser.add_argument("--quant", default="int4")
+    parser.add_argument("--quant", default="auto")
+    parser.add_argument("--types", default="Q4_1", help="GGUF types: Q4_1 written directly, the others "
+                        "made by llama.cpp's quantizer from a random F16 file")
     parser.add_argument("--work", default=str(REPO / "data" / "scaling"))
     parser.add_argument("--llama-python", default=str(REPO / ".bench" / "bin" / "python"))
     parser.add_argument("--tokens", type=int, default=128)
@@ -202,26 +264,33 @@ def main() -> None:
         return
     args.out = args.out or str(results / "prepare_scaling.json")
     rows = []
-    for size in args.sizes.split(","):
-        gguf_path = work / f"random-{size}.Q4_1.gguf"
-        if not gguf_path.is_file():
+    for size, kind in [(size, kind) for size in args.sizes.split(",") for kind in args.types.split(",")]:
+        gguf_path = work / f"random-{size}.{kind}.gguf"
+        if not gguf_path.is_file() and kind == "Q4_1":
             print(f"writing {gguf_path.name} ...", flush=True)
             write_random_gguf(gguf_path, *SHAPES[size], tokenizer_from=default_gguf)
+        elif not gguf_path.is_file():
+            f16 = work / f"random-{size}.F16.gguf"
+            if not f16.is_file():
+                print(f"writing {f16.name} ...", flush=True)
+                write_random_f16_gguf(f16, *SHAPES[size], tokenizer_from=default_gguf)
+            print(f"quantizing {gguf_path.name} with llama.cpp ...", flush=True)
+            llama_quantize(args.llama_python, f16, gguf_path, kind)
         cache = work / "cache"
         shutil.rmtree(cache, ignore_errors=True)
-        row = {"size": size, "gguf_mb": gguf_path.stat().st_size / 1e6, "quant": args.quant}
+        row = {"size": size, "type": kind, "gguf_mb": gguf_path.stat().st_size / 1e6, "quant": args.quant}
         row.update(timed_prepare(gguf_path, cache, args.quant))
         row["ours_tok_s"] = our_decode(row["model_dir"], args.tokens, args.threads)
         row["llama_cpp_tok_s"] = llama_cpp_decode(args.llama_python, gguf_path, args.tokens, args.threads)
         print(json.dumps(row), flush=True)
         rows.append(row)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("\n| model | GGUF MB | prepare s | peak RSS MB | ONNX MB | RSS / ONNX | ours tok/s | llama.cpp tok/s | ours / llama.cpp |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | type | GGUF MB | prepare s | peak RSS MB | ONNX MB | ONNX / GGUF | ours tok/s | llama.cpp tok/s | ours / llama.cpp |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         llama = row.get("llama_cpp_tok_s")
-        print(f"| {row['size']} | {row['gguf_mb']:.0f} | {row['prepare_s']:.1f} | {row['peak_rss_mb']:.0f} | "
-              f"{row['model_mb']:.0f} | {row['peak_rss_mb'] / row['model_mb']:.2f}x | {row['ours_tok_s']:.1f} | "
+        print(f"| {row['size']} | {row['type']} | {row['gguf_mb']:.0f} | {row['prepare_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+              f"{row['model_mb']:.0f} | {row['model_mb'] / row['gguf_mb']:.2f}x | {row['ours_tok_s']:.1f} | "
               + (f"{llama:.1f} | {row['ours_tok_s'] / llama:.2f}x |" if llama else "- | - |"))
 
 

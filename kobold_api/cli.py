@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--provider", choices=PROVIDERS)
     serve.add_argument("--quant", choices=QUANTS, help="precision of the prepared model (auto: on the CPU mixed under 0.5B "
-                       "parameters, int4 above; fp16 on CUDA; mixed: 4-bit ffn gate/up inside, 8-bit elsewhere)")
+                       "parameters, above fit for a quantized GGUF and int4 otherwise; fp16 on CUDA; fit: "
+                       "4/8-bit within 1.10x the GGUF's bytes; mixed: 4-bit ffn gate/up inside, 8-bit elsewhere)")
     serve.add_argument("--api-key", dest="api_key", help="key every API request must carry (Bearer or X-Api-Key)")
     serve.add_argument("--admin-key", dest="admin_key",
                        help="key for destructive and admin routes (deleting or replacing characters)")

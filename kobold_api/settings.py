@@ -25,7 +25,7 @@ PROVIDERS = ("auto", "cpu", "cuda")
 #: The SQLite file conversations are kept in, in the data dir (unless ``database_url`` says otherwise).
 DATABASE_FILE = "conversations.db"
 #: Precisions a model can be prepared at (``engine/importer/precision.py`` says what each means).
-QUANTS = ("auto", "int4", "mixed", "int8", "fp16", "fp32")
+QUANTS = ("auto", "fit", "int4", "mixed", "int8", "fp16", "fp32")
 
 
 #: What a ``cors_origins`` entry must look like: scheme://host[:port], ``*`` allowed in the host.
@@ -71,8 +71,9 @@ class Settings:
     threads: int = 8
     model: str = "default"
     provider: str = "auto"
-    #: Precision of the prepared model: auto (on the CPU mixed under 0.5B parameters, int4 above; fp16
-    #: on CUDA), int4, mixed (4-bit ffn gate/up inside, 8-bit elsewhere), int8, fp16, fp32.
+    #: Precision of the prepared model: auto (on the CPU mixed under 0.5B parameters, above fit for a
+    #: quantized GGUF and int4 otherwise; fp16 on CUDA), fit (4/8-bit within 1.10x the GGUF's bytes),
+    #: int4, mixed (4-bit ffn gate/up inside, 8-bit elsewhere), int8, fp16, fp32.
     quant: str = "auto"
     data_dir: str = "data"
     cache_dir: str = ""

@@ -186,6 +186,63 @@ def test_q4_0_and_q8_0_blocks_are_copied_exactly(layout: str, bits: int, tmp_pat
     assert layer_bits == {bits}
 
 
+def _stored_matrices(model_dir: Path) -> tuple[dict[str, tuple[int, int, bool]], int]:
+    """Each MatMulNBits node's (bits, block size, zero points given), and the bytes of every
+    quantized matrix's initializers (codes, scales, zero points; the tied embedding once)."""
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    lengths = {init.name: next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
+               for init in graph.initializer}
+    storage, names = {}, set()
+    for node in graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            names.update(n for i, n in enumerate(node.input) if n and (i in (1, 2, 3) if node.op_type == "MatMulNBits"
+                                                                       else i in (2, 3)))
+            if node.op_type == "MatMulNBits":
+                storage[node.name] = (attrs["bits"], attrs["block_size"], len(node.input) > 3 and bool(node.input[3]))
+    names |= {"embed.codes"} & set(lengths)
+    return storage, sum(lengths[n] for n in names)
+
+
+def test_fit_stays_within_the_files_bytes_and_moves_attention_to_8_bits_first(tmp_path: Path, cache: Path) -> None:
+    """``fit`` on a Q5_0 file: 4-bit blocks with zero points everywhere, 8 bits where 1.10x the
+    file's matrix bytes allow, the fused query/key/value projections first; its logits are
+    nearer the file's than ``int4``'s (0.20 against 0.34 of the largest logit, six layers)."""
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", layers=6, merges=4, max_position_embeddings=128)
+    gguf_path = write_gguf(hf_dir, tmp_path / "m.gguf", "Q5_0")
+    model_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant="fit")
+    assert json.loads((model_dir / MANIFEST).read_text())["quant"] == "fit"
+    storage, stored = _stored_matrices(model_dir)
+    source = GGUFSource(gguf_path)
+    matrices = [source.require(f"layers.{i}.{p}") for i in range(6) for p in ("q", "k", "v", "o", "gate", "up", "down")]
+    file_bytes = sum(t.nbytes for t in matrices + [source.require("embed"), source.require("lm_head")])
+    assert stored <= 1.10 * file_bytes
+    layers = {name: kind for name, kind in storage.items() if name != "lm_head"}
+    eight = {name for name, (bits, _, _) in layers.items() if bits == 8}
+    four = {name: kind for name, kind in layers.items() if kind[0] == 4}
+    assert eight and four, storage
+    assert all(kind == (4, 32, True) for kind in four.values())
+    qkv = {f"layers.{i}/qkv" for i in range(6)}
+    assert qkv <= eight or not eight - qkv  # no other matrix before every qkv
+    assert all(storage[name][1] == 64 and not storage[name][2] for name in eight)  # K = 64: one scale per row
+    reference = reference_logits(hf_dir, PROMPT)
+    int4_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant="int4")
+    assert relative_error(last_logits(model_dir), reference) < 0.75 * relative_error(last_logits(int4_dir), reference)
+
+
+def test_fit_copies_a_q8_0_file_whole(tmp_path: Path, cache: Path) -> None:
+    """A Q8_0 file fits at 9 bits for its 8.5: every matrix 8-bit, bit for bit, without zero
+    points (a short context: the rotary tables count against the budget)."""
+    hf_dir = build_tiny_hf_model(tmp_path / "hf", merges=4, max_position_embeddings=32)
+    gguf_path = write_gguf(hf_dir, tmp_path / "m.gguf", "Q8_0")
+    model_dir = prepare_model(str(gguf_path), "cpu", cache, progress=lambda _: None, quant="fit")
+    storage, _ = _stored_matrices(model_dir)
+    assert set(storage.values()) == {(8, 32, False)}
+    source = GGUFSource(gguf_path)
+    down = source.require("layers.1.down")
+    np.testing.assert_array_equal(_graph_matrix(model_dir, "layers.1/down"), down.float_rows(0, down.shape[0]))
+
+
 def test_int4_keeps_the_files_8_bit_tensors_and_the_output_matrix(tmp_path: Path, cache: Path) -> None:
     """Under int4, a tensor the file stores with many more bits than the rest stays 8-bit."""
     hf_dir = build_tiny_hf_model(tmp_path / "hf", merges=4)
@@ -232,6 +289,29 @@ def test_quantizers_round_trip() -> None:
     # A 4-bit matrix turned 8-bit keeps its values.
     four = quantize.quantize_int4(weights)
     np.testing.assert_array_equal(quantize.to_8bit(four).dequantize(), four.dequantize())
+
+
+def test_zero_point_quantizer_and_block_sizes() -> None:
+    """4-bit codes with zero points fit values off centre better than symmetric codes; the
+    bytes a plan counts are the bytes written; block sizes follow the width."""
+    rng = np.random.default_rng(1)
+    weights = (rng.standard_normal((48, 256)) * 0.02 + rng.uniform(-0.03, 0.03, (48, 1))).astype(np.float32)
+    weights[3] = 0.0  # an all-zero row stays zero
+    for block in (32, 64):
+        shifted = quantize.quantize_int4_zero_point(weights, block)
+        symmetric = quantize.quantize_int4(weights, block)
+        assert shifted.block_size == block and shifted.zero_points.max() <= 15
+        assert not shifted.symmetric
+        np.testing.assert_array_equal(shifted.dequantize()[3], 0.0)
+        assert np.square(shifted.dequantize() - weights).sum() < 0.8 * np.square(symmetric.dequantize() - weights).sum()
+        storage = importer.precision.Storage(4, block, zero_points=True)
+        assert storage.nbytes(*weights.shape) == shifted.nbytes
+    eight = quantize.quantize_int8(weights, 64)
+    assert importer.precision.Storage(8, 64).nbytes(*weights.shape) == eight.nbytes
+    assert np.abs(eight.dequantize() - weights).max() <= np.abs(weights).max() / 127
+    assert [quantize.block_for(n) for n in (576, 1536, 3072, 96, 100)] == [64, 64, 64, 32, 32]
+    with pytest.raises(ValueError, match="block sizes"):
+        quantize.concat([eight, quantize.quantize_int8(weights, 32)])
 
 
 def test_progress_is_reported_to_the_end(tmp_path: Path) -> None:

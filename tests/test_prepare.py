@@ -62,9 +62,14 @@ def test_auto_precision_follows_device_and_model_size() -> None:
                           context_length=8192, tied_embeddings=True)
     assert 134_000_000 < smollm2.parameters < 135_000_000
     assert resolve_quant("auto", "cpu", smollm2.parameters) == "mixed"
+    assert resolve_quant("auto", "cpu", smollm2.parameters, quantized_file=True) == "mixed"
     assert resolve_quant("auto", "cpu", 1_070_000_000) == "int4"
+    # A quantized GGUF of 0.5B or more reads no more bytes than its file.
+    assert resolve_quant("auto", "cpu", 1_070_000_000, quantized_file=True) == "fit"
     assert resolve_quant("auto", "cpu", None) == "int4"  # unknown size: the builder's choice
     assert resolve_quant("auto", "cuda", smollm2.parameters) == "fp16"
+    assert resolve_quant("auto", "cuda", 1_070_000_000, quantized_file=True) == "fp16"
+    assert resolve_quant("fit", "cpu", smollm2.parameters) == "fit"
     assert resolve_quant("INT4", "cuda") == "int4"
 
 

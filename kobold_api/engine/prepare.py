@@ -42,7 +42,7 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "kobold_api_model.json"
 #: Bump when the preparation steps change, so old caches are rebuilt.
-PREPARE_VERSION = 9
+PREPARE_VERSION = 10
 #: The builder's int4 options (fallback path). k-quant rounding with the output matrix in
 #: 8 bits (the GGUF's own layout); blocks of 32 match the GGUF's.
 INT4_BUILDER_OPTIONS = ("int4_algo_config=k_quant_last", "int4_block_size=32")
@@ -102,14 +102,15 @@ def target_for(device: str, quant: str = "auto", path: Path | None = None) -> st
     """``{quant}-{device}``; ``auto`` depends on the device and on the model's size, read
     from ``path`` (see ``importer.resolve_quant``). A combination that cannot run is refused
     with a PrepareError."""
-    parameters = None
+    parameters, quantized = None, False
     if quant in ("", "auto") and path is not None:
         try:
-            parameters = importer.open_source(path).config.parameters
+            source = importer.open_source(path)
+            parameters, quantized = source.config.parameters, importer.quantized_file(source)
         except SourceError:
             parameters = None  # not ours to read: the builder fallback decides
     try:
-        return f"{importer.resolve_quant(quant, device, parameters)}-{device}"
+        return f"{importer.resolve_quant(quant, device, parameters, quantized)}-{device}"
     except SourceError as exc:
         raise PrepareError(str(exc)) from exc
 
@@ -182,6 +183,8 @@ def _import_or_fall_back(path: Path, work_dir: Path, staging: Path, quant: str, 
         unsupported = exc
     except SourceError as exc:
         raise PrepareError(str(exc)) from exc
+    if quant == "fit":  # the builder makes no per-matrix plan; its int4 is the nearest
+        quant = "int4"
     if quant not in _BUILDER_PRECISIONS:
         raise PrepareError(f"{unsupported}; the fallback builder makes {', '.join(_BUILDER_PRECISIONS)} only")
     shutil.rmtree(staging, ignore_errors=True)

@@ -22,11 +22,11 @@ from typing import Callable
 from . import gguf_tokenizer
 from .architectures import REGISTRY, importer_for
 from .onnx_writer import GraphWriter
-from .precision import QUANTS, Precision, resolve_quant
+from .precision import QUANTS, Precision, quantized_file, resolve_quant
 from .sources import ModelConfig, SourceError, TensorSource, open_source
 
 __all__ = ["QUANTS", "REGISTRY", "Precision", "SourceError", "copy_tokenizer_files",
-           "import_model", "inspect_source", "open_source", "resolve_quant"]
+           "import_model", "inspect_source", "open_source", "quantized_file", "resolve_quant"]
 
 Say = Callable[[str], None]
 
@@ -55,6 +55,10 @@ def import_model(path: Path, out_dir: Path, quant: str, device: str, say: Say) -
         bar = ProgressBar(say)
         try:
             importer = importer_class(source, precision, writer, bar.update)
+            precision.plan(importer.matrix_groups(), reserve=importer.table_bytes())
+            if precision.quant == "fit":
+                say(f"fit: {precision.planned_bytes / 1e6:.0f} MB of matrices for the file's "
+                    f"{precision.file_bytes / 1e6:.0f} MB ({precision.planned_bytes / precision.file_bytes:.2f}x)")
             importer.build()
             writer.save()
         except BaseException:

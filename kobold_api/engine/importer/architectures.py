@@ -92,6 +92,20 @@ class DecoderImporter:
 
     # ------------------------------------------------------------------ helpers
 
+    def matrix_groups(self) -> list[list[str]]:
+        """The matrices each layer MatMul reads, fused ones together (for the precision's plan)."""
+        groups = []
+        for i in range(self.c.num_layers):
+            p = f"layers.{i}"
+            groups += [self.qkv_names(i), [f"{p}.o"], *self.gate_up_names(i), [f"{p}.down"]]
+        return groups
+
+    def table_bytes(self) -> int:
+        """Bytes of the rotary cos/sin tables the graph stores (one pair, two with local rotary)."""
+        c = self.c
+        pairs = 1 + (c.rope_local_theta is not None)
+        return pairs * 2 * c.context_length * ((c.rotary_dim or c.head_dim) // 2) * self.w.float_type.itemsize
+
     def count_tensors(self) -> int:
         layers = sum(self.source.get(f"layers.0.{p}") is not None for p in self.layer_parts) * self.c.num_layers
         return layers + 3  # embedding, final norm, output matrix (shared or not)
@@ -212,9 +226,9 @@ class DecoderImporter:
             codes = w.op("Reshape", [w.weight("embed.codes", gathered.codes),
                                      w.constant("embed/shape", [gathered.rows, -1])], "embed/codes2d")
             scales = w.float_weight("embed.scales", gathered.scales)
-            zero_points = w.weight("embed.zp", gathered.zero_points)
-            out = w.op("GatherBlockQuantized", [codes, "input_ids", scales, zero_points], "embed",
-                       domain=MS, bits=gathered.bits, block_size=32)
+            zero_points = "" if gathered.symmetric else w.weight("embed.zp", gathered.zero_points)
+            out = w.op("GatherBlockQuantized", [codes, "input_ids", scales] + ([zero_points] if zero_points else []),
+                       "embed", domain=MS, bits=gathered.bits, block_size=gathered.block_size)
         self._advance()
         if c.embedding_multiplier != 1.0:
             out = w.op("Mul", [out, w.float_weight("embed.multiplier", np.array(c.embedding_multiplier))],
@@ -306,6 +320,10 @@ class DecoderImporter:
             activated = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"{p}/silu/sigmoid")], f"{p}/silu")
         return self.linear(w.op("Mul", [activated, up], f"{p}/gated"), [f"{p}.down"], f"{p}/down")
 
+    def gate_up_names(self, i: int) -> list[list[str]]:
+        """The matrices of the MLP's input projections, one list per MatMul."""
+        return [[f"layers.{i}.gate"], [f"layers.{i}.up"]]
+
     def gate_and_up(self, i: int, x: str) -> tuple[str, str]:
         p = f"layers.{i}"
         return self.linear(x, [f"{p}.gate"], f"{p}/gate"), self.linear(x, [f"{p}.up"], f"{p}/up")
@@ -320,9 +338,9 @@ class DecoderImporter:
         if c.tied_embeddings and shared is not None:
             # The output matrix is the embedding: MatMulNBits reads the same stored codes.
             self._advance()
-            logits = w.node("MatMulNBits", [last, "embed.codes", "embed.scales", "embed.zp"], "lm_head",
-                            domain=MS, K=c.hidden_size, N=shared.rows, bits=shared.bits, block_size=32,
-                            accuracy_level=w.accuracy_level)[0]
+            inputs = [last, "embed.codes", "embed.scales"] + ([] if shared.symmetric else ["embed.zp"])
+            logits = w.node("MatMulNBits", inputs, "lm_head", domain=MS, K=c.hidden_size, N=shared.rows,
+                            bits=shared.bits, block_size=shared.block_size, accuracy_level=w.accuracy_level)[0]
         else:
             logits = self.linear(last, ["embed" if c.tied_embeddings else "lm_head"], "lm_head")
         if c.logits_scaling != 1.0:
@@ -472,6 +490,9 @@ class Phi3Importer(DecoderImporter):
 
     def qkv_names(self, i: int) -> list[str]:
         return [f"layers.{i}.qkv"]
+
+    def gate_up_names(self, i: int) -> list[list[str]]:
+        return [[f"layers.{i}.gate_up"]]
 
     def gate_and_up(self, i: int, x: str) -> tuple[str, str]:
         w, p = self.w, f"layers.{i}"
