@@ -12,7 +12,7 @@ model's GGUF), in Q4_1 like the default model, then for each one:
 
     .venv/bin/python benchmarks/prepare_scaling.py [--llama-python .bench/bin/python] [--sizes 135M,0.5B,1B]
     # 3B/8B shapes in K-quants made by llama.cpp from a random F16 file written a tensor at a time:
-    .venv/bin/python benchmarks/prepare_scaling.py --sizes 3B --types Q4_K_M,Q8_0 --out benchmarks/results/prepare_3b.json
+    .venv/bin/python benchmarks/prepare_scaling.py --sizes 3B,8B --types Q4_K_M,Q8_0 --out benchmarks/results/prepare_3b_8b.json
 
 With ``--precisions int4,int8,fp32`` it measures the default model (the real SmolLM2 GGUF)
 instead, once per precision, adding perplexity on the team's ``chat_and_cards.md`` (as
