@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .engine.layouts import KV_LAYOUTS
+from .engine.layouts import DEFAULT_PREFILL_CHUNK, KV_LAYOUTS
 from .engine.sampling import DEFAULT_SAMPLER_ORDER
 
 ENV_PREFIX = "KOBOLD_API_"
@@ -98,7 +98,7 @@ class Settings:
     kv_cache_mb: int = 0
     #: Prompt tokens a request joining running streams prefills between two of their steps, so
     #: a long prompt does not stall them for its whole prefill (0: the whole prompt at once).
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK
     #: How a batch keeps its keys: ``slots`` (fixed slots, in device memory on CUDA), ``concat``
     #: (each step's presents become the next pasts) or ``auto``: slots on the CPU, concat on CUDA
     #: until a GPU run has measured its slots (README, "On a GPU").

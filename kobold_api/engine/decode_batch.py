@@ -24,11 +24,11 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_slots import DeviceSlots, HostSlots, KVSlots, SlotOverflow, StepBuffers
+from .onnx_model import KVCache, OnnxCausalLM, owned_ortvalue
 from .sampling.candidates import RowLogits
 
 #: Candidates per row a device batch sends to the host instead of the whole row.
 TOP_CANDIDATES = 64
-from .onnx_model import KVCache, OnnxCausalLM, owned_ortvalue
 
 
 class DecodeBatch(ABC):

@@ -22,6 +22,7 @@ import numpy as np
 from .generation import CancelToken, GenerationChunk, GenerationRequest, GenerationResult, Sequence, TextGenerator
 from .decode_batch import DecodeBatch, new_decode_batch
 from .kv_slots import plan_slots
+from .layouts import DEFAULT_PREFILL_CHUNK
 from .onnx_model import OnnxCausalLM, WrongDevice, resolved_device
 from .context_shift import ContextShifter
 from .shift_graph import ShiftGraphs
@@ -34,11 +35,6 @@ _DONE = object()
 _POLL_SECONDS = 0.2
 #: Finished jobs stay findable by genkey for /generate/check for a while.
 _RECENT_JOBS = 64
-#: Prompt tokens per part when a long prompt joins running streams (see Engine._start): on the
-#: 2-core CPU a running stream then waits at most 1.2 s while a 4,096-token prompt joins (9.5 s
-#: at once), and the prompt itself is done sooner (7.9 vs 9.0 s): benchmarks/prefill_stall.py.
-DEFAULT_PREFILL_CHUNK = 256
-
 #: How long shutdown waits for the worker to finish its current step.
 SHUTDOWN_WAIT_SECONDS = 30.0
 

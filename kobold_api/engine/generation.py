@@ -270,8 +270,6 @@ class Sequence:
         self.started = self.prefill_done = time.perf_counter()
         #: The prompt is in the batch part-way (see :meth:`prefill`).
         self.filling = False
-        #: Tokens sampled from a device row's top candidates alone (see :meth:`step`).
-        self.candidate_steps = 0
         self.result: GenerationResult | None = None
         self.top_logprobs = request.logprobs
         self.token_logprobs: list[TokenLogprob] = []
@@ -358,10 +356,7 @@ class Sequence:
                 or self.top_logprobs is not None or self.bans.active or self.bans.held \
                 or not self.sampler.claims_top(row.candidates.ids.size, row.candidates.lse is not None):
             return None
-        token = self.sampler.sample_top(row.candidates, self.context[: self.length])
-        if token is not None:
-            self.candidate_steps += 1
-        return token
+        return self.sampler.sample_top(row.candidates, self.context[: self.length])
 
     def _take(self, token: int, logits: np.ndarray | RowLogits) -> tuple[list[GenerationChunk], int | None]:
         """Append the sampled ``token`` (phrase bans may rewind and sample again)."""

@@ -254,7 +254,9 @@ class OnnxCausalLM:
         on, ``graph`` (0 and up) is the captured graph this binding replays; -1 runs eagerly."""
         options = self._eager
         if self.cuda_graphs and graph >= 0:
-            options = self._graph_options.setdefault(graph, _run_options(graph))
+            options = self._graph_options.get(graph)
+            if options is None:  # built once per graph, not per step
+                options = self._graph_options[graph] = _run_options(graph)
         self.session.run_with_iobinding(binding, options)
 
     def forward(self, new_token_ids: list[int], cache: KVCache) -> np.ndarray:

@@ -87,12 +87,10 @@ class _Fetched:
     def __init__(self, fetch: Callable[[], np.ndarray]) -> None:
         self._fetch = fetch
         self._rows: np.ndarray | None = None
-        self.fetches = 0
 
     def rows(self) -> np.ndarray:
         if self._rows is None:
             self._rows = self._fetch()
-            self.fetches += 1
         return self._rows
 
 
