@@ -32,20 +32,39 @@ class RotaryLayout:
         return cls(int(rotary["dim"]), bool(rotary["interleaved"]),
                    tuple(tables[name] for name in rotary["layers"]))
 
-    def rotate(self, layer: int, keys: np.ndarray, distance: int) -> np.ndarray:
-        """``keys`` [..., positions, head_dim] moved ``distance`` positions towards the start
-        (rotated by ``-distance`` times each pair's frequency); a new array."""
-        angles = -float(distance) * self.layer_freqs[layer]
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        half = self.dim // 2
-        keys = np.asarray(keys, dtype=np.float32)  # fp16 caches are rotated in fp32
-        out = np.array(keys, copy=True)
+    def partners(self, head_dim: int) -> np.ndarray:
+        """For each of a key's ``head_dim`` elements, the other element of its rotary pair
+        (itself past ``dim``: partial rotary leaves those alone)."""
+        perm = np.arange(head_dim, dtype=np.int64)
+        dim, half = self.dim, self.dim // 2
         if self.interleaved:  # pairs (0, 1), (2, 3), ...
-            first, second = keys[..., 0:self.dim:2], keys[..., 1:self.dim:2]
-            out[..., 0:self.dim:2] = first * cos - second * sin
-            out[..., 1:self.dim:2] = second * cos + first * sin
+            perm[0:dim:2], perm[1:dim:2] = np.arange(1, dim, 2), np.arange(0, dim, 2)
         else:  # pairs (i, i + dim/2)
-            first, second = keys[..., :half], keys[..., half:self.dim]
-            out[..., :half] = first * cos - second * sin
-            out[..., half:self.dim] = second * cos + first * sin
-        return out
+            perm[:half], perm[half:dim] = np.arange(half, dim), np.arange(half)
+        return perm
+
+    def tables(self, layer: int, distances: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """``C`` and ``S`` [positions, head_dim] such that ``keys * C + keys[..., partners] * S``
+        moves each position's key ``distances`` positions towards the start (rotated by
+        ``-distance`` times each pair's frequency; ``C`` = 1 and ``S`` = 0 past ``dim``)."""
+        angles = -np.asarray(distances, dtype=np.float64)[:, None] * self.layer_freqs[layer][None, :]
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        dim, half = self.dim, self.dim // 2
+        c = np.ones((len(angles), head_dim), dtype=np.float32)
+        s = np.zeros((len(angles), head_dim), dtype=np.float32)
+        if self.interleaved:
+            c[:, 0:dim:2], c[:, 1:dim:2] = cos, cos
+            s[:, 0:dim:2], s[:, 1:dim:2] = -sin, sin
+        else:
+            c[:, :half], c[:, half:dim] = cos, cos
+            s[:, :half], s[:, half:dim] = -sin, sin
+        return c, s
+
+    def rotate(self, layer: int, keys: np.ndarray, distance: int) -> np.ndarray:
+        """``keys`` [..., positions, head_dim] moved ``distance`` positions towards the start; a
+        new array (fp16 caches are rotated in fp32). The same tables as the device shift
+        (``shift_graph``), so both give the same bits."""
+        keys = np.asarray(keys, dtype=np.float32)
+        head_dim = keys.shape[-1]
+        c, s = self.tables(layer, np.array([distance]), head_dim)
+        return keys * c[0] + keys[..., self.partners(head_dim)] * s[0]

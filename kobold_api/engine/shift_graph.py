@@ -4,9 +4,10 @@ back, as two small graphs run where the cache lives, so a device cache never vis
 The rotation is written as a per-position linear map over the head dimension, which covers
 every rotary layout the manifest describes: ``out = x * C + x[perm] * S``. For the pair
 ``(i, j)`` rotated by angle ``a``: ``out_i = x_i cos a - x_j sin a`` and ``out_j = x_j cos a +
-x_i sin a``; dimensions past the rotary part keep ``C = 1, S = 0``. The tables are computed on
-the host in float32 as :meth:`RotaryLayout.rotate` computes them, and the products are the same
-float32 operations, so the result is bit for bit the host shift's.
+x_i sin a``; dimensions past the rotary part keep ``C = 1, S = 0``. The tables and pairs come
+from :class:`RotaryLayout` (``tables``, ``partners``), which the host shift
+(:meth:`RotaryLayout.rotate`) uses too, and the products are the same float32 operations, so the
+result is bit for bit the host shift's.
 """
 
 from __future__ import annotations
@@ -50,31 +51,11 @@ class ShiftGraphs:
         tables = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, head_dim]) for name in ("cos", "sin")]
         self._keys = session(nodes, [source, index, helper.make_tensor_value_info("perm", TensorProto.INT64,
                                                                                    [head_dim]), *tables])
-        self._perm = self._partners()
-
-    def _partners(self) -> np.ndarray:
-        perm = np.arange(self.head_dim, dtype=np.int64)
-        dim, half = self.rotary.dim, self.rotary.dim // 2
-        if self.rotary.interleaved:
-            perm[0:dim:2], perm[1:dim:2] = np.arange(1, dim, 2), np.arange(0, dim, 2)
-        else:
-            perm[:half], perm[half:dim] = np.arange(half, dim), np.arange(half)
-        return perm
+        self._perm = self.rotary.partners(head_dim)
 
     def tables(self, layer: int, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``C`` and ``S`` [positions, head_dim] for keys moved ``distances`` towards the start."""
-        angles = -distances.astype(np.float64)[:, None] * self.rotary.layer_freqs[layer][None, :]
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        dim, half = self.rotary.dim, self.rotary.dim // 2
-        c = np.ones((len(distances), self.head_dim), dtype=np.float32)
-        s = np.zeros((len(distances), self.head_dim), dtype=np.float32)
-        if self.rotary.interleaved:  # pairs (0, 1), (2, 3), ...
-            c[:, 0:dim:2], c[:, 1:dim:2] = cos, cos
-            s[:, 0:dim:2], s[:, 1:dim:2] = -sin, sin
-        else:  # pairs (i, i + dim/2)
-            c[:, :half], c[:, half:dim] = cos, cos
-            s[:, :half], s[:, half:dim] = -sin, sin
-        return c, s
+        return self.rotary.tables(layer, distances, self.head_dim)
 
     def gather(self, value: ort.OrtValue, index: np.ndarray) -> ort.OrtValue:
         binding = self._values.io_binding()
