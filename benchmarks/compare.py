@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -456,24 +457,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def vm_hwm_mb(pid: int) -> float | None:
+def vm_hwm_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """A process's peak (``VmHWM``) or current (``VmRSS``) resident memory in MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
-class Server:
-    def __init__(self, python: str) -> None:
+class ServerProcess:
+    """An HTTP server in its own process (session) on a free port, its output in a log file;
+    ready once ``ready_path`` answers 200."""
+
+    def __init__(self, command: Callable[[int], list[str]], ready_path: str, env: dict | None = None) -> None:
         self.port = free_port()
+        self.ready_path = ready_path
         self.log = tempfile.NamedTemporaryFile(prefix="kobold-bench-server-", suffix=".log", delete=False)
-        command = [python, "-m", "kobold_api", "serve", "--port", str(self.port), "--host", "127.0.0.1",
-                   "--data-dir", str(DATA_DIR)]
-        self.proc = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(command(self.port), cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 600) -> float:
         started = time.monotonic()
@@ -482,7 +486,7 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/api/v1/model")
+                conn.request("GET", self.ready_path)
                 if conn.getresponse().status == 200:
                     return time.monotonic() - started
             except OSError:
@@ -502,6 +506,14 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class Server(ServerProcess):
+    """Our server (``python -m kobold_api serve``) on the data dir's default model, or as ``extra`` says."""
+
+    def __init__(self, python: str, extra: tuple[str, ...] = (), env: dict | None = None) -> None:
+        super().__init__(lambda port: [python, "-m", "kobold_api", "serve", "--port", str(port), "--host", "127.0.0.1",
+                                       "--data-dir", str(DATA_DIR), *extra], "/api/v1/model", env)
 
 
 # =============================================================================================

@@ -13,6 +13,14 @@ model's GGUF), in Q4_1 like the default model, then for each one:
     .venv/bin/python benchmarks/prepare_scaling.py [--llama-python .bench/bin/python] [--sizes 135M,0.5B,1B]
     # 3B/8B shapes in K-quants made by llama.cpp from a random F16 file written a tensor at a time:
     .venv/bin/python benchmarks/prepare_scaling.py --sizes 3B,8B --types Q4_K_M,Q8_0 --out benchmarks/results/prepare_3b_8b.json
+    # and through each engine's HTTP server (ours; llama.cpp's llama_cpp.server) at a 4k and an 8k context:
+    .venv/bin/python benchmarks/prepare_scaling.py --sizes 3B --types Q4_K_M --serve 4096,8192
+
+With ``--serve CONTEXTS`` each engine's server is started once per context (room for the context
+plus a 256-token reply): decode through HTTP (greedy, streamed, the better of two runs), the time
+of one prompt of that many tokens (prompt processing), and the server's resident memory after it
+(model + keys at that context; llama.cpp allocates its keys for the whole context when it starts,
+ours as they are written). The engines run one after the other, never together.
 
 With ``--precisions int4,int8,fp32`` it measures the default model (the real SmolLM2 GGUF)
 instead, once per precision, adding perplexity on the team's ``chat_and_cards.md`` (as
@@ -203,6 +211,100 @@ def llama_cpp_decode(python: str, gguf_path: Path, tokens: int, threads: int) ->
     return json.loads(result.stdout.strip().splitlines()[-1])["tok_s"] if result.returncode == 0 else None
 
 
+LLAMA_READY = "/v1/models"
+
+
+def _post(port: int, path: str, body: dict, stream: bool = False) -> tuple[float, list[float], dict]:
+    """POST ``body``; (wall seconds, the arrival time of each streamed event with text, the last
+    JSON object read)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    started = time.perf_counter()
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"POST {path}: HTTP {response.status}: {response.read()[:300]!r}")
+    arrivals, last = [], {}
+    if not stream:
+        last = json.loads(response.read())
+    else:
+        for line in response:
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            last = json.loads(line[5:])
+            text = last.get("token") if "token" in last else last.get("choices", [{}])[0].get("text")
+            if text:
+                arrivals.append(time.perf_counter())
+    conn.close()
+    return time.perf_counter() - started, arrivals, last
+
+
+class _Api:
+    """One engine's HTTP routes: ours (Kobold) or llama.cpp's server (OpenAI completions)."""
+
+    def __init__(self, engine: str, port: int, context: int) -> None:
+        self.engine, self.port, self.context = engine, port, context
+
+    def generate(self, prompt: str, tokens: int, stream: bool) -> tuple[float, list[float], dict]:
+        if self.engine == "ours":
+            body = {"prompt": prompt, "max_length": tokens, "max_context_length": self.context, "ban_eos_token": True,
+                    "temperature": 0, "top_k": 0, "top_p": 1, "min_p": 0, "rep_pen": 1}
+            return _post(self.port, "/api/extra/generate/stream" if stream else "/api/v1/generate", body, stream)
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": stream,
+                "logit_bias": {"0": -100, "1": -100, "2": -100}}  # SmolLM2's end tokens: every reply runs to length
+        return _post(self.port, "/v1/completions", body, stream)
+
+
+def serve_measure(engine: str, gguf_path: Path, cache: Path, quant: str, context: int, long_prompt: str,
+                  args: argparse.Namespace) -> dict:
+    """One engine's server on ``gguf_path`` with a context of ``context`` (+256 for the reply):
+    decode through HTTP (``args.tokens`` greedy tokens streamed, twice), then one ``context``-token
+    prompt (its prompt processing), and the server's memory then: model + keys at that context."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from compare import Server, ServerProcess, vm_hwm_mb
+
+    room = context + 256
+    if engine == "ours":
+        server = Server(sys.executable, ("--model", str(gguf_path), "--quant", quant, "--ws-port", "0"),
+                        {"KOBOLD_API_CACHE_DIR": str(cache), "KOBOLD_API_CONTEXT_SIZE": str(room),
+                         "KOBOLD_API_CPU_THREADS": str(args.threads)})
+    else:
+        server = ServerProcess(lambda port: [args.llama_python, "-m", "llama_cpp.server", "--model", str(gguf_path),
+                                             "--n_ctx", str(room), "--n_threads", str(args.threads),
+                                             "--n_threads_batch", str(args.threads), "--host", "127.0.0.1",
+                                             "--port", str(port)], LLAMA_READY)
+    try:
+        server.wait_ready(1800)
+        api = _Api(engine, server.port, room)
+        api.generate(PROMPT, 8, stream=False)  # warm-up
+        rates = []
+        for _ in range(2):
+            _, arrivals, _ = api.generate(PROMPT, args.tokens, stream=True)
+            rates.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
+        idle_mb = vm_hwm_mb(server.proc.pid, "VmRSS")
+        wall, _, _ = api.generate(long_prompt, 1, stream=False)
+        return {"engine": engine, "context": context, "http_tok_s": max(rates), "prompt_s": wall,
+                "prompt_tok_s": context / wall, "rss_idle_mb": idle_mb,
+                "rss_mb": vm_hwm_mb(server.proc.pid, "VmRSS"), "peak_rss_mb": vm_hwm_mb(server.proc.pid)}
+    finally:
+        server.stop()
+
+
+def long_prompt_text(model_dir: str, tokens: int) -> str:
+    """Text of ``tokens`` tokens (by the prepared model's tokenizer) of varied words."""
+    from kobold_api.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(Path(model_dir))
+    rng = np.random.default_rng(7)
+    words = (REPO.parent / "shared" / "reference" / "chat_and_cards.md").read_text(encoding="utf-8").split()
+    ids: list[int] = []
+    while len(ids) < tokens:
+        start = int(rng.integers(0, len(words) - 400))
+        ids += tokenizer.encode(" ".join(words[start:start + 400]) + "\n")
+    return tokenizer.decode(ids[:tokens])
+
+
 def precision_table(args: argparse.Namespace, default_gguf: Path) -> None:
     """The default model at each precision, next to llama.cpp on the same GGUF."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -248,6 +350,10 @@ def main() -> None:
     parser.add_argument("--llama-python", default=str(REPO / ".bench" / "bin" / "python"))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep-cache", action="store_true", help="reuse models prepared by an earlier run "
+                        "(prepare time and memory are then not measured)")
+    parser.add_argument("--serve", help="contexts (e.g. 4096,8192): also start each engine's HTTP server at "
+                        "each and measure decode through HTTP, a prompt of that many tokens and the memory")
     parser.add_argument("--precisions", help="measure the default model at these precisions instead")
     parser.add_argument("--out", help="JSON results (default: benchmarks/results/prepare_scaling.json or "
                                       "precisions.json)")
@@ -277,11 +383,20 @@ def main() -> None:
             print(f"quantizing {gguf_path.name} with llama.cpp ...", flush=True)
             llama_quantize(args.llama_python, f16, gguf_path, kind)
         cache = work / "cache"
-        shutil.rmtree(cache, ignore_errors=True)
+        if not args.keep_cache:
+            shutil.rmtree(cache, ignore_errors=True)
         row = {"size": size, "type": kind, "gguf_mb": gguf_path.stat().st_size / 1e6, "quant": args.quant}
         row.update(timed_prepare(gguf_path, cache, args.quant))
+        row["prepared_before"] = args.keep_cache  # then prepare_s and its peak RSS only found the cache
         row["ours_tok_s"] = our_decode(row["model_dir"], args.tokens, args.threads)
         row["llama_cpp_tok_s"] = llama_cpp_decode(args.llama_python, gguf_path, args.tokens, args.threads)
+        if args.serve:
+            row["serve"] = []
+            for context in [int(c) for c in args.serve.split(",")]:
+                text = long_prompt_text(row["model_dir"], context)
+                for engine in ("ours", "llama.cpp"):  # interleaved, one after the other
+                    row["serve"].append(serve_measure(engine, gguf_path, cache, args.quant, context, text, args))
+                    print(json.dumps(row["serve"][-1]), flush=True)
         print(json.dumps(row), flush=True)
         rows.append(row)
     Path(args.out).write_text(json.dumps(rows, indent=1))
@@ -292,6 +407,13 @@ def main() -> None:
         print(f"| {row['size']} | {row['type']} | {row['gguf_mb']:.0f} | {row['prepare_s']:.1f} | {row['peak_rss_mb']:.0f} | "
               f"{row['model_mb']:.0f} | {row['model_mb'] / row['gguf_mb']:.2f}x | {row['ours_tok_s']:.1f} | "
               + (f"{llama:.1f} | {row['ours_tok_s'] / llama:.2f}x |" if llama else "- | - |"))
+    served = [(row, entry) for row in rows for entry in row.get("serve", [])]
+    if served:
+        print("\n| model | type | engine | context | decode tok/s (HTTP) | prompt tok/s | RSS idle MB | RSS after the prompt MB | peak RSS MB |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for row, entry in served:
+            print(f"| {row['size']} | {row['type']} | {entry['engine']} | {entry['context']} | {entry['http_tok_s']:.1f} | "
+                  f"{entry['prompt_tok_s']:.1f} | {entry['rss_idle_mb']:.0f} | {entry['rss_mb']:.0f} | {entry['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -96,8 +96,9 @@ class Settings:
     #: (on the CPU a slot's pages are only used as its row fills them). Too small: fewer rows,
     #: then a shorter context. Sized for a GPU, where the slots are allocated whole.
     kv_cache_mb: int = 0
-    #: Prompt tokens a request joining running streams prefills between two of their steps, so
-    #: a long prompt does not stall them for its whole prefill (0: the whole prompt at once).
+    #: Prompt tokens per session run: a long prompt runs in parts of this many, between two steps
+    #: of the running streams when there are any, so it does not stall them for its whole prefill,
+    #: and its attention scratch stays bounded (0: the whole prompt at once).
     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK
     #: How a batch keeps its keys: ``slots`` (fixed slots, in device memory on CUDA), ``concat``
     #: (each step's presents become the next pasts) or ``auto``: slots on the CPU, concat on CUDA

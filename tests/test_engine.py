@@ -643,6 +643,27 @@ def test_a_long_prompt_joins_running_streams_part_by_part(tiny_model_dir: Path) 
         engine.shutdown()
 
 
+def test_a_lone_long_prompt_runs_in_parts(tiny_model_dir: Path) -> None:
+    """With no stream running, a long prompt still runs ``prefill_chunk`` tokens per session run
+    (its attention scratch is bounded by the part, not the prompt) and answers as a whole
+    prefill does; ``prefill_chunk=0`` runs it whole."""
+    from conftest import make_engine
+
+    prompt = request(prompt_ids=[(7 * i) % 200 + 3 for i in range(300)], max_new_tokens=8, ban_eos=True)
+    expected = TextGenerator(OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2),
+                             Tokenizer(tiny_model_dir)).generate(prompt).text
+    for chunk, parts in ((64, [64, 64, 64, 64, 44]), (0, [300])):
+        engine: Engine = make_engine(tiny_model_dir, prefix_cache_mb=0, prefill_chunk=chunk)
+        try:
+            with ModelProbe(engine) as probe:
+                assert engine.submit(prompt).wait().text == expected
+                runs = list(probe.runs)
+        finally:
+            engine.shutdown()
+        assert [tokens for rows, tokens in runs if tokens > 1] == parts
+        assert all(rows == 1 for rows, _ in runs)
+
+
 def test_a_failing_cancelled_job_leaves_the_filling_prompt_alone(tiny_model_dir: Path) -> None:
     """While a long prompt fills part by part, a queued job that was cancelled ends at once; if
     its request is broken too (its sampler refuses a setting), its failure must not drop the

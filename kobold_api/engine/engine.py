@@ -243,7 +243,8 @@ class Engine:
         self.generator = generator
         self.model_name = model_name
         self.max_batch_size = max_batch_size if generator.model.supports_batching else 1
-        #: Prompt tokens a joining request runs between two steps of the running ones (0: all).
+        #: Prompt tokens per run (0: all): a joining request's part between two steps of the
+        #: running ones, and a lone prompt's part (it bounds the attention's scratch memory).
         self.prefill_chunk = prefill_chunk
         #: The job whose prompt runs part by part between steps (the worker's own state).
         self._filling: tuple[Job, Sequence] | None = None
@@ -470,12 +471,13 @@ class Engine:
     def _start(self, job: Job, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> None:
         """Prefill a new job into ``batch`` and take its first token. While other rows decode, a
         long prompt runs ``prefill_chunk`` tokens at a time between their steps (:meth:`_fill`
-        goes on with it), so it does not hold every running stream up for its whole prefill."""
+        goes on with it), so it does not hold every running stream up for its whole prefill.
+        Alone, it runs in parts of the same size too, which bounds the attention's scratch."""
         self._running[job.id] = job
         sequence = None
         try:
             sequence = Sequence(self.generator, job.request, job.cancel_token)
-            logits = sequence.prefill(batch, self.prefill_chunk if rows else 0)
+            logits = sequence.prefill(batch, self.prefill_chunk)
         except BaseException as exc:  # its row, if it got one, goes (not another job's filling row)
             self._fail_start(job, batch, exc, began=sequence is not None and sequence.filling)
             return
@@ -485,7 +487,7 @@ class Engine:
             self._first_token(job, sequence, logits, batch, rows, pending)
 
     def _fill(self, batch: DecodeBatch, rows: list[tuple[Job, Sequence]], pending: list[int]) -> None:
-        """The next part of the filling prompt (the rest at once when no other row decodes)."""
+        """The next part of the filling prompt."""
         assert self._filling is not None
         job, sequence = self._filling
         try:
@@ -494,7 +496,7 @@ class Engine:
                 self._filling = None
                 self._first_token(job, sequence, None, batch, rows, pending)
                 return
-            logits = sequence.fill(batch, self.prefill_chunk if rows else 0)
+            logits = sequence.fill(batch, self.prefill_chunk)
         except BaseException as exc:
             self._filling = None
             self._fail_start(job, batch, exc, began=True)
