@@ -1,6 +1,6 @@
 """A chat branch through HTTP, as SillyTavern sends one (#30): a ~1,500-token history once, then
-three follow-ups that replace the last reply with other text and add a new message (~55 new
-tokens after the common prefix), each against a fresh ~50-token prompt: the time to the first
+three follow-ups that replace the last reply with other text and add a new message (~50 new
+tokens after ~1,320 reused), each against a fresh ~50-token prompt: the time to the first
 SSE event of /api/extra/generate/stream, and what the server says it reused and processed.
 
 It starts our server itself (the default model, or ``--model FILE`` with ``--cache-dir`` where
@@ -59,12 +59,12 @@ def run(port: int, rounds: int) -> dict:
 
     history = "".join(f"User: {text(40)}\nBot: {text(60)}\n" for _ in range(13))
     base = history[:history.rfind("Bot:")]
-    first_event(port, f"User: {text(30)}\nBot:")  # warm-up
+    first_event(port, f"User: {text(45)}\nBot:")  # warm-up
     seconds, perf = first_event(port, history, 4)
     result = {"history_s": seconds, "history_tokens": perf.get("last_input_count"), "rounds": []}
     for _ in range(rounds):
         branch, branch_perf = first_event(port, base + f"Bot: {text(25)}\nUser: {text(20)}\nBot:")
-        fresh, fresh_perf = first_event(port, f"User: {text(30)}\nBot:")
+        fresh, fresh_perf = first_event(port, f"User: {text(45)}\nBot:")  # ~50 tokens, as the branch's new ones
         result["rounds"].append({"branch_s": branch, "fresh_s": fresh, "ratio": branch / fresh,
                                  "branch_tokens": branch_perf.get("last_input_count"),
                                  "branch_reused": branch_perf.get("last_reused_count"),

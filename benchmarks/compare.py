@@ -457,7 +457,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def vm_hwm_mb(pid: int, field: str = "VmHWM") -> float | None:
+def process_mb(pid: int, field: str = "VmHWM") -> float | None:
     """A process's peak (``VmHWM``) or current (``VmRSS``) resident memory in MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -762,7 +762,7 @@ def run_ours(args: argparse.Namespace, spec_path: Path, log) -> tuple[dict, dict
         result["decode_engine_reported_tok_s"] = client.last_engine_rate
         result["load_s"] = ready_s
         result["version"] = client.request("GET", "/api/extra/version").get("server", "kobold_api")
-        result["peak_rss_mb"] = vm_hwm_mb(server.proc.pid)
+        result["peak_rss_mb"] = process_mb(server.proc.pid)
         result["perf_fields"] = sorted(client.perf())
         return result, spec
     except BaseException:

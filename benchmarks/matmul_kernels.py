@@ -91,9 +91,11 @@ def ggml_worker(k: int, n: int, kind: str, threads: int, total_mb: float) -> dic
     x = base.ggml_new_tensor_2d(ctx, 0, k, 1)
     ctypes.memmove(base.ggml_get_data(x), np.random.default_rng(1).standard_normal(k, dtype=np.float32).ctypes.data, k * 4)
     graph = base.ggml_new_graph_custom(ctx, 4 * copies + 16, False)
-    for _ in range(copies):
+    for copy in range(copies):
         w = base.ggml_new_tensor_2d(ctx, kind_id, k, n)
         ctypes.memmove(base.ggml_get_data(w), packed.ctypes.data, matrix_bytes)
+        last = np.frombuffer((ctypes.c_uint8 * matrix_bytes).from_address(base.ggml_get_data(w)), np.uint8)
+        last[-64:] ^= np.uint8(copy % 255 + 1)  # as ours: no two copies alike (quants of the last block)
         base.ggml_build_forward_expand(graph, base.ggml_mul_mat(ctx, w, x))
     times = []
     for _ in range(RUNS + 1):
@@ -128,12 +130,12 @@ def ort_kernel(k: int, n: int, storage: str, threads: int, total_mb: float) -> d
         shared.append(numpy_helper.from_array(blocks.packed_zero_points().reshape(-1), "zp"))
     for i in range(copies):
         names = []
-        for tensor in shared:  # a copy per node: each product reads its own memory
-            copy = onnx.TensorProto()
-            copy.CopyFrom(tensor)
-            copy.name = f"{tensor.name}{i}"
-            initializers.append(copy)
-            names.append(copy.name)
+        for tensor in shared:  # a copy per node, each a little different: every product reads its own memory
+            array = numpy_helper.to_array(tensor).copy()
+            if tensor.name == "codes":
+                array.reshape(-1)[:64] ^= np.uint8(i % 255 + 1)
+            initializers.append(numpy_helper.from_array(array, f"{tensor.name}{i}"))
+            names.append(f"{tensor.name}{i}")
         nodes.append(helper.make_node("MatMulNBits", ["x", *names], [f"y{i}"], domain="com.microsoft",
                                       K=k, N=n, bits=bits, block_size=block, accuracy_level=4))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))

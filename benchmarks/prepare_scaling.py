@@ -262,7 +262,7 @@ def serve_measure(engine: str, gguf_path: Path, cache: Path, quant: str, context
     decode through HTTP (``args.tokens`` greedy tokens streamed, twice), then one ``context``-token
     prompt (its prompt processing), and the server's memory then: model + keys at that context."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from compare import Server, ServerProcess, vm_hwm_mb
+    from compare import Server, ServerProcess, process_mb
 
     room = context + 256
     if engine == "ours":
@@ -282,11 +282,11 @@ def serve_measure(engine: str, gguf_path: Path, cache: Path, quant: str, context
         for _ in range(2):
             _, arrivals, _ = api.generate(PROMPT, args.tokens, stream=True)
             rates.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
-        idle_mb = vm_hwm_mb(server.proc.pid, "VmRSS")
+        idle_mb = process_mb(server.proc.pid, "VmRSS")
         wall, _, _ = api.generate(long_prompt, 1, stream=False)
         return {"engine": engine, "context": context, "http_tok_s": max(rates), "prompt_s": wall,
                 "prompt_tok_s": context / wall, "rss_idle_mb": idle_mb,
-                "rss_mb": vm_hwm_mb(server.proc.pid, "VmRSS"), "peak_rss_mb": vm_hwm_mb(server.proc.pid)}
+                "rss_mb": process_mb(server.proc.pid, "VmRSS"), "peak_rss_mb": process_mb(server.proc.pid)}
     finally:
         server.stop()
 

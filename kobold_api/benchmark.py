@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from .engine.engine import Engine
-from .engine.decode_batch import new_decode_batch
 from .engine.generation import GenerationRequest, TextGenerator
 from .engine.onnx_model import OnnxCausalLM, resolved_device
 from .engine.prefix_cache import PrefixCache
 from .engine.prepare import prepare_model
+from .engine.profile import raw_steps
 from .engine.sampling import DEFAULT_SAMPLER_ORDER, SamplingParams
 from .engine.tokenizer import Tokenizer
 
@@ -62,16 +62,10 @@ def run_benchmark(model: str, provider: str, cache_dir: Path, new_tokens: int = 
 
     # The kernels' own batching gain: decode steps alone (no prefill, sampling or scheduling),
     # the ceiling for what the scheduler below can reach.
-    prompt = generator.tokenizer.encode(CHAT_PROMPT)
+    prompt_tokens = len(generator.tokenizer.encode(CHAT_PROMPT))
     for rows in (1, 8):
-        batch = new_decode_batch(onnx_model, rows)
-        for _ in range(rows):
-            batch.admit(prompt, None, 0)
-        batch.step([prompt[-1]] * rows)  # warm-up
-        started = time.perf_counter()
-        for _ in range(new_tokens // 2):
-            batch.step([prompt[-1]] * rows)
-        results[f"raw_step_{rows}_tok_s"] = rows * (new_tokens // 2) / (time.perf_counter() - started)
+        seconds = raw_steps(onnx_model, rows, new_tokens // 2, prompt_tokens)
+        results[f"raw_step_{rows}_tok_s"] = rows * (new_tokens // 2) / seconds
 
     # Continuous batching without HTTP: aggregate tok/s of 1, 4 and 8 requests submitted together.
     engine = Engine(TextGenerator(onnx_model, generator.tokenizer), "bench", queue_size=16, max_batch_size=8)

@@ -91,6 +91,8 @@ class Settings:
     #: to its share (as every result is clamped to the context), so no request holds the batch for
     #: long. A request with one result is held only by the context.
     max_request_tokens: int = 16384
+    #: Finished sequences' keys kept for prompts that start the same way (a chat's next turn,
+    #: a swipe), in MB, but never less than one whole context's keys (0: none kept).
     prefix_cache_mb: int = 256
     #: Memory for the batch's key/value slots (rows x ``context_size`` positions); 0: no limit
     #: (on the CPU a slot's pages are only used as its row fills them). Too small: fewer rows,

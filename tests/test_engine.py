@@ -465,6 +465,43 @@ def test_prefix_pool_counts_the_pages_a_parked_slot_holds(tiny_model_dir: Path) 
     assert len(small) == 3 and small.total_bytes <= small.max_bytes
 
 
+def test_the_newest_sequence_stays_pooled_when_it_is_larger_than_the_pool(tiny_model_dir: Path) -> None:
+    """A chat's keys can outgrow ``prefix_cache_mb`` (1,400 tokens are 320 MB at 3B): the pool
+    still keeps the newest sequence, alone, so the next turn continues it instead of running
+    the whole history again; an older entry goes."""
+    model, tokenizer = OnnxCausalLM(tiny_model_dir, "cpu", cpu_threads=2), Tokenizer(tiny_model_dir)
+    pool = PrefixCache(1)  # smaller than any cache
+    generator = TextGenerator(model, tokenizer, pool)
+    history = [(5 * i) % 200 + 3 for i in range(120)]
+    generator.generate(request(prompt_ids=history, max_new_tokens=3))
+    assert len(pool) == 1 and pool.total_bytes > pool.max_bytes
+    follow_up = history + [7, 8, 9]  # the reply swapped for other text: a branch inside the cached keys
+    again = generator.generate(request(prompt_ids=follow_up, max_new_tokens=8))
+    assert again.reused_tokens == len(history)
+    assert again.text == TextGenerator(model, tokenizer).generate(request(prompt_ids=follow_up, max_new_tokens=8)).text
+    generator.generate(request(prompt_ids=[11, 12, 13, 14, 15, 16, 17, 18, 19, 20], max_new_tokens=3))
+    assert len(pool) == 1 and generator.generate(request(prompt_ids=follow_up, max_new_tokens=1)).reused_tokens == 0
+
+
+def test_the_engine_pool_holds_at_least_one_whole_context(tiny_model_dir: Path) -> None:
+    """``prefix_cache_mb`` below one context's keys (a 3B chat's 1,400 tokens are 320 MB) still
+    pools a whole context, so a chat's history survives a request in between; a larger setting
+    stands, and 0 keeps nothing."""
+    from conftest import make_engine
+
+    for mb, expected in ((1, None), (4096, 4096 * 2**20), (0, 0)):
+        engine: Engine = make_engine(tiny_model_dir, prefix_cache_mb=mb)
+        try:
+            model, pool = engine.generator.model, engine.generator.prefix_cache
+            whole = engine.generator.context_length * model.kv_bytes_per_token
+            if expected == 0:
+                assert pool is None
+            else:
+                assert whole > 2**20 and pool.max_bytes == (expected or whole)
+        finally:
+            engine.shutdown()
+
+
 def test_worker_survives_a_failed_step_and_keeps_serving(tiny_model_dir: Path) -> None:
     from conftest import make_engine
     from kobold_api.engine.engine import GenerationFailed

@@ -442,6 +442,22 @@ def test_device_slots_park_a_copy_and_the_next_turn_takes_the_slot_back(model: O
     np.testing.assert_array_equal(continued, SlotBatch(model).admit(follow_up + [8, 9], None, 0))
 
 
+def test_device_batches_open_their_helper_graphs_once_per_model(model: OnnxCausalLM) -> None:
+    """Every batch on device slots needs the same slot-copy and top-k graphs: the model opens
+    each once, and a second batch (a guided or streamed request's own) opens none."""
+    rng = random.Random(5)
+    first = SlotBatch(model, 2, memory="device")
+    opened = len(model.helpers)
+    assert opened >= 3  # take, place, top-k
+    second = SlotBatch(model, 2, memory="device")
+    assert len(model.helpers) == opened
+    prompt = _prompt(rng, 40)
+    expected = SlotBatch(model).admit(prompt, None, 0)
+    np.testing.assert_array_equal(first.admit(prompt, None, 0), expected)
+    np.testing.assert_array_equal(second.admit(prompt, None, 0), expected)
+    assert len(model.helpers) == opened
+
+
 def test_an_engine_on_device_slots_answers_as_on_host_slots(tiny_model_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole engine (batching, a part-by-part prompt, the prefix pool, follow-ups) on the
@@ -521,8 +537,9 @@ def test_device_slots_start_cleared() -> None:
     """A fresh device allocation holds whatever bytes were there (NaNs too): the slots are
     cleared once, so nothing past a row's keys can poison a kernel that reads a whole slot."""
     from kobold_api.engine.kv_slots import DeviceSlots
+    from kobold_api.engine.small_graphs import HelperSessions
 
-    slots = DeviceSlots(2, 3, 2, 128, 16, np.float32, "cpu", ["CPUExecutionProvider"])
+    slots = DeviceSlots(2, 3, 2, 128, 16, np.float32, "cpu", HelperSessions(["CPUExecutionProvider"]))
     for slot in range(3):
         assert all(not value.numpy().any() for value in slots.read(slot, 128))
 

@@ -137,7 +137,7 @@ class SlotBatch(DecodeBatch):
         self.slots = self._new_slots()
         self.slots.owner = weakref.ref(self)
         self._io = StepBuffers(max_rows, self.capacity, model.vocab_size, None if memory == "host" else model.device,
-                               model.session.get_providers(), TOP_CANDIDATES if memory == "device" else 0)
+                               model.helpers, TOP_CANDIDATES if memory == "device" else 0)
         self._ids, self._mask = self._io.ids, self._io.mask
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._prefill_bindings: dict[int, ort.IOBinding] = {}
@@ -166,7 +166,7 @@ class SlotBatch(DecodeBatch):
         if self._memory == "host":
             return HostSlots(self.model.num_kv_tensors, self.max_rows, heads, self.capacity, dim, dtype)
         return DeviceSlots(self.model.num_kv_tensors, self.max_rows, heads, self.capacity, dim, dtype,
-                           self.model.device, self.model.session.get_providers())
+                           self.model.device, self.model.helpers)
 
     def _adopt(self, slots: KVSlots) -> None:
         """Take over other slots of the same shape (fresh ones, our own parked ones, or those

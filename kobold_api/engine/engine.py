@@ -291,18 +291,22 @@ class Engine:
                 model_dir = prepare_model(model, "cpu", cache_dir, progress, "auto")
             onnx_model = OnnxCausalLM(model_dir, "cpu", cpu_threads, kv_layout=kv_layout)
         tokenizer = Tokenizer(model_dir)
-        graphs = ShiftGraphs(onnx_model.rotary, onnx_model.kv_shape[1], np.dtype(onnx_model.kv_shape[2]),
-                             onnx_model.device, onnx_model.session.get_providers()) \
-            if context_shift and onnx_model.rotary is not None and onnx_model.decode_layout == "device-slots" else None
-        shifter = ContextShifter(onnx_model.rotary, onnx_model.device, graphs) \
-            if context_shift and onnx_model.rotary is not None else None
-        prefix_cache = PrefixCache(prefix_cache_mb * 2**20, shifter=shifter) if prefix_cache_mb > 0 else None
+        shifter = None
+        if context_shift and onnx_model.rotary is not None:
+            graphs = ShiftGraphs(onnx_model.rotary, onnx_model.kv_shape[1], np.dtype(onnx_model.kv_shape[2]),
+                                 onnx_model.device, onnx_model.session.get_providers()) \
+                if onnx_model.decode_layout == "device-slots" else None
+            shifter = ContextShifter(onnx_model.rotary, onnx_model.device, graphs)
         name = _display_name(model, model_dir)
         context = min(context_size or onnx_model.info.context_length, onnx_model.info.context_length)
         if kv_cache_mb > 0:
             max_batch_size, context = plan_slots(onnx_model.kv_bytes_per_token, max_batch_size, context,
                                                  kv_cache_mb * 2**20)
             log.info("key/value slots: %d rows of %d positions in %d MB", max_batch_size, context, kv_cache_mb)
+        # The pool holds at least one whole context's keys: a chat's history must survive a
+        # request in between (a swipe's fresh neighbour, another user) on any model size.
+        pool_bytes = max(prefix_cache_mb * 2**20, context * onnx_model.kv_bytes_per_token)
+        prefix_cache = PrefixCache(pool_bytes, shifter=shifter) if prefix_cache_mb > 0 else None
         generator = TextGenerator(onnx_model, tokenizer, prefix_cache, context)
         return cls(generator, name, queue_size, max_batch_size, prefill_chunk)
 

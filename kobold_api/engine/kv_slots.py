@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .sampling.candidates import RowLogits, step_rows
-from .small_graphs import small_session
+from .small_graphs import HelperSessions
 
 if TYPE_CHECKING:
     from .onnx_model import KVCache
@@ -217,12 +217,12 @@ class DeviceSlots(KVSlots):
     """
 
     def __init__(self, tensors: int, slots: int, heads: int, capacity: int, dim: int, dtype: type,
-                 device: str, providers: list[str]) -> None:
+                 device: str, helpers: HelperSessions) -> None:
         super().__init__(tensors, slots, heads, capacity, dim, dtype)
         self.device = device
         self._values = [ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype.type, device, 0)
                         for _ in range(tensors)]
-        self._copies = _SlotCopies(self.dtype, heads, capacity, dim, providers)
+        self._copies = _SlotCopies(self.dtype, heads, capacity, dim, helpers)
         for tensor in range(tensors):  # cleared once (a fresh allocation holds any bytes, NaNs too)
             for slot in range(slots):
                 self._copies.place_from(self.pointer(tensor, slot), self._slot_shape(), 0, device,
@@ -263,7 +263,7 @@ class _SlotCopies:
     into a new tensor: Slice) and *place* (a tensor's first ``length`` positions into a slot,
     zeros after them: Slice then Pad). Their inputs and outputs are bound by address."""
 
-    def __init__(self, dtype: np.dtype, heads: int, capacity: int, dim: int, providers: list[str]) -> None:
+    def __init__(self, dtype: np.dtype, heads: int, capacity: int, dim: int, helpers: HelperSessions) -> None:
         from onnx import TensorProto, helper
         from onnx.helper import np_dtype_to_tensor_dtype
 
@@ -274,7 +274,7 @@ class _SlotCopies:
 
         def session(nodes: list, inputs: list, output_shape: list, extra: list) -> ort.InferenceSession:
             output = helper.make_tensor_value_info("out", element, output_shape)
-            return small_session("slot_copy", nodes, inputs, [output], providers, extra)
+            return helpers.session("slot_copy", nodes, inputs, [output], extra)
 
         zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
@@ -322,7 +322,7 @@ class StepBuffers:
     memory they go up before each run (:meth:`upload`) and the logits come back after it."""
 
     def __init__(self, rows: int, capacity: int, vocab: int, device: str | None,
-                 providers: list[str] | None = None, top_k: int = 0) -> None:
+                 helpers: HelperSessions | None = None, top_k: int = 0) -> None:
         self.ids = np.zeros((rows, 1), dtype=np.int64)
         self.mask = np.zeros((rows, capacity), dtype=np.int64)
         self.mask[:, 0] = 1  # a free slot: one position (its dummy token's)
@@ -333,7 +333,7 @@ class StepBuffers:
             for name, array in (("input_ids", self.ids), ("attention_mask", self.mask), ("logits", self._logits))}
         #: Each row's top ``top_k`` logits, reduced on the device (device memory only).
         self._top = None if self._on_device is None or not 0 < top_k < vocab else \
-            _TopCandidates(rows, vocab, top_k, self.device, providers or [], self._on_device["logits"])
+            _TopCandidates(rows, vocab, top_k, self.device, helpers or HelperSessions(None), self._on_device["logits"])
         self.vocab = vocab
 
     def bind(self, bind: Callable, name: str, first: int, rows: int) -> None:
@@ -364,12 +364,12 @@ class StepBuffers:
 class _TopCandidates:
     """TopK over the logits rows on their device, into buffers bound once per bucket."""
 
-    def __init__(self, rows: int, vocab: int, k: int, device: str, providers: list[str],
+    def __init__(self, rows: int, vocab: int, k: int, device: str, helpers: HelperSessions,
                  logits: ort.OrtValue) -> None:
         from onnx import TensorProto, helper
 
         self.k, self.device, self._logits = k, device, logits
-        self._session = small_session(
+        self._session = helpers.session(
             "top_k",
             [helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=1),
              helper.make_node("ReduceLogSumExp", ["logits", "axes"], ["lse"], keepdims=1)],
@@ -377,7 +377,6 @@ class _TopCandidates:
             [helper.make_tensor_value_info("values", TensorProto.FLOAT, [None, 1, k]),
              helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 1, k]),
              helper.make_tensor_value_info("lse", TensorProto.FLOAT, [None, 1, 1])],
-            providers,
             [helper.make_tensor("k", TensorProto.INT64, [1], [k]), helper.make_tensor("axes", TensorProto.INT64, [1], [2])],
             opset=18)
         self._values = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, k], np.float32, device, 0)

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from .layouts import KV_LAYOUTS
 from .prepare import read_manifest
 from .rotary import RotaryLayout
+from .small_graphs import HelperSessions
 
 if TYPE_CHECKING:
     from .kv_slots import KVSlots, StepBuffers
@@ -173,6 +174,8 @@ class OnnxCausalLM:
         self.device = "cuda" if self.provider == "cuda" else "cpu"
         self.cuda_graphs = self.cuda_graphs and self.provider == "cuda"
         self._graph_options: dict[int, ort.RunOptions] = {}
+        #: Small graphs beside the model (slot copies, top-k), each opened once for all its batches.
+        self.helpers = HelperSessions(self.session.get_providers())
 
     def new_cache(self) -> KVCache:
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)

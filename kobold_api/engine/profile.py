@@ -24,19 +24,26 @@ def profile_steps(model_dir: Path, provider: str = "auto", rows: int = 1, steps:
     with tempfile.TemporaryDirectory() as work:
         model = OnnxCausalLM(model_dir, provider, cpu_threads, profile_prefix=str(Path(work) / "trace"),
                              kv_layout=kv_layout)
-        batch = new_decode_batch(model, rows)
-        for row in range(rows):
-            batch.admit([(11 * i + row) % 1000 + 5 for i in range(prompt_tokens)], None, 0)
-        batch.step([7] * rows)  # warm-up: the summary reads only the last ``steps`` runs
-        began = time.perf_counter()
-        for step in range(steps):
-            batch.step([(step + row) % 1000 + 5 for row in range(rows)])
-        wall_s = time.perf_counter() - began
+        wall_s = raw_steps(model, rows, steps, prompt_tokens)  # the summary reads only the last ``steps`` runs
         trace = Path(model.session.end_profiling())
         events = json.loads(trace.read_text())
     report = summarize(events, rows, steps, wall_s, model.provider)
     report["layout"] = model.decode_layout
     return report
+
+
+def raw_steps(model: OnnxCausalLM, rows: int, steps: int, prompt_tokens: int = 128) -> float:
+    """Seconds of ``steps`` decode steps of ``rows`` rows in the engine's batch layout (after a
+    prefill of ``prompt_tokens`` per row and one warm-up step): the kernels alone, no sampling
+    and no scheduling."""
+    batch = new_decode_batch(model, rows)
+    for row in range(rows):
+        batch.admit([(11 * i + row) % 1000 + 5 for i in range(prompt_tokens)], None, 0)
+    batch.step([7] * rows)
+    began = time.perf_counter()
+    for step in range(steps):
+        batch.step([(step + row) % 1000 + 5 for row in range(rows)])
+    return time.perf_counter() - began
 
 
 def summarize(events: list[dict], rows: int, steps: int, wall_s: float, provider: str) -> dict:
