@@ -1,4 +1,4 @@
-"""A chat branch through HTTP, as SillyTavern sends one (#30): a ~1,500-token history once, then
+"""A chat branch through HTTP, as SillyTavern sends one (#30): a ~1,380-token history once, then
 three follow-ups that replace the last reply with other text and add a new message (~50 new
 tokens after ~1,320 reused), each against a fresh ~50-token prompt: the time to the first
 SSE event of /api/extra/generate/stream, and what the server says it reused and processed.
