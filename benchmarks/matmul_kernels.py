@@ -76,7 +76,6 @@ def ggml_worker(k: int, n: int, kind: str, threads: int, total_mb: float) -> dic
     base.ggml_new_graph_custom.restype, base.ggml_new_graph_custom.argtypes = vp, [vp, ctypes.c_size_t, ctypes.c_bool]
     base.ggml_build_forward_expand.argtypes = [vp, vp]
     base.ggml_get_data.restype, base.ggml_get_data.argtypes = vp, [vp]
-    base.ggml_nbytes.restype, base.ggml_nbytes.argtypes = ctypes.c_size_t, [vp]
     base.ggml_row_size.restype, base.ggml_row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
     base.ggml_quantize_chunk.restype = ctypes.c_size_t
     base.ggml_quantize_chunk.argtypes = [ctypes.c_int, vp, vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, vp]

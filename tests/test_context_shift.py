@@ -322,6 +322,7 @@ def test_the_device_shift_is_the_host_shift_bit_for_bit(interleaved: bool, rotar
     from kobold_api.engine.onnx_model import KVCache
     from kobold_api.engine.rotary import RotaryLayout
     from kobold_api.engine.shift_graph import ShiftGraphs
+    from kobold_api.engine.small_graphs import HelperSessions
 
     import onnxruntime as ort
 
@@ -336,7 +337,7 @@ def test_the_device_shift_is_the_host_shift_bit_for_bit(interleaved: bool, rotar
     plan = plan_shift(np.array(tokens), np.array(prompt), len(prompt) - 2)
     assert plan.moves and plan.reused == 200
     host = ContextShifter(rotary, "cpu").shifted_copy(cache, plan, prompt)
-    graphs = ShiftGraphs(rotary, 64, np.dtype(dtype), "cpu", ["CPUExecutionProvider"])
+    graphs = ShiftGraphs(rotary, 64, np.dtype(dtype), "cpu", HelperSessions(["CPUExecutionProvider"]))
     device = ContextShifter(rotary, "cpu", graphs).shifted_copy(cache, plan, prompt)
     assert device.token_ids == host.token_ids == prompt[:200]
     for got, want in zip(device.tensors, host.tensors):

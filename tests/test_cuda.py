@@ -216,8 +216,7 @@ def test_cuda_device_shift_matches_the_host_shift(tmp_path: Path) -> None:
     prompt = tokens[:20] + tokens[80:180] + [5, 6, 7]
     plan = plan_shift(np.array(tokens), np.array(prompt), len(prompt) - 2)
     host = ContextShifter(model.rotary, "cuda").shifted_copy(cache, plan, prompt)
-    graphs = ShiftGraphs(model.rotary, model.kv_shape[1], np.dtype(model.kv_shape[2]), "cuda",
-                         model.session.get_providers())
+    graphs = ShiftGraphs(model.rotary, model.kv_shape[1], np.dtype(model.kv_shape[2]), "cuda", model.helpers)
     device = ContextShifter(model.rotary, "cuda", graphs).shifted_copy(cache, plan, prompt)
     for got, want in zip(device.tensors, host.tensors):
         assert got.device_name().lower() == "cuda"

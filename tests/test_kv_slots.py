@@ -96,7 +96,7 @@ def test_a_shifted_follow_up_matches_the_concatenating_layout(model: OnnxCausalL
     logits = []
     assert model.rotary is not None
     heads, dim, dtype = model.kv_shape
-    graphs = ShiftGraphs(model.rotary, dim, np.dtype(dtype), model.device, model.session.get_providers())
+    graphs = ShiftGraphs(model.rotary, dim, np.dtype(dtype), model.device, model.helpers)
     for batch in (SlotBatch(model, 2, memory=memory), ConcatBatch(model)):
         on_device = isinstance(batch, SlotBatch) and memory == "device"
         pool = PrefixCache(2**28, shifter=ContextShifter(model.rotary, model.device, graphs if on_device else None))

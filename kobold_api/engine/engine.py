@@ -294,7 +294,7 @@ class Engine:
         shifter = None
         if context_shift and onnx_model.rotary is not None:
             graphs = ShiftGraphs(onnx_model.rotary, onnx_model.kv_shape[1], np.dtype(onnx_model.kv_shape[2]),
-                                 onnx_model.device, onnx_model.session.get_providers()) \
+                                 onnx_model.device, onnx_model.helpers) \
                 if onnx_model.decode_layout == "device-slots" else None
             shifter = ContextShifter(onnx_model.rotary, onnx_model.device, graphs)
         name = _display_name(model, model_dir)

@@ -16,14 +16,14 @@ import numpy as np
 import onnxruntime as ort
 
 from .rotary import RotaryLayout
-from .small_graphs import small_session
+from .small_graphs import HelperSessions
 
 
 class ShiftGraphs:
     """Gather (values) and gather-and-rotate (keys) sessions for one cache dtype on one device."""
 
     def __init__(self, rotary: RotaryLayout, head_dim: int, dtype: np.dtype, device: str,
-                 providers: list[str]) -> None:
+                 helpers: HelperSessions) -> None:
         from onnx import TensorProto, helper
         from onnx.helper import np_dtype_to_tensor_dtype
 
@@ -35,7 +35,7 @@ class ShiftGraphs:
         out = helper.make_tensor_value_info("out", element, [1, None, None, head_dim])
 
         def session(nodes: list, inputs: list) -> ort.InferenceSession:
-            return small_session("shift", nodes, inputs, [out], providers)
+            return helpers.session("shift", nodes, inputs, [out])
 
         self._values = session([helper.make_node("Gather", ["source", "index"], ["out"], axis=2)], [source, index])
         nodes = [helper.make_node("Gather", ["source", "index"], ["moved"], axis=2)]

@@ -6,16 +6,11 @@ from __future__ import annotations
 import onnxruntime as ort
 
 
-def small_session(name: str, nodes: list, inputs: list, outputs: list, providers: list[str] | None,
-                  initializers: list | None = None, opset: int = 17) -> ort.InferenceSession:
-    """An ONNX Runtime session for a graph of ``nodes`` (onnx.helper objects), quiet in the log."""
-    return _open(_serialized(name, nodes, inputs, outputs, initializers, opset), providers)
-
-
 class HelperSessions:
-    """A model's helper sessions, each graph opened once on the model's providers: every batch
-    on device slots needs the same slot-copy and top-k graphs, and opening them again for each
-    new batch (each guided or streamed request's own) cost a few session starts per request."""
+    """A model's helper sessions (quiet in the log), each graph opened once on the model's
+    providers: every batch on device slots needs the same slot-copy and top-k graphs, and
+    opening them again for each new batch (each guided or streamed request's own) cost a few
+    session starts per request."""
 
     def __init__(self, providers: list[str] | None) -> None:
         self.providers = providers
